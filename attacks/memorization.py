@@ -1,0 +1,64 @@
+"""Memorization: batched greedy continuation of prompts, compared token by token."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+                    pad_id: int, eos_id: int | None, batch_size: int = 64,
+                    device: torch.device | str | None = None,
+                    desc: str | None = None) -> list[list[int]]:
+    """Greedy continuations (KV cache, left padding), cut after the first EOS (kept)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    out: list[list[int]] = [[] for _ in prompts]
+    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    for idx in tqdm(batches, desc=desc, disable=desc is None, unit="batch", mininterval=1.0):
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            n = len(prompts[i])
+            ids[row, width - n:] = torch.as_tensor(list(prompts[i]))
+            attn[row, width - n:] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                             max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=False,
+                             num_beams=1, pad_token_id=pad_id, eos_token_id=eos_id)
+        for row, i in enumerate(idx):
+            new = gen[row, width:].tolist()
+            if eos_id is not None and eos_id in new:
+                new = new[:new.index(eos_id) + 1]
+            out[i] = new
+    model.train(was_training)
+    return out
+
+
+def match_metrics(generated: Sequence[Sequence[int]], references: Sequence[Sequence[int]],
+                  n: int = 32) -> dict[str, np.ndarray]:
+    """Per record: position-wise match rate over the first min(n, len(reference)) tokens,
+    the longest exact prefix, and whether all of those tokens were reproduced."""
+    if len(generated) != len(references):
+        raise ValueError("generated and references differ in length")
+    rate = np.zeros(len(references))
+    prefix = np.zeros(len(references), dtype=np.int64)
+    for i, (g, r) in enumerate(zip(generated, references)):
+        m = min(n, len(r))
+        if m == 0:
+            raise ValueError(f"reference {i} is empty")
+        hits = [j < len(g) and g[j] == r[j] for j in range(m)]
+        rate[i] = sum(hits) / m
+        prefix[i] = next((j for j, h in enumerate(hits) if not h), m)
+    window = np.array([min(n, len(r)) for r in references])
+    return {"match_rate": rate, "longest_prefix": prefix, "fully_extracted": prefix == window}
+
+
+def secret_hits(texts: Sequence[str], secrets: Sequence[Sequence[str]]) -> np.ndarray:
+    """Per record: True when any of its secrets appears verbatim in the generated text."""
+    return np.array([any(s and s in t for s in ss) for t, ss in zip(texts, secrets)], dtype=bool)

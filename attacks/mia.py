@@ -1,0 +1,115 @@
+"""Membership-inference signals and their registry; higher score = more likely a member.
+
+A signal declares what it needs and the access it assumes, and turns those inputs into one
+score per sequence. Signals that need only the target's token statistics share one forward
+pass (`attacks.scoring.token_stats`).
+"""
+from __future__ import annotations
+
+import math
+import zlib as _zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from attacks.scoring import TokenStats
+
+
+@dataclass
+class SignalInputs:
+    """Everything a signal may use. `texts` are the scored (response) texts."""
+
+    stats: TokenStats | None = None
+    texts: list[str] | None = None
+    references: dict[str, TokenStats] = field(default_factory=dict)
+    # per reference name: True when its tokenizer differs from the target's → compare per byte
+    reference_per_byte: dict[str, bool] = field(default_factory=dict)
+    mink_k: float = 0.2
+
+
+@dataclass(frozen=True)
+class Signal:
+    name: str
+    fn: Callable[[SignalInputs], np.ndarray]
+    needs: tuple[str, ...]       # "token_stats", "text", "reference:<name>"
+    access: str                  # what an attacker must have
+    description: str = ""
+
+    def missing(self, inputs: SignalInputs) -> list[str]:
+        """What this signal needs that `inputs` lacks (empty when it can run)."""
+        out = []
+        for need in self.needs:
+            if need == "token_stats" and inputs.stats is None:
+                out.append("the target's token statistics")
+            elif need == "text" and inputs.texts is None:
+                out.append("the response texts")
+            elif need.startswith("reference:") and need.split(":", 1)[1] not in inputs.references:
+                out.append(f"reference model '{need.split(':', 1)[1]}'")
+        return out
+
+    def __call__(self, inputs: SignalInputs) -> np.ndarray:
+        missing = self.missing(inputs)
+        if missing:
+            raise ValueError(f"signal '{self.name}' cannot run without {', '.join(missing)}")
+        return np.asarray(self.fn(inputs), dtype=np.float64)
+
+
+def lowest_k_mean(values: np.ndarray, offsets: np.ndarray, k: float) -> np.ndarray:
+    """Per sequence: mean of its lowest max(1, ⌊k·T⌋) values."""
+    out = np.empty(len(offsets) - 1)
+    for i in range(len(out)):
+        v = np.sort(values[offsets[i]:offsets[i + 1]])
+        out[i] = v[:max(1, math.floor(k * len(v)))].mean()
+    return out
+
+
+def loss_signal(x: SignalInputs) -> np.ndarray:
+    return -x.stats.nll()
+
+
+def zlib_signal(x: SignalInputs) -> np.ndarray:
+    sizes = np.array([len(_zlib.compress(t.encode("utf-8"))) for t in x.texts], dtype=np.float64)
+    return -x.stats.nll() / sizes
+
+
+def mink_signal(x: SignalInputs) -> np.ndarray:
+    return lowest_k_mean(x.stats.logprob, x.stats.offsets, x.mink_k)
+
+
+def minkpp_signal(x: SignalInputs) -> np.ndarray:
+    s = x.stats
+    z = (s.logprob - s.mean) / np.sqrt(np.maximum(s.var, 1e-12))
+    return lowest_k_mean(z, s.offsets, x.mink_k)
+
+
+def reference_signal(name: str) -> Callable[[SignalInputs], np.ndarray]:
+    """−(NLL_target − NLL_ref); per UTF-8 byte of the response when the tokenizers differ."""
+
+    def fn(x: SignalInputs) -> np.ndarray:
+        ref = x.references[name]
+        if x.reference_per_byte.get(name, False):
+            if x.texts is None:
+                raise ValueError(f"signal '{name}': per-byte comparison needs the response texts")
+            nbytes = np.array([max(1, len(t.encode("utf-8"))) for t in x.texts], dtype=np.float64)
+            return -(x.stats.total_nll() - ref.total_nll()) / nbytes
+        return -(x.stats.nll() - ref.nll())
+
+    return fn
+
+
+SIGNALS: dict[str, Signal] = {
+    "loss": Signal("loss", loss_signal, ("token_stats",), "token log-probabilities",
+                   "−NLL of the response (Yeom et al. 2018)"),
+    "zlib": Signal("zlib", zlib_signal, ("token_stats", "text"), "token log-probabilities",
+                   "−NLL / zlib-compressed size of the response (Carlini et al. 2021)"),
+    "mink": Signal("mink", mink_signal, ("token_stats",), "token log-probabilities",
+                   "mean of the lowest 20% token log-probabilities (Shi et al. 2024)"),
+    "minkpp": Signal("minkpp", minkpp_signal, ("token_stats",), "full next-token distributions",
+                     "Min-K% of log-probabilities standardised by the model's own "
+                     "distribution (Zhang et al. 2024)"),
+    "ref_base": Signal("ref_base", reference_signal("ref_base"),
+                       ("token_stats", "reference:ref_base"),
+                       "token log-probabilities of the target and of its base model",
+                       "−(NLL_target − NLL_base): calibrated by the pre-fine-tuning base"),
+}

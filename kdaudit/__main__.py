@@ -1,0 +1,5 @@
+import sys
+
+from kdaudit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,92 @@
+"""The Python API beyond `run`: audit any models a user brings; rebuild a run's report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from kdaudit.audit import AuditResult, AuditSet, ModelInfo, assemble, compute_generations, \
+    compute_stats
+from kdaudit.config import AuditConfig, config_from_dict
+from kdaudit.data.records import Record, load_records
+
+
+
+def _role(model_id: str) -> str:
+    if model_id.startswith("teacher"):
+        return "teacher"
+    if model_id == "nokd":
+        return "baseline"
+    return "base" if model_id.startswith("base") else "student"
+
+
+def _records(x: Sequence[Record] | str | Path, what: str) -> list[Record]:
+    records = load_records(x) if isinstance(x, (str, Path)) else list(x)
+    if not records:
+        raise ValueError(f"{what}: no records")
+    return records
+
+
+def audit_models(models: Mapping[str, object], members: Sequence[Record] | str | Path,
+                 nonmembers: Sequence[Record] | str | Path, *,
+                 bases: Mapping[str, object] | None = None, tokenizer=None,
+                 signals: Sequence[str] | None = None, config: AuditConfig | None = None,
+                 max_length: int = 512, seed: int = 0) -> AuditResult:
+    """Attack every model in `models` ({id: HF folder, hub name or loaded model}).
+
+    `bases` maps a model id to its pre-fine-tuning base, which calibrates `ref_base` and is
+    audited too (a base never saw the members: its AUC should sit near 0.5). All models must
+    share one tokenizer (`tokenizer`, or the first model's folder's).
+    """
+    from kdaudit.models import load_model, load_tokenizer
+
+    cfg = config or AuditConfig()
+    if signals is not None:
+        cfg = AuditConfig(**{**cfg.__dict__, "signals": list(signals)})
+    bases = dict(bases or {})
+    aset = AuditSet(_records(members, "members"), _records(nonmembers, "nonmembers"))
+    infos = [ModelInfo(mid, _role(mid), f"base:{mid}" if mid in bases else None)
+             for mid in models]
+    infos += [ModelInfo(f"base:{mid}", "base", None, f"base of {mid}") for mid in bases]
+    sources = {**models, **{f"base:{mid}": b for mid, b in bases.items()}}
+    if tokenizer is None:
+        first = next((s for s in sources.values() if isinstance(s, (str, Path))), None)
+        if first is None:
+            raise ValueError("audit_models: pass `tokenizer` when every model is an object")
+        tokenizer = load_tokenizer(first)
+    mem_records = [aset.records[i] for i in aset.memorization_subset(cfg.memorization_records)]
+    stats, gens = {}, {}
+    for info in infos:
+        src = sources[info.id]
+        model = load_model(src) if isinstance(src, (str, Path)) else src
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise ValueError(f"model '{info.id}': its vocabulary is smaller than the tokenizer's "
+                             f"({len(tokenizer)}); all audited models must share a tokenizer")
+        stats[info.id] = compute_stats(model, tokenizer, aset.records, cfg,
+                                       max_length=max_length, desc=f"score {info.id}")
+        if info.role != "base":
+            gens[info.id] = compute_generations(model, tokenizer, mem_records, cfg,
+                                                max_length=max_length,
+                                                desc=f"generate {info.id}")
+    return assemble(infos, aset, stats, gens, tokenizer, cfg, max_length=max_length, seed=seed,
+                    config={"audit": cfg.__dict__, "models": {k: str(v) for k, v in
+                                                              sources.items()}})
+
+
+def report_run(run_dir: str | Path, *, redact: bool = True) -> dict[str, Path]:
+    """Rewrite `run_dir/report/` from the run's stored statistics and generations."""
+    from kdaudit.pipeline import Pipeline
+
+    run_dir = Path(run_dir)
+    manifest = run_dir / "manifest.json"
+    if not manifest.exists():
+        raise FileNotFoundError(f"{run_dir}: no manifest.json; is this a kdaudit run directory?")
+    cfg = config_from_dict(json.loads(manifest.read_text())["config"])
+    cfg.out_dir, cfg.name = str(run_dir.parent), run_dir.name
+    pipe = Pipeline(cfg, log=lambda _: None)
+    missing = [m.id for m in pipe.models() if not pipe.dir.stats(m.id).exists()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir}: the run has not scored {missing} yet; finish it "
+                                f"with `kdaudit run` first")
+    return pipe.assemble().write_report(run_dir / "report", title=f"kdaudit risk report: "
+                                        f"{cfg.name}", redact=redact)

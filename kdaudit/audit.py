@@ -1,0 +1,242 @@
+"""Run the attack suite over a set of models and gather tidy tables.
+
+The pipeline and `audit_models` share this code: per model one forward pass over members
+and non-members (`attacks.scoring.token_stats`) and one batch of greedy generations; the
+signals, metrics and memorization numbers are then pure functions of those.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from attacks.memorization import greedy_generate, match_metrics, secret_hits
+from attacks.metrics import roc_metrics
+from attacks.mia import SIGNALS, SignalInputs
+from attacks.scoring import TokenStats, token_stats
+from kdaudit.config import AuditConfig
+from kdaudit.data.records import Record
+from kdaudit.data.template import encode_prompt, encode_record, format_prompt
+
+
+@dataclass
+class ModelInfo:
+    """One audited model: its id, role (teacher / student / baseline / base) and base id."""
+
+    id: str
+    role: str
+    base: str | None = None
+    description: str = ""
+
+
+@dataclass
+class AuditSet:
+    """The records under attack: members (label 1) then non-members (label 0)."""
+
+    members: list[Record]
+    nonmembers: list[Record]
+
+    @property
+    def records(self) -> list[Record]:
+        return self.members + self.nonmembers
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.r_[np.ones(len(self.members)), np.zeros(len(self.nonmembers))].astype(int)
+
+    def memorization_subset(self, n: int) -> list[int]:
+        """Indices of the first n members and first n non-members (all where fewer)."""
+        m = len(self.members)
+        return list(range(min(n, m))) + list(range(m, m + min(n, len(self.nonmembers))))
+
+
+def compute_stats(model, tokenizer, records: Sequence[Record], cfg: AuditConfig, *,
+                  max_length: int, desc: str | None = None) -> TokenStats:
+    """The one shared forward pass: statistics of every response token (EOS included)."""
+    enc = [encode_record(r, tokenizer, max_length) for r in records]
+    return token_stats(model, [e.input_ids for e in enc], [e.response_start for e in enc],
+                       pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, desc=desc)
+
+
+def compute_generations(model, tokenizer, records: Sequence[Record], cfg: AuditConfig, *,
+                        max_length: int, desc: str | None = None) -> list[list[int]]:
+    prompts = [encode_prompt(r, tokenizer, max_length - cfg.memorization_tokens)
+               for r in records]
+    return greedy_generate(model, prompts, max_new_tokens=cfg.memorization_tokens,
+                           pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                           batch_size=cfg.batch_size, desc=desc)
+
+
+@dataclass
+class AuditResult:
+    """Tidy tables of one audit; `write_report` renders them."""
+
+    mia: pd.DataFrame
+    memorization: pd.DataFrame
+    utility: pd.DataFrame
+    signals: pd.DataFrame
+    scores: dict[str, pd.DataFrame]
+    roc: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+    examples: pd.DataFrame
+    models: pd.DataFrame
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def write_tables(self, out_dir: str | Path) -> None:
+        from kdaudit.store import atomic_write_frame
+
+        out_dir = Path(out_dir)
+        for name in ("mia", "memorization", "utility", "signals"):
+            atomic_write_frame(out_dir / f"{name}.csv", getattr(self, name))
+
+    def write_report(self, out_dir: str | Path, *, title: str = "kdaudit risk report",
+                     run_info: dict[str, Any] | None = None,
+                     redact: bool = True) -> dict[str, Path]:
+        from kdaudit.report import write_report
+
+        return write_report(out_dir, mia=self.mia, roc=self.roc, memorization=self.memorization,
+                            utility=self.utility, examples=self.examples, models=self.models,
+                            config=self.config, title=title, run_info=run_info, redact=redact)
+
+    def summary(self) -> pd.DataFrame:
+        """Model × signal AUC, the short table printed at the end of a run."""
+        auc = self.mia[self.mia.metric == "auc"]
+        table = auc.pivot(index="model", columns="signal", values="value")
+        order = [m for m in self.models.model if m in table.index]
+        return table.loc[order, [s for s in self.signals.signal if s in table.columns]]
+
+
+def _mia_rows(model: str, signal: str, scores: np.ndarray, labels: np.ndarray,
+              n_bootstrap: int, seed: int) -> tuple[list[dict], tuple[np.ndarray, np.ndarray]]:
+    m = roc_metrics(scores, labels, n_bootstrap=n_bootstrap, seed=seed)
+    rows = []
+    for metric, ci_key in (("auc", "auc_ci"), ("tpr_at_1pct", "tpr_at_1pct_ci"),
+                           ("tpr_at_0_1pct", "tpr_at_0_1pct_ci")):
+        value, ci = m[metric], m[ci_key]
+        fpr_label = {"tpr_at_1pct": "1%", "tpr_at_0_1pct": "0.1%"}.get(metric)
+        note = "" if value is not None or fpr_label is None else (
+            f"FPR {fpr_label} not reachable with {m['n_nonmembers']} non-members; smallest "
+            f"reachable FPR {m['min_fpr']:.2%}")
+        rows.append({"model": model, "signal": signal, "metric": metric,
+                     "value": np.nan if value is None else value,
+                     "ci_low": np.nan if ci is None else ci[0],
+                     "ci_high": np.nan if ci is None else ci[1],
+                     "n_members": m["n_members"], "n_nonmembers": m["n_nonmembers"],
+                     "note": note})
+    return rows, (np.asarray(m["fpr"]), np.asarray(m["tpr"]))
+
+
+def assemble(models: Sequence[ModelInfo], audit_set: AuditSet, stats: Mapping[str, TokenStats],
+             generations: Mapping[str, list[list[int]]], tokenizer, cfg: AuditConfig, *,
+             per_byte: Mapping[str, bool] | None = None, max_length: int,
+             seed: int = 0, config: dict[str, Any] | None = None) -> AuditResult:
+    """Signals, metrics, memorization and utility from per-model stats and generations."""
+    labels = audit_set.labels
+    records = audit_set.records
+    texts = [r.response for r in records]
+    per_byte = per_byte or {}
+    mia_rows, roc, scores, status = [], {}, {}, []
+    for info in models:
+        inputs = SignalInputs(stats=stats[info.id], texts=texts, mink_k=cfg.mink_k)
+        if info.base is not None and info.base in stats:
+            inputs.references["ref_base"] = stats[info.base]
+            inputs.reference_per_byte["ref_base"] = per_byte.get(info.id, False)
+        frame = pd.DataFrame({"record_id": [r.id for r in records], "label": labels,
+                              "category": [r.category for r in records]})
+        roc[info.id] = {}
+        for name in cfg.signals:
+            signal = SIGNALS[name]
+            missing = signal.missing(inputs)
+            if missing:
+                status.append({"model": info.id, "signal": name, "status": "not run",
+                               "reason": f"needs {', '.join(missing)}"})
+                continue
+            frame[name] = signal(inputs)
+            rows, curve = _mia_rows(info.id, name, frame[name].to_numpy(), labels,
+                                    cfg.n_bootstrap, seed)
+            mia_rows += rows
+            roc[info.id][name] = curve
+            status.append({"model": info.id, "signal": name, "status": "ran", "reason": ""})
+        scores[info.id] = frame
+
+    signals = pd.DataFrame([{"signal": s, "access": SIGNALS[s].access,
+                             "description": SIGNALS[s].description} for s in cfg.signals])
+    signal_status = pd.DataFrame(status)
+    not_run = signal_status[signal_status.status != "ran"]
+    signals["not_run_for"] = [", ".join(f"{r.model} ({r.reason})" for r in
+                                        not_run[not_run.signal == s].itertuples())
+                              for s in signals.signal]
+    memo, examples = _memorization(models, audit_set, generations, tokenizer, cfg, max_length)
+    utility = pd.DataFrame([
+        {"model": i.id, "metric": "perplexity", "split": "nonmembers",
+         "value": float(np.exp(-stats[i.id].logprob[
+             stats[i.id].offsets[len(audit_set.members)]:].mean()))}
+        for i in models])
+    model_table = pd.DataFrame([{"model": i.id, "role": i.role, "base": i.base or "",
+                                 "description": i.description} for i in models])
+    return AuditResult(mia=pd.DataFrame(mia_rows), memorization=memo, utility=utility,
+                       signals=signals, scores=scores, roc=roc, examples=examples,
+                       models=model_table, config=config or {})
+
+
+def _memorization(models: Sequence[ModelInfo], audit_set: AuditSet,
+                  generations: Mapping[str, list[list[int]]], tokenizer, cfg: AuditConfig,
+                  max_length: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Match rate / gap, longest prefix, full extraction, secrets and teacher-conditional rate."""
+    subset = audit_set.memorization_subset(cfg.memorization_records)
+    records = [audit_set.records[i] for i in subset]
+    is_member = np.array([i < len(audit_set.members) for i in subset])
+    refs = [encode_record(r, tokenizer, max_length) for r in records]
+    refs = [e.input_ids[e.response_start:] for e in refs]
+    # a secret the prompt already shows is no extraction
+    hidden = [[s for s in r.secrets if s not in format_prompt(r)] for r in records]
+    rows, example_rows, per_model = [], [], {}
+    for info in models:
+        if info.id not in generations:
+            continue
+        gen = generations[info.id]
+        if len(gen) != len(records):
+            raise ValueError(f"{info.id}: {len(gen)} generations for {len(records)} records")
+        m = match_metrics(gen, refs, n=cfg.memorization_tokens)
+        decoded = [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
+        m["secret_extraction"] = secret_hits(decoded, hidden).astype(float)
+        m["longest_prefix"] = m["longest_prefix"].astype(float)
+        m["fully_extracted"] = m["fully_extracted"].astype(float)
+        per_model[info.id] = m
+        for metric in ("match_rate", "longest_prefix", "fully_extracted", "secret_extraction"):
+            rows += _split_rows(info.id, metric, m[metric], is_member)
+        best = np.argsort(-np.where(is_member, m["match_rate"], -1), kind="stable")[:3]
+        for i in best:
+            if not is_member[i]:
+                continue
+            r = records[i]
+            example_rows.append({"model": info.id, "record_id": r.id, "split": "members",
+                                 "instruction": r.instruction, "reference": r.response,
+                                 "generation": decoded[i], "match_rate": m["match_rate"][i],
+                                 "secrets": list(r.secrets)})
+    teacher = next((i.id for i in models if i.role == "teacher" and i.id in per_model), None)
+    if teacher is not None:
+        reproduced = per_model[teacher]["match_rate"] >= cfg.teacher_threshold
+        for info in models:
+            if info.id in per_model and info.id != teacher and info.role != "base":
+                rate = np.where(reproduced, per_model[info.id]["match_rate"], np.nan)
+                rows += _split_rows(info.id, "teacher_conditional_rate", rate, is_member)
+    columns = ["model", "metric", "split", "value", "n"]
+    return pd.DataFrame(rows, columns=columns), pd.DataFrame(example_rows)
+
+
+def _split_rows(model: str, metric: str, values: np.ndarray, is_member: np.ndarray) -> list[dict]:
+    """Mean over members, over non-members (NaNs left out) and their gap."""
+    out = {}
+    for split, sel in (("members", is_member), ("nonmembers", ~is_member)):
+        v = values[sel]
+        v = v[~np.isnan(v)]
+        out[split] = (float(v.mean()) if len(v) else math.nan, len(v))
+    gap = out["members"][0] - out["nonmembers"][0]
+    return [{"model": model, "metric": metric, "split": s, "value": v, "n": n}
+            for s, (v, n) in out.items()] + [
+        {"model": model, "metric": metric, "split": "gap", "value": gap,
+         "n": out["members"][1] + out["nonmembers"][1]}]

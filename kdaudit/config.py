@@ -1,0 +1,211 @@
+"""Typed run configuration, presets loaded from TOML, and strict validation.
+
+A config is a tree of dataclasses. Presets live in `kdaudit/presets/<name>.toml` and are
+overlays on the defaults below; a user's TOML file is one more overlay. Unknown fields are
+errors that name the file and the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and field."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"           # "builtin", a .jsonl/.csv/.parquet path, or a HF dataset
+    mapping: str | None = None         # "dolly" | "alpaca" | "kdaudit" (guessed when empty)
+    pool_size: int = 3000              # builtin: records generated for the pool
+    n_members: int = 1000
+    n_nonmembers: int = 1000           # defaults to n_members in spirit; set both
+    n_public: int = 1000               # students' split; 0 = everything left
+    n_validation: int = 100            # carved from public
+    pretrain_records: int = 4000       # builtin pre-training corpus (its own seed, no shared person)
+    pretrain_seed: int = 1_000_003
+    max_length: int = 192              # tokens per training sequence
+    dedup_ngram: int = 8               # n for the near-duplicate check
+    dedup_threshold: float = 0.7       # share of a response's n-grams found in another split
+
+
+@dataclass
+class ModelsConfig:
+    teacher: str = "gpt2-tiny-teacher"  # a zoo preset, or any from_pretrained name / path
+    student: str = "gpt2-tiny-student"
+    vocab_size: int = 2048              # offline BPE tokenizer (zoo presets only)
+    cache_dir: str | None = None        # pretrained tiny bases; default ~/.cache/kdaudit
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: int = 0                  # 0 = derived from epochs
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    checkpoint_every: int = 200         # steps; 0 = only at the end
+    log_every: int = 10
+
+
+@dataclass
+class KDConfig:
+    kd_ratio: float = 1.0               # weight of the KD term against CE
+    temperature: float = 1.0
+
+
+@dataclass
+class AuditConfig:
+    signals: list[str] = field(default_factory=lambda: ["loss", "zlib", "mink", "minkpp",
+                                                        "ref_base"])
+    mink_k: float = 0.2
+    batch_size: int = 64
+    n_bootstrap: int = 1000
+    memorization_tokens: int = 32
+    memorization_records: int = 1000    # per side (members, non-members)
+    teacher_threshold: float = 0.5      # r of the teacher-conditional rate
+    redact: bool = True                 # redact secrets in report examples
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    seed: int = 0
+    out_dir: str = "runs"
+    mixed_precision: str = "no"         # "no" | "bf16" | "fp16" (Accelerate)
+    methods: list[str] = field(default_factory=lambda: ["nokd", "kd"])
+    data: DataConfig = field(default_factory=DataConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, lr=2e-3))
+    teacher: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8.0, lr=1e-3))
+    student: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0, lr=1e-3))
+    kd: KDConfig = field(default_factory=KDConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin = get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = get_args(hint)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    args = get_args(hint)
+    if args and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        return _check_type(value, next(a for a in args if a is not type(None)), where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (not isinstance(value, hint) or
+                                          (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _overlay(obj: Any, updates: dict[str, Any], where: str) -> Any:
+    """Return a copy of dataclass `obj` with `updates` applied recursively and type-checked."""
+    hints = get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    changes = {}
+    for key, value in updates.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown field '{key}'; expected one of {names}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key}: expected a table, got {value!r}")
+            changes[key] = _overlay(current, value, f"{where}.{key}")
+        else:
+            changes[key] = _check_type(value, hints[key], f"{where}.{key}")
+    return dataclasses.replace(obj, **changes)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_config(preset: str | None = "tiny", config_file: str | Path | None = None,
+                **overrides: Any) -> RunConfig:
+    """Defaults, then the preset, then `config_file`, then keyword overrides (e.g. seed=1)."""
+    cfg = RunConfig()
+    if preset:
+        path = PRESET_DIR / f"{preset}.toml"
+        if not path.exists():
+            raise ConfigError(f"unknown preset '{preset}'; expected one of {presets()}")
+        cfg = _overlay(cfg, read_toml(path), str(path))
+        if "name" not in read_toml(path):
+            cfg = dataclasses.replace(cfg, name=preset)
+    if config_file:
+        cfg = _overlay(cfg, read_toml(config_file), str(config_file))
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides:
+        cfg = _overlay(cfg, overrides, "overrides")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from `RunConfig.to_dict()` output (e.g. a manifest)."""
+    return _overlay(RunConfig(), d, "config")
+
+
+def validate(cfg: RunConfig) -> None:
+    from kdaudit.train.methods import METHODS
+    from attacks.mia import SIGNALS
+
+    d = cfg.data
+    for name in ("n_members", "n_nonmembers"):
+        if getattr(d, name) < 2:
+            raise ConfigError(f"data.{name}: expected at least 2, got {getattr(d, name)}")
+    if d.n_validation < 0 or d.n_public < 0:
+        raise ConfigError("data.n_public and data.n_validation must be ≥ 0")
+    if d.max_length < 16:
+        raise ConfigError(f"data.max_length: expected at least 16, got {d.max_length}")
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"methods: unknown method(s) {unknown}; implemented: "
+                          f"{sorted(k for k in METHODS if METHODS[k].student)}")
+    unknown = [s for s in cfg.audit.signals if s not in SIGNALS]
+    if unknown:
+        raise ConfigError(f"audit.signals: unknown signal(s) {unknown}; available: "
+                          f"{sorted(SIGNALS)}")
+    if not 0 < cfg.audit.mink_k <= 1:
+        raise ConfigError(f"audit.mink_k: expected 0 < k ≤ 1, got {cfg.audit.mink_k}")
+    if not 0 <= cfg.kd.kd_ratio <= 1:
+        raise ConfigError(f"kd.kd_ratio: expected 0 ≤ kd_ratio ≤ 1, got {cfg.kd.kd_ratio}")
+    if cfg.kd.temperature <= 0:
+        raise ConfigError(f"kd.temperature: expected > 0, got {cfg.kd.temperature}")
+    if cfg.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"mixed_precision: expected 'no', 'bf16' or 'fp16', got "
+                          f"{cfg.mixed_precision!r}")

@@ -1,0 +1,40 @@
+"""Loading and saving models and tokenizers: safetensors only, never remote code."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load_tokenizer(name_or_path: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
+    if tok.pad_token is None:  # GPT-2, Llama: pad with EOS (attention masks keep it inert)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str | Path, *, dtype: torch.dtype | None = None):
+    """Any causal LM by hub name or folder, with safetensors weights only."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(name_or_path)
+    if path.exists() and not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"{path}: no *.safetensors weights; kdaudit loads safetensors "
+                                f"only (convert .bin weights with `save_pretrained(..., "
+                                f"safe_serialization=True)`)")
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), use_safetensors=True,
+                                                 trust_remote_code=False, **kwargs)
+    model.eval()
+    return model
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> None:
+    """Save weights (safetensors) and config; the tokenizer too when given."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))

@@ -1,0 +1,324 @@
+"""The stages of a run, the manifest, and resume.
+
+data → tokenizer → bases → teacher → students → stats (one forward pass per model) →
+generations → audit tables → report. Each stage records its input hash in the manifest; a
+stage whose hash matches a finished record and whose outputs exist is skipped, so a second
+identical command does nothing and an interrupted one resumes (training stages also resume
+from their last checkpoint).
+"""
+from __future__ import annotations
+
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from attacks.scoring import TokenStats
+from kdaudit.audit import AuditResult, AuditSet, ModelInfo, assemble, compute_generations, \
+    compute_stats
+from kdaudit.config import RunConfig
+from kdaudit.data import records as rec
+from kdaudit.data.corpus import generate_records, person_name
+from kdaudit.data.splits import split_records
+from kdaudit.data.template import encode_record
+from kdaudit.models import is_zoo, load_model, load_tokenizer
+from kdaudit.models.bases import cached_base, cached_tokenizer, pretraining_records
+from kdaudit.store import Manifest, RunDir, publish_dir, stable_hash
+from kdaudit.train import loop
+from kdaudit.train.methods import METHODS
+
+SPLITS = ("members", "nonmembers", "public", "validation")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("kdaudit", "torch", "transformers", "accelerate", "opacus", "scikit-learn"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    audit: AuditResult
+    report: dict[str, Path]
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Pipeline:
+    """One run: its config, run directory and manifest."""
+
+    def __init__(self, cfg: RunConfig, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.dir = RunDir(cfg.run_dir)
+        self.dir.root.mkdir(parents=True, exist_ok=True)
+        self.manifest = Manifest(self.dir.manifest)
+        self.manifest.data.update(config=cfg.to_dict(), versions=versions(), seed=cfg.seed)
+        self.manifest.save()
+        self.hashes: dict[str, str] = {}
+        self.log = log
+        self._tokenizer = None
+
+    # -- stage mechanics -------------------------------------------------------------------
+    def stage(self, name: str, inputs: dict[str, Any], outputs: list[Path],
+              fn: Callable[[], dict[str, Any] | None]) -> None:
+        h = stable_hash(inputs)
+        self.hashes[name] = h
+        if self.manifest.is_done(name, h) and all(p.exists() for p in outputs):
+            self.log(f"[skip] {name}: done, inputs unchanged")
+            return
+        self.log(f"[run ] {name}")
+        started = time.time()
+        self.manifest.mark(name, status="running", input_hash=h, started=started)
+        try:
+            info = fn() or {}
+        except BaseException as e:
+            self.manifest.mark(name, status="failed", input_hash=h, started=started,
+                               error=f"{type(e).__name__}: {e}")
+            raise
+        self.manifest.mark(name, status="done", input_hash=h, started=started,
+                           seconds=round(time.time() - started, 2), **info)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.dir.tokenizer)
+        return self._tokenizer
+
+    def split(self, name: str) -> list[rec.Record]:
+        return rec.read_jsonl(self.dir.data(name))
+
+    # -- stages ----------------------------------------------------------------------------
+    def data_stage(self) -> None:
+        d = self.cfg.data
+
+        def fn():
+            if d.source == "builtin":
+                exclude = frozenset(person_name(r) for r in pretraining_records(self.cfg))
+                pool = generate_records(d.pool_size, self.cfg.seed, exclude_names=exclude)
+            else:
+                pool = rec.load_records(d.source, mapping=d.mapping)
+            s = split_records(pool, n_members=d.n_members, n_nonmembers=d.n_nonmembers,
+                              n_public=d.n_public, n_validation=d.n_validation,
+                              seed=self.cfg.seed, dedup_ngram=d.dedup_ngram,
+                              dedup_threshold=d.dedup_threshold)
+            for split, records in s.items():
+                rec.write_jsonl(records, self.dir.data(split))
+            return {"sizes": {k: len(v) for k, v in s.items()}, "pool": len(pool)}
+
+        self.stage("data", {"data": d.__dict__, "seed": self.cfg.seed},
+                   [self.dir.data(s) for s in SPLITS], fn)
+
+    def tokenizer_stage(self) -> None:
+        m = self.cfg.models
+
+        def fn():
+            if is_zoo(m.teacher):
+                tok = cached_tokenizer(self.cfg, _pretraining_texts(self.cfg))
+            else:
+                tok = load_tokenizer(m.teacher)
+            tmp = self.dir.tokenizer.with_name("tokenizer.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tok.save_pretrained(str(tmp))
+            publish_dir(tmp, self.dir.tokenizer)
+            self._tokenizer = None
+            return {"vocab_size": len(tok)}
+
+        self.stage("tokenizer", {"models": m.__dict__, "data": self.cfg.data.pretrain_records,
+                                 "seed": self.cfg.data.pretrain_seed},
+                   [self.dir.tokenizer / "tokenizer_config.json"], fn)
+
+    def base_stage(self, model_id: str, preset: str) -> None:
+        out = self.dir.model(model_id)
+
+        def fn():
+            if is_zoo(preset):
+                src = cached_base(self.cfg, preset, self.tokenizer, _pretraining_texts(self.cfg))
+            else:
+                src = Path(preset)
+                if not src.exists():  # a hub name: materialise it once in the run directory
+                    model = load_model(preset)
+                    model.save_pretrained(str(out), safe_serialization=True)
+                    return {"source": preset}
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            publish_dir(tmp, out)
+            return {"source": str(src)}
+
+        self.stage(model_id, {"preset": preset, "tokenizer": self.hashes["tokenizer"],
+                              "pretrain": self.cfg.pretrain.__dict__, "seed": self.cfg.seed},
+                   [out / "config.json"], fn)
+
+    def train_stage(self, model_id: str, method: str, base_id: str, split: str,
+                    teacher_id: str | None = None) -> None:
+        cfg = self.cfg
+        train_cfg = cfg.teacher if model_id == "teacher" else cfg.student
+        out = self.dir.model(model_id)
+        inputs = {"method": method, "base": self.hashes[base_id], "data": self.hashes["data"],
+                  "split": split, "train": train_cfg.__dict__, "seed": cfg.seed,
+                  "max_length": cfg.data.max_length,
+                  "teacher": self.hashes.get(teacher_id) if teacher_id else None,
+                  "kd": cfg.kd.__dict__ if METHODS[method].needs_teacher else None}
+
+        def fn():
+            tok = self.tokenizer
+            examples = [encode_record(r, tok, cfg.data.max_length) for r in self.split(split)]
+            model = load_model(self.dir.model(base_id))
+            teacher = load_model(self.dir.model(teacher_id)) if teacher_id else None
+            result = loop.train(model, examples, METHODS[method], train_cfg, out_dir=out,
+                                seed=cfg.seed, pad_id=tok.pad_token_id, tokenizer=tok,
+                                teacher=teacher, params=cfg.kd.__dict__,
+                                run_key=stable_hash(inputs), mixed_precision=cfg.mixed_precision,
+                                desc=f"{model_id} ({method})")
+            return {"steps": result.steps, "first_loss": result.first_loss,
+                    "last_loss": result.last_loss, "resumed_from": result.resumed_from,
+                    "train_seconds": round(result.seconds, 2)}
+
+        self.stage(model_id, inputs, [out / "model.safetensors"], fn)
+
+    def stats_stage(self, model_id: str) -> None:
+        cfg = self.cfg
+
+        def fn():
+            model = load_model(self.dir.model(model_id))
+            records = self.split("members") + self.split("nonmembers")
+            s = compute_stats(model, self.tokenizer, records, cfg.audit,
+                              max_length=cfg.data.max_length, desc=f"score {model_id}")
+            path = self.dir.stats(model_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.stem + ".tmp.npz")
+            s.save(tmp)
+            tmp.replace(path)
+            return {"tokens": int(len(s.logprob))}
+
+        self.stage(f"stats:{model_id}", {"model": self.hashes[model_id],
+                                         "data": self.hashes["data"],
+                                         "max_length": cfg.data.max_length},
+                   [self.dir.stats(model_id)], fn)
+
+    def generations_stage(self, model_id: str) -> None:
+        import pandas as pd
+        from kdaudit.store import atomic_write_frame
+        cfg = self.cfg
+
+        def fn():
+            model = load_model(self.dir.model(model_id))
+            aset = self.audit_set()
+            records = [aset.records[i] for i in
+                       aset.memorization_subset(cfg.audit.memorization_records)]
+            gen = compute_generations(model, self.tokenizer, records, cfg.audit,
+                                      max_length=cfg.data.max_length, desc=f"generate {model_id}")
+            atomic_write_frame(self.dir.generations(model_id),
+                               pd.DataFrame({"record_id": [r.id for r in records],
+                                             "tokens": gen}))
+            return {"records": len(records)}
+
+        self.stage(f"generate:{model_id}",
+                   {"model": self.hashes[model_id], "data": self.hashes["data"],
+                    "tokens": cfg.audit.memorization_tokens,
+                    "records": cfg.audit.memorization_records,
+                    "max_length": cfg.data.max_length},
+                   [self.dir.generations(model_id)], fn)
+
+    def audit_set(self) -> AuditSet:
+        return AuditSet(self.split("members"), self.split("nonmembers"))
+
+    def models(self) -> list[ModelInfo]:
+        out = [ModelInfo("teacher", "teacher", "base_teacher",
+                         f"{self.cfg.models.teacher} fine-tuned on the members")]
+        for m in self.cfg.methods:
+            role = "baseline" if m == "nokd" else "student"
+            out.append(ModelInfo(m, role, "base_student", METHODS[m].description))
+        out += [ModelInfo("base_teacher", "base", None, f"{self.cfg.models.teacher} before "
+                          f"fine-tuning (never saw members)"),
+                ModelInfo("base_student", "base", None, f"{self.cfg.models.student} before "
+                          f"distillation (never saw members)")]
+        return out
+
+    def assemble(self) -> AuditResult:
+        import pandas as pd
+
+        models = self.models()
+        stats = {m.id: TokenStats.load(self.dir.stats(m.id)) for m in models}
+        gens = {}
+        for m in models:
+            path = self.dir.generations(m.id)
+            if m.role != "base" and path.exists():
+                gens[m.id] = [list(map(int, t)) for t in pd.read_parquet(path).tokens]
+        return assemble(models, self.audit_set(), stats, gens, self.tokenizer, self.cfg.audit,
+                        max_length=self.cfg.data.max_length, seed=self.cfg.seed,
+                        config=self.cfg.to_dict())
+
+    def audit_stage(self) -> AuditResult:
+        from kdaudit.store import atomic_write_frame
+
+        holder: dict[str, AuditResult] = {}
+        upstream = {k: v for k, v in self.hashes.items() if ":" in k}
+
+        def fn():
+            result = self.assemble()
+            result.write_tables(self.dir.root / "tables")
+            for model_id, frame in result.scores.items():
+                atomic_write_frame(self.dir.scores(model_id), frame)
+            holder["result"] = result
+            return {}
+
+        self.stage("audit", {"upstream": upstream, "audit": self.cfg.audit.__dict__},
+                   [self.dir.table("mia")], fn)
+        return holder.get("result") or self.assemble()
+
+    def report_stage(self, result: AuditResult) -> dict[str, Path]:
+        paths: dict[str, Path] = {}
+
+        def fn():
+            info = {"run": self.cfg.name, "seed": self.cfg.seed,
+                    "stage seconds": {k: v.get("seconds") for k, v in
+                                      self.manifest.data["stages"].items()},
+                    "versions": versions()}
+            paths.update(result.write_report(self.dir.report, title=f"kdaudit risk report: "
+                                             f"{self.cfg.name}", run_info=info,
+                                             redact=self.cfg.audit.redact))
+            return {}
+
+        self.stage("report", {"audit": self.hashes["audit"], "redact": self.cfg.audit.redact},
+                   [self.dir.report / "report.html", self.dir.report / "report.md"], fn)
+        return paths or {"html": self.dir.report / "report.html",
+                         "md": self.dir.report / "report.md"}
+
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        self.data_stage()
+        self.tokenizer_stage()
+        self.base_stage("base_teacher", cfg.models.teacher)
+        self.base_stage("base_student", cfg.models.student)
+        self.train_stage("teacher", "sft", "base_teacher", "members")
+        for method in cfg.methods:
+            needs = METHODS[method].needs_teacher
+            self.train_stage(method, method, "base_student", "public",
+                             teacher_id="teacher" if needs else None)
+        for m in self.models():
+            self.stats_stage(m.id)
+        for m in self.models():
+            if m.role != "base":
+                self.generations_stage(m.id)
+        result = self.audit_stage()
+        report = self.report_stage(result)
+        return RunResult(self.dir.root, result, report, dict(self.manifest.data["stages"]))
+
+
+def _pretraining_texts(cfg: RunConfig) -> list[str]:
+    from kdaudit.data.template import format_text
+
+    return [format_text(r) for r in pretraining_records(cfg)]
+
+
+def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
+    """Run (or resume) the whole pipeline for `cfg`; see the module docstring."""
+    return Pipeline(cfg, log=log).run()

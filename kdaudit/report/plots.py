@@ -1,0 +1,122 @@
+"""The report's figures: log-log ROC curves per model and an AUC bar chart.
+
+Figures are built with matplotlib's object API on the Agg canvas (no pyplot, no GUI and
+no global figure registry), so this works headless and never changes the backend of an
+interactive session that imports kdaudit. Each figure is released once it is saved.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DEFAULT_MIN_FPR = 1e-3
+DPI = 110
+
+
+def signal_colors(signals: Sequence[str]) -> dict[str, str]:
+    """One fixed colour per signal, shared by every figure of a report."""
+    palette = [f"C{i}" for i in range(10)]
+    return {s: palette[i % len(palette)] for i, s in enumerate(signals)}
+
+
+def _new_figure(width: float, height: float) -> tuple[Figure, object]:
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _margins(fig: Figure, *, left: float = 0.8, right: float = 0.2, bottom: float = 0.6,
+             top: float = 0.4) -> None:
+    """Fixed margins in inches (cheaper than a tight bounding box, which redraws)."""
+    w, h = fig.get_size_inches()
+    fig.subplots_adjust(left=left / w, right=1 - right / w, bottom=bottom / h, top=1 - top / h)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    fig.clear()  # release the artists; the Figure is not registered anywhere else
+    return path
+
+
+def min_fpr_for(n_nonmembers: float | None) -> float:
+    """The lower axis limit: 1/n when the number of non-members is known, else 1e-3."""
+    if n_nonmembers is None or not n_nonmembers > 0 or math.isnan(n_nonmembers):
+        return DEFAULT_MIN_FPR
+    return 1.0 / n_nonmembers
+
+
+def roc_plot(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, *,
+             title: str, aucs: Mapping[str, float] | None = None,
+             min_fpr: float = DEFAULT_MIN_FPR,
+             colors: Mapping[str, str] | None = None) -> Path:
+    """One model's ROC curves (one per signal) on log-log axes, with the chance diagonal."""
+    fig, ax = _new_figure(5.4, 4.6)
+    ax.set_xscale("log", nonpositive="mask")
+    ax.set_yscale("log", nonpositive="mask")
+    for signal, (fpr, tpr) in curves.items():
+        fpr, tpr = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)
+        keep = (fpr > 0) & (tpr > 0)
+        auc = (aucs or {}).get(signal, math.nan)
+        label = signal if math.isnan(auc) else f"{signal} (AUC {auc:.2f})"
+        ax.plot(fpr[keep], tpr[keep], lw=1.6, label=label, color=(colors or {}).get(signal))
+    ax.plot([min_fpr, 1], [min_fpr, 1], ls="--", lw=1, color="0.4", label="chance")
+    for fpr_mark in (1e-2, 1e-3):
+        if fpr_mark > min_fpr:
+            ax.axvline(fpr_mark, ls=":", lw=0.8, color="0.6")
+    ax.set_xlim(min_fpr, 1)
+    ax.set_ylim(min_fpr, 1)
+    ax.set_xlabel("False positive rate")
+    ax.set_ylabel("True positive rate")
+    ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    _margins(fig)
+    return _save(fig, path)
+
+
+def auc_bar_chart(mia: pd.DataFrame, order: Sequence[str], path: Path, *,
+                  colors: Mapping[str, str] | None = None) -> Path | None:
+    """AUC per model (groups) and signal (bars) with 95% CI error bars and a 0.5 line."""
+    auc = mia[mia["metric"] == "auc"].drop_duplicates(["model", "signal"])
+    if auc.empty:
+        return None
+    models = [m for m in order if m in set(auc["model"])]
+    signals = list(dict.fromkeys(auc["signal"]))
+    table = auc.set_index(["model", "signal"])
+    width = 0.8 / len(signals)
+    legend_width = 1.6
+    fig, ax = _new_figure(max(5.0, 1.0 + 0.35 * len(models) * len(signals)) + legend_width, 4.2)
+    x = np.arange(len(models))
+    lows = []
+    for j, signal in enumerate(signals):
+        vals, err_lo, err_hi = [], [], []
+        for model in models:
+            row = table.loc[(model, signal)] if (model, signal) in table.index else None
+            v = math.nan if row is None else float(row["value"])
+            lo = math.nan if row is None else float(row["ci_low"])
+            hi = math.nan if row is None else float(row["ci_high"])
+            vals.append(v)
+            err_lo.append(0.0 if math.isnan(lo) else max(v - lo, 0.0))
+            err_hi.append(0.0 if math.isnan(hi) else max(hi - v, 0.0))
+            lows.append(lo if not math.isnan(lo) else v)
+        ax.bar(x - 0.4 + width * (j + 0.5), vals, width, yerr=[err_lo, err_hi], capsize=2,
+               label=signal, color=(colors or {}).get(signal), error_kw={"lw": 0.8})
+    ax.axhline(0.5, ls="--", lw=1, color="0.3", label="chance (0.5)")
+    finite = [v for v in lows if not math.isnan(v)]
+    bottom = min([0.4, *(v - 0.05 for v in finite)])
+    ax.set_ylim(max(0.0, bottom), 1.0)
+    rotate = len(models) > 6
+    ax.set_xticks(x, models, rotation=30 if rotate else 0, ha="right" if rotate else "center")
+    ax.set_ylabel("ROC AUC (95% CI)")
+    ax.set_title("Membership-inference AUC by model and signal")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _margins(fig, right=legend_width, bottom=1.1 if rotate else 0.5)
+    return _save(fig, path)

@@ -1,0 +1,253 @@
+"""Assemble the report: tables, verdicts and figures → report.html (self-contained) and
+report.md (with the PNG files beside it)."""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jinja2
+import numpy as np
+import pandas as pd
+
+from kdaudit.report import plots
+from kdaudit.report.redact import REDACTED, example_records
+from kdaudit.report.tables import (md_cell, memorization_table, model_order, num,
+                                   ordered, results_table, utility_table)
+from kdaudit.report.verdicts import MODEL_FREE_SIGNALS, signal_checks, verdicts
+
+TEMPLATES = Path(__file__).with_name("templates")
+BLIND_CONFOUND_AUC = 0.6  # METHODS §5: a blind AUC above this flags a confounded split
+
+
+def _environment(autoescape: bool) -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=autoescape,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["md_table"] = lambda t: t.to_markdown()
+    env.filters["md_cell"] = md_cell
+    env.filters["fence"] = fence
+    return env
+
+
+def fence(text: str, lang: str = "text") -> str:
+    """A Markdown fenced code block that no backtick run inside `text` can close."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    ticks = "`" * max(3, longest + 1)
+    return f"{ticks}{lang}\n{text}\n{ticks}"
+
+
+def config_text(config: Any) -> str:
+    """A nested mapping (or dataclass) as TOML-like text: scalars first, then [tables]."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    if not isinstance(config, Mapping):
+        return _toml_value(config)
+    lines: list[str] = []
+
+    def emit(table: Mapping[str, Any], prefix: list[str]) -> None:
+        scalars = [(k, v) for k, v in table.items() if not isinstance(v, Mapping)]
+        tables = [(k, v) for k, v in table.items() if isinstance(v, Mapping)]
+        if prefix and (scalars or not tables):
+            lines.extend(["", "[" + ".".join(_toml_key(p) for p in prefix) + "]"])
+        for key, value in scalars:
+            lines.append(f"# {_toml_key(key)} = (unset)" if value is None
+                         else f"{_toml_key(key)} = {_toml_value(value)}")
+        for key, value in tables:
+            emit(value, [*prefix, str(key)])
+
+    emit(config, [])
+    return "\n".join(lines).strip("\n")
+
+
+def _toml_key(key: object) -> str:
+    k = str(key)
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k, ensure_ascii=False)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        if math.isnan(f):
+            return "nan"
+        if math.isinf(f):
+            return "inf" if f > 0 else "-inf"
+        return repr(f)
+    if isinstance(v, Mapping):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, (list, tuple, set, np.ndarray)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if v is None:
+        return '"none"'
+    return json.dumps(str(v), ensure_ascii=False)
+
+
+def run_info_rows(run_info: Mapping[str, Any] | None, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested run info flattened to (dotted key, display value) pairs."""
+    rows: list[tuple[str, str]] = []
+    for key, value in (run_info or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            rows += run_info_rows(value, f"{name}.")
+        elif isinstance(value, (float, np.floating)):
+            rows.append((name, f"{float(value):.4g}"))
+        elif isinstance(value, (list, tuple)):
+            rows.append((name, ", ".join(str(x) for x in value)))
+        else:
+            rows.append((name, str(value)))
+    return rows
+
+
+def pick_baseline(models: pd.DataFrame | None, mia: pd.DataFrame) -> str:
+    """`nokd` when audited; else the first model whose role is "baseline"; else `nokd`."""
+    audited = set(mia["model"].astype(str))
+    if "nokd" in audited or models is None or models.empty or "role" not in models:
+        return "nokd"
+    roles = models[(models["role"] == "baseline") & models["model"].isin(audited)]
+    return str(roles["model"].iloc[0]) if len(roles) else "nokd"
+
+
+def _slug(name: str, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
+    slug, i = base, 2
+    while slug in taken:
+        slug, i = f"{base}_{i}", i + 1
+    taken.add(slug)
+    return slug
+
+
+def _summary(order: Sequence[str], verdict_df: pd.DataFrame, baseline: str,
+             memorization: pd.DataFrame | None) -> str:
+    """The report's opening paragraph: which models show elevated risk."""
+    elevated = [m for m in verdict_df.loc[verdict_df["verdict"] == "elevated", "model"]]
+    clear = [m for m in verdict_df.loc[verdict_df["verdict"] != "elevated", "model"]]
+    audited = [m for m in order if m in set(verdict_df["model"])]
+    if not audited:
+        return "No membership-inference results were provided, so no verdict can be given."
+    text = (f"This report audits {len(audited)} model{'s' if len(audited) != 1 else ''} "
+            f"({', '.join(audited)}) for leakage of their private training records through "
+            "membership inference and memorization. ")
+    if elevated:
+        text += (f"Elevated membership-inference risk at 95% confidence: {', '.join(elevated)}"
+                 f" (compared with the {baseline} baseline, or with chance for the baseline "
+                 "itself). ")
+        if clear:
+            text += f"No elevated risk detected: {', '.join(clear)}. "
+    else:
+        text += "No model shows membership-inference risk above the baseline at 95% confidence. "
+    if memorization is not None and not memorization.empty:
+        gaps = memorization[(memorization["metric"] == "match_rate")
+                            & (memorization["split"] == "gap")]
+        gaps = gaps.assign(v=pd.to_numeric(gaps["value"], errors="coerce")).dropna(subset=["v"])
+        if len(gaps):
+            top = gaps.loc[gaps["v"].idxmax()]
+            text += (f"The largest member/non-member gap in greedy match rate is "
+                     f"{top['v']:+.3f} ({top['model']}).")
+    return text.strip()
+
+
+def _blind_warning(mia: pd.DataFrame) -> str | None:
+    auc = mia[(mia["metric"] == "auc") & mia["signal"].isin(MODEL_FREE_SIGNALS)]
+    values = pd.to_numeric(auc["value"], errors="coerce").dropna()
+    if values.empty or values.max() <= BLIND_CONFOUND_AUC:
+        return None
+    return (f"Warning: the model-free blind baseline separates members from non-members with "
+            f"AUC {values.max():.2f} > {BLIND_CONFOUND_AUC}; the split may be confounded by "
+            "distribution shift, so membership results in this report may be inflated.")
+
+
+def _write_text(path: Path, text: str) -> Path:
+    """Write atomically: a temporary file beside `path`, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _capitalize(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
+                 roc: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]] | None = None,
+                 memorization: pd.DataFrame | None = None,
+                 utility: pd.DataFrame | None = None,
+                 examples: pd.DataFrame | None = None,
+                 models: pd.DataFrame | None = None,
+                 config: Mapping[str, Any] | None = None,
+                 title: str = "kdaudit risk report",
+                 run_info: Mapping[str, Any] | None = None,
+                 redact: bool = True) -> dict[str, Path]:
+    """Write out_dir/report.html, out_dir/report.md and the PNG figures; return their paths
+    (keys "html", "md", "auc_bars" and "roc_<model>")."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    roc = roc or {}
+    baseline = pick_baseline(models, mia)
+    checks = signal_checks(mia, baseline)
+    verdict_df = verdicts(mia, baseline)
+    order = model_order(models, mia, memorization, utility, examples)
+    colors = plots.signal_colors(ordered(mia["signal"]))
+    aucs = {(str(r.model), str(r.signal)): num(r.value)
+            for r in mia[mia["metric"] == "auc"].itertuples()}
+
+    paths: dict[str, Path] = {}
+    figures: list[dict[str, str]] = []
+    taken: set[str] = set()
+    for model in [*order, *(m for m in roc if m not in order)]:
+        curves = roc.get(model)
+        if not curves:
+            continue
+        n = pd.to_numeric(mia.loc[mia["model"] == model, "n_nonmembers"], errors="coerce").max()
+        path = plots.roc_plot(curves, out / f"roc_{_slug(model, taken)}.png",
+                              title=f"ROC, {model} (log-log)", min_fpr=plots.min_fpr_for(n),
+                              aucs={s: aucs.get((model, s), math.nan) for s in curves},
+                              colors=colors)
+        paths[f"roc_{model}"] = path
+        figures.append({"model": model, "file": path.name, "uri": _data_uri(path)})
+    bars = plots.auc_bar_chart(mia, order, out / "auc_bars.png", colors=colors)
+    if bars is not None:
+        paths["auc_bars"] = bars
+
+    roles = {} if models is None or models.empty else {
+        str(r.model): (str(getattr(r, "role", "")), str(getattr(r, "description", "")))
+        for r in models.itertuples()}
+    context = {
+        "title": title,
+        "summary": _summary(order, verdict_df, baseline, memorization),
+        "warning": _blind_warning(mia),
+        "baseline": baseline,
+        "verdicts": [{"model": v.model, "verdict": v.verdict,
+                      "text": _capitalize(v.text.removeprefix(f"{v.model}: ")),
+                      "role": roles.get(v.model, ("", ""))[0],
+                      "description": roles.get(v.model, ("", ""))[1]}
+                     for v in verdict_df.itertuples()],
+        "results": results_table(mia, checks, order),
+        "roc_figures": figures,
+        "bars": None if bars is None else {"file": bars.name, "uri": _data_uri(bars)},
+        "memorization": memorization_table(memorization, order),
+        "utility": utility_table(utility, order),
+        "examples": example_records(examples, order, redact_secrets=redact),
+        "redact": redact,
+        "redacted_marker": REDACTED,
+        "config": None if not config else config_text(config),
+        "run_info": run_info_rows(run_info),
+    }
+    html = _environment(autoescape=True).get_template("report.html.j2").render(**context)
+    md = _environment(autoescape=False).get_template("report.md.j2").render(**context)
+    paths["html"] = _write_text(out / "report.html", html)
+    paths["md"] = _write_text(out / "report.md", md)
+    return paths

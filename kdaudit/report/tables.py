@@ -1,0 +1,217 @@
+"""Pivot the audit's tidy tables into display tables of formatted strings.
+
+Every table here is a `Table` of strings, rendered unchanged by both templates (HTML
+escapes it, Markdown escapes pipes), so a number reads the same in report.html and report.md.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import pandas as pd
+
+from kdaudit.report.verdicts import MODEL_FREE_SIGNALS, SignalCheck
+
+TPR_METRICS = {"tpr_at_1pct": "TPR @ 1% FPR", "tpr_at_0_1pct": "TPR @ 0.1% FPR"}
+
+# What each signal assumes the attacker can access (METHODS §5).
+SIGNAL_ACCESS = {
+    "loss": "token log-probs",
+    "zlib": "token log-probs",
+    "lowercase": "token log-probs (2 passes)",
+    "mink": "token log-probs",
+    "minkpp": "full distributions",
+    "ref_base": "token log-probs + base model",
+    "ref_ext": "token log-probs + reference model",
+    "mope": "weights",
+    "lira": "reference models",
+    "rmia": "reference models",
+    "blind": "text only (no model)",
+}
+
+# (metric, split, column title, format) of the memorization table, in display order.
+MEMORIZATION_COLUMNS = [
+    ("match_rate", "members", "Match rate (members)", "{:.3f}"),
+    ("match_rate", "nonmembers", "Match rate (non-members)", "{:.3f}"),
+    ("match_rate", "gap", "Gap", "{:+.3f}"),
+    ("longest_prefix", "members", "Longest prefix, tokens (members)", "{:.1f}"),
+    ("fully_extracted", "members", "Fully extracted (members)", "{:.3f}"),
+    ("secret_extraction", "members", "Secret extraction (members)", "{:.3f}"),
+]
+
+_MIN_FPR_NOTE = re.compile(r"smallest reachable FPR\s*([0-9.]+\s*%)", re.IGNORECASE)
+
+
+@dataclass
+class Table:
+    """Column titles and rows of display strings; `row_classes` are CSS classes per row."""
+
+    columns: list[str]
+    rows: list[list[str]]
+    row_classes: list[str] = field(default_factory=list)
+
+    def to_markdown(self) -> str:
+        """A GitHub-flavoured pipe table."""
+        lines = ["| " + " | ".join(md_cell(c) for c in self.columns) + " |",
+                 "|" + "|".join("---" for _ in self.columns) + "|"]
+        lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+
+def md_cell(text: object) -> str:
+    """Make text safe inside a Markdown table cell (pipes, newlines, raw HTML)."""
+    s = str(text).replace("\\", "\\\\").replace("|", "\\|")
+    s = s.replace("<", "&lt;").replace(">", "&gt;")
+    return " ".join(s.split())
+
+
+def missing(x: object) -> bool:
+    """True for None and float NaN."""
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def num(x: object) -> float:
+    """A float, with None / NaN / non-numbers as NaN."""
+    try:
+        return float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def fmt_ci(value: object, lo: object = None, hi: object = None, *, pct: bool = False,
+           digits: int = 2) -> str:
+    """"0.66 [0.63, 0.69]" (or "12.5% [8.0%, 16.0%]" with pct); "n/a" for NaN."""
+    v, lo_, hi_ = num(value), num(lo), num(hi)
+    if math.isnan(v):
+        return "n/a"
+
+    def f(x: float) -> str:
+        return f"{100 * x:.{max(digits - 1, 0)}f}%" if pct else f"{x:.{digits}f}"
+
+    if math.isnan(lo_) or math.isnan(hi_):
+        return f(v)
+    return f"{f(v)} [{f(lo_)}, {f(hi_)}]"
+
+
+def unreachable(note: object, n_nonmembers: object) -> str:
+    """The cell of a TPR that could not be reached: "n/a (min FPR 0.5%)"."""
+    m = _MIN_FPR_NOTE.search(str(note)) if not missing(note) else None
+    if m:
+        return f"n/a (min FPR {m.group(1).replace(' ', '')})"
+    n = num(n_nonmembers)
+    if n > 0:
+        return f"n/a (min FPR {100 / n:.2g}%)"
+    return "n/a (not reachable)"
+
+
+def ordered(values: Iterable[object]) -> list[str]:
+    """Unique values as strings, in order of first appearance."""
+    return [str(v) for v in dict.fromkeys(values)]
+
+
+def model_order(models: pd.DataFrame | None, *frames: pd.DataFrame | None) -> list[str]:
+    """Models in the display order of `models`, then any others the tables mention."""
+    names = [] if models is None or models.empty else ordered(models["model"])
+    for frame in frames:
+        if frame is not None and not frame.empty and "model" in frame:
+            names += [m for m in ordered(frame["model"]) if m not in names]
+    return names
+
+
+def results_table(mia: pd.DataFrame, checks: Sequence[SignalCheck],
+                  order: Sequence[str]) -> Table:
+    """Model × signal: AUC with CI, TPR at 1% and 0.1% FPR, sample sizes, elevated or not."""
+    elevated = {(c.model, c.signal): c.elevated for c in checks}
+    signals = ordered(mia["signal"])
+    by_key = {k: g for k, g in mia.groupby(["model", "signal"], sort=False)}
+    has_notes = False
+    rows, classes = [], []
+    for model in order:
+        for signal in signals:
+            group = by_key.get((model, signal))
+            if group is None:
+                continue
+            metric = {str(r.metric): r for r in group.itertuples()}
+            auc = metric.get("auc")
+            cells = [model, signal, SIGNAL_ACCESS.get(signal, ""),
+                     "—" if auc is None else fmt_ci(auc.value, auc.ci_low, auc.ci_high)]
+            for name in TPR_METRICS:
+                r = metric.get(name)
+                if r is None:
+                    cells.append("—")
+                elif math.isnan(num(r.value)):
+                    cells.append(unreachable(r.note, r.n_nonmembers))
+                else:
+                    cells.append(fmt_ci(r.value, r.ci_low, r.ci_high, pct=True))
+            first = group.iloc[0]
+            cells.append(f"{_count(first['n_members'])} / {_count(first['n_nonmembers'])}")
+            if signal in MODEL_FREE_SIGNALS:
+                cells.append("— (model-free)")
+            else:
+                cells.append("yes" if elevated.get((model, signal)) else "no")
+            notes = ordered(str(r.note) for r in group.itertuples()
+                            if not missing(r.note) and str(r.note).strip()
+                            and not math.isnan(num(r.value)))
+            has_notes = has_notes or bool(notes)
+            cells.append("; ".join(notes))
+            rows.append(cells)
+            classes.append("elevated" if elevated.get((model, signal)) else "")
+    columns = ["Model", "Signal", "Access", "AUC [95% CI]", *TPR_METRICS.values(),
+               "n (members / non-members)", "Elevated", "Notes"]
+    if not has_notes:
+        columns, rows = columns[:-1], [r[:-1] for r in rows]
+    return Table(columns, rows, classes)
+
+
+def _count(x: object) -> str:
+    n = num(x)
+    return "?" if math.isnan(n) else str(int(n))
+
+
+def memorization_table(memorization: pd.DataFrame | None,
+                       order: Sequence[str]) -> Table | None:
+    """Rows: models. Columns: the MEMORIZATION_COLUMNS present, then any other metric."""
+    if memorization is None or memorization.empty:
+        return None
+    values = {(str(r.model), str(r.metric), str(r.split)): r.value
+              for r in memorization.itertuples()}
+    present = {(metric, split) for _, metric, split in values}
+    columns = [(m, s, title, f) for m, s, title, f in MEMORIZATION_COLUMNS if (m, s) in present]
+    known = {m for m, *_ in MEMORIZATION_COLUMNS}
+    extra = [(m, s) for m, s in dict.fromkeys(zip(memorization["metric"].astype(str),
+                                                  memorization["split"].astype(str)))
+             if m not in known]
+    columns += [(m, s, f"{m.replace('_', ' ').capitalize()} ({s})", "{:.3f}") for m, s in extra]
+    rows = []
+    for model in order:
+        if not any(k[0] == model for k in values):
+            continue
+        cells = [model]
+        for metric, split, _, fmt in columns:
+            v = num(values.get((model, metric, split)))
+            cells.append("—" if math.isnan(v) else fmt.format(v))
+        rows.append(cells)
+    return Table(["Model", *(title for *_, title, _ in columns)], rows)
+
+
+def utility_table(utility: pd.DataFrame | None, order: Sequence[str]) -> Table | None:
+    """Rows: models. One column per (metric, split), e.g. "Perplexity (nonmembers)"."""
+    if utility is None or utility.empty:
+        return None
+    keys = list(dict.fromkeys(zip(utility["metric"].astype(str), utility["split"].astype(str))))
+    values = {(str(r.model), str(r.metric), str(r.split)): num(r.value)
+              for r in utility.itertuples()}
+    rows = []
+    for model in order:
+        if not any(k[0] == model for k in values):
+            continue
+        cells = [model]
+        for metric, split in keys:
+            v = values.get((model, metric, split), math.nan)
+            cells.append("—" if math.isnan(v) else f"{v:.2f}")
+        rows.append(cells)
+    titles = [f"{m.replace('_', ' ').capitalize()} ({s.replace('nonmembers', 'non-members')})"
+              for m, s in keys]
+    return Table(["Model", *titles], rows)

@@ -1,0 +1,148 @@
+"""The one training loop. Pretraining, SFT and every KD method are configurations of it.
+
+A method supplies its loss (see `methods.py`); the loop supplies batching, the optimizer and
+schedule, Accelerate (device, precision, distribution), progress, a json-lines training log,
+and checkpoints (safetensors) from which an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from kdaudit.config import TrainConfig
+from kdaudit.data.template import Encoded
+from kdaudit.store import atomic_write_json, publish_dir
+from kdaudit.train.batching import Batch, batch_order, collate
+from kdaudit.train.methods import Method
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    first_loss: float
+    last_loss: float
+    resumed_from: int
+
+
+def _checkpoint_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".ckpt")
+
+
+def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, *,
+          out_dir: str | Path, seed: int, pad_id: int, tokenizer=None, teacher=None,
+          params: dict[str, Any] | None = None, run_key: str = "", mixed_precision: str = "no",
+          desc: str = "train", callbacks: Sequence[StepCallback] = ()) -> TrainResult:
+    """Train `model` on `examples` with `method`'s loss; save it to `out_dir` (safetensors).
+
+    `run_key` identifies the inputs; a checkpoint left by an interrupted run with the same key
+    is resumed, one with another key is discarded.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    out_dir = Path(out_dir)
+    ckpt = _checkpoint_dir(out_dir)
+    params = params or {}
+    if method.needs_teacher and teacher is None:
+        raise ValueError(f"method '{method.name}' needs a teacher model")
+
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    set_seed(seed)
+    order = batch_order([len(e.input_ids) for e in examples], cfg.batch_size, cfg.epochs, seed)
+    if cfg.max_steps:
+        order = (order * (cfg.max_steps // len(order) + 1))[:cfg.max_steps]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    total = len(order) // world if world > 1 else len(order)
+
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if teacher is not None:
+        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+        teacher.eval()
+
+    start = 0
+    state_file = ckpt / "trainer_state.json"
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+        if state.get("run_key") == run_key and 0 < state["step"] < total:
+            accelerator.load_state(str(ckpt / "state"))
+            start = state["step"]
+        else:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    log_path = ckpt / "train_log.jsonl"
+    if start == 0:
+        log_path.unlink(missing_ok=True)
+
+    first_loss = last_loss = float("nan")
+    t0 = time.time()
+    bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+               disable=not accelerator.is_main_process, mininterval=1.0)
+    with log_path.open("a") as log:
+        for step in range(start, total):
+            idx = order[step * world + rank] if world > 1 else order[step]
+            batch = collate([examples[i] for i in idx], pad_id).to(accelerator.device)
+            with accelerator.autocast():
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids).logits
+                teacher_logits = None
+                if method.needs_teacher:
+                    with torch.no_grad():
+                        teacher_logits = teacher(input_ids=batch.input_ids,
+                                                 attention_mask=batch.attention_mask,
+                                                 position_ids=batch.position_ids).logits
+            loss, parts = method.loss(logits, teacher_logits, batch, params)
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            last_loss = loss.item()
+            if step == start:
+                first_loss = last_loss
+            record = {"step": step + 1, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                      **{k: float(v) for k, v in parts.items()}}
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total or step == start:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
+            for cb in callbacks:
+                cb(step + 1, record)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+                accelerator.save_state(str(ckpt / "state"))
+                atomic_write_json(state_file, {"step": step + 1, "run_key": run_key})
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        shutil.copy(log_path, tmp / "train_log.jsonl")
+        publish_dir(tmp, out_dir)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    accelerator.free_memory()
+    return TrainResult(steps=total, seconds=time.time() - t0, first_loss=first_loss,
+                       last_loss=last_loss, resumed_from=start)

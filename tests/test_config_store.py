@@ -1,0 +1,63 @@
+"""Config presets and validation; atomic writes and the manifest."""
+from __future__ import annotations
+
+import pytest
+
+from kdaudit.config import ConfigError, load_config, presets
+from kdaudit.store import Manifest, atomic_write_text, stable_hash
+
+
+def test_presets_load_and_override(tmp_path):
+    assert {"smoke", "tiny"} <= set(presets())
+    cfg = load_config("smoke", seed=3)
+    assert cfg.name == "smoke" and cfg.seed == 3 and cfg.data.n_members == 200
+    f = tmp_path / "c.toml"
+    f.write_text('methods = ["kd"]\n[teacher]\nepochs = 2\n')
+    cfg = load_config("smoke", f)
+    assert cfg.methods == ["kd"] and cfg.teacher.epochs == 2.0
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[teacher]\nlrr = 1\n", r"c\.toml\.teacher: unknown field 'lrr'"),
+    ("[teacher]\nepochs = 'many'\n", r"teacher\.epochs: expected float"),
+    ('methods = ["kd", "magic"]\n', r"unknown method\(s\) \['magic'\]"),
+    ("[audit]\nsignals = ['loss', 'psychic']\n", r"unknown signal\(s\) \['psychic'\]"),
+    ("[data\n", r"c\.toml: not valid TOML"),
+])
+def test_bad_config_names_file_and_field(tmp_path, text, match):
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config("smoke", f)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config("nope")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "x.txt"
+    atomic_write_text(path, "old")
+    import os
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_manifest_done_depends_on_input_hash(tmp_path):
+    m = Manifest(tmp_path / "manifest.json")
+    h = stable_hash({"a": 1, "b": [1, 2]})
+    assert h == stable_hash({"b": [1, 2], "a": 1})
+    m.mark("data", status="done", input_hash=h)
+    again = Manifest(tmp_path / "manifest.json")
+    assert again.is_done("data", h) and not again.is_done("data", stable_hash({"a": 2}))
+    (tmp_path / "manifest.json").write_text("{broken")
+    with pytest.raises(ValueError, match="manifest.json: manifest is not valid JSON"):
+        Manifest(tmp_path / "manifest.json")

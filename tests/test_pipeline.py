@@ -1,0 +1,99 @@
+"""End to end on the smoke preset: a run killed mid-stage resumes, a finished run is skipped."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from kdaudit.config import load_config
+from kdaudit.pipeline import Pipeline
+from kdaudit.train import loop
+
+pytestmark = pytest.mark.slow
+
+
+class Killed(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def interrupted_then_resumed(tmp_path_factory, monkeypatch_module):
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config("smoke", out_dir=str(out), student={"checkpoint_every": 4})
+    real_train = loop.train
+
+    def train_killed_in_kd(*args, desc="", callbacks=(), **kw):
+        def kill(step, record):
+            if step == 6:
+                raise Killed("simulated crash")
+        extra = [kill] if desc.startswith("kd") else []
+        return real_train(*args, desc=desc, callbacks=[*callbacks, *extra], **kw)
+
+    logs1: list[str] = []
+    monkeypatch_module.setattr(loop, "train", train_killed_in_kd)
+    with pytest.raises(Killed):
+        Pipeline(cfg, log=logs1.append).run()
+    manifest1 = json.loads((out / "smoke" / "manifest.json").read_text())
+    monkeypatch_module.setattr(loop, "train", real_train)
+
+    logs2: list[str] = []
+    result = Pipeline(cfg, log=logs2.append).run()
+    logs3: list[str] = []
+    Pipeline(cfg, log=logs3.append).run()
+    return cfg, out / "smoke", manifest1, logs2, logs3, result
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_killed_run_resumes_without_redoing_finished_stages(interrupted_then_resumed):
+    _, run_dir, manifest1, logs2, _, _ = interrupted_then_resumed
+    assert manifest1["stages"]["kd"]["status"] == "failed"
+    assert "simulated crash" in manifest1["stages"]["kd"]["error"]
+    finished_before = [k for k, v in manifest1["stages"].items() if v["status"] == "done"]
+    assert {"data", "tokenizer", "base_teacher", "base_student", "teacher", "nokd"} <= set(
+        finished_before)
+    for stage in finished_before:
+        assert f"[skip] {stage}: done, inputs unchanged" in logs2
+    assert "[run ] kd" in logs2
+    manifest2 = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest2["stages"]["kd"]["resumed_from"] == 4     # the last checkpoint
+    assert manifest2["stages"]["kd"]["steps"] == manifest1["stages"]["nokd"]["steps"]
+    for stage in finished_before:   # untouched: same start time as in the first run
+        assert manifest2["stages"][stage]["started"] == manifest1["stages"][stage]["started"]
+
+
+def test_second_identical_run_skips_every_stage(interrupted_then_resumed):
+    *_, logs3, _ = interrupted_then_resumed
+    assert logs3 and all(line.startswith("[skip]") for line in logs3)
+
+
+def test_run_directory_and_report(interrupted_then_resumed):
+    cfg, run_dir, *_, result = interrupted_then_resumed
+    for split in ("members", "nonmembers", "public", "validation"):
+        assert (run_dir / "data" / f"{split}.jsonl").exists()
+    for model in ("teacher", "nokd", "kd", "base_teacher", "base_student"):
+        assert (run_dir / "models" / model / "model.safetensors").exists()
+        scores = pd.read_parquet(run_dir / "scores" / f"{model}.parquet")
+        assert len(scores) == cfg.data.n_members + cfg.data.n_nonmembers
+        assert scores.label.sum() == cfg.data.n_members
+    assert not list((run_dir / "models").glob("*.ckpt"))
+    mia = pd.read_csv(run_dir / "tables" / "mia.csv")
+    auc = mia[mia.metric == "auc"].set_index(["model", "signal"]).value
+    for model in ("teacher", "nokd", "kd"):
+        for signal in cfg.audit.signals:
+            assert 0.0 <= auc[(model, signal)] <= 1.0
+    assert ("base_teacher", "ref_base") not in auc.index       # a base has no base
+    memo = pd.read_csv(run_dir / "tables" / "memorization.csv")
+    assert set(memo.model) == {"teacher", "nokd", "kd"}
+    html = (run_dir / "report" / "report.html").read_text()
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "data:image/png;base64" in html and "teacher" in md
+    # the teacher fine-tuned on members leaks more than the student that never saw them
+    assert auc[("teacher", "loss")] > auc[("nokd", "loss")]
+    assert result.audit.summary().shape == (5, len(cfg.audit.signals))

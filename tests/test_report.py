@@ -1,0 +1,255 @@
+"""The risk report: files, self-containment, table cells, verdicts, redaction, escaping."""
+from __future__ import annotations
+
+import functools
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from kdaudit.report import verdicts, write_report
+from kdaudit.report.redact import REDACTED, redact
+from kdaudit.report.render import config_text, fence
+
+MODELS = ["teacher", "nokd", "kd"]
+SIGNALS = ["loss", "zlib", "mink"]
+SHIFT = {"teacher": 2.5, "nokd": 0.0, "kd": 0.8}  # member score shift: separability
+N = 200
+SECRET = "Quentin Ashworth-Vale"
+SHORT_SECRET = "Ashworth"
+UNREACHABLE = "FPR 0.1% not reachable with 200 non-members; smallest reachable FPR 0.5%"
+# A fixed cell: the teacher's loss AUC is overwritten with these numbers.
+KNOWN = {"value": 0.9312, "ci_low": 0.9051, "ci_high": 0.9544}
+KNOWN_CELL = "0.93 [0.91, 0.95]"
+
+
+def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    return float(tpr[fpr <= target].max())
+
+
+def _auc(members: np.ndarray, nonmembers: np.ndarray) -> np.ndarray:
+    """AUC of each row (Mann-Whitney), vectorised over leading axes."""
+    diff = members[..., :, None] - nonmembers[..., None, :]
+    return (diff > 0).mean(axis=(-2, -1)) + 0.5 * (diff == 0).mean(axis=(-2, -1))
+
+
+def _synthetic() -> tuple[pd.DataFrame, dict]:
+    """A fresh copy of the cached synthetic mia table, and the ROC curves."""
+    mia, roc = _synthetic_cached()
+    return mia.copy(), roc
+
+
+@functools.lru_cache(maxsize=1)
+def _synthetic_cached(seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """mia rows and ROC curves from Gaussian scores (members shifted by SHIFT[model])."""
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(N), np.zeros(N)]
+    rows, roc = [], {}
+    for model in MODELS:
+        roc[model] = {}
+        for k, signal in enumerate(SIGNALS):
+            nonmembers = rng.normal(0, 1, N)
+            if SHIFT[model]:
+                members = rng.normal(SHIFT[model] * (1 - 0.1 * k), 1, N)
+            else:  # no leakage: members are the non-members' scores, shuffled and jittered
+                members = rng.permutation(nonmembers) + rng.normal(0, 1e-3, N)
+            scores = np.r_[members, nonmembers]
+            fpr, tpr, _ = roc_curve(labels, scores)
+            roc[model][signal] = (fpr, tpr)
+            boots = _auc(scores[:N][rng.integers(0, N, (200, N))],
+                         scores[N:][rng.integers(0, N, (200, N))])
+            lo, hi = np.quantile(boots, [0.025, 0.975])
+            base = dict(model=model, signal=signal, n_members=N, n_nonmembers=N, note=None)
+            rows += [
+                dict(base, metric="auc", value=roc_auc_score(labels, scores), ci_low=lo,
+                     ci_high=hi),
+                dict(base, metric="tpr_at_1pct", value=_tpr_at(fpr, tpr, 0.01),
+                     ci_low=math.nan, ci_high=math.nan),
+                dict(base, metric="tpr_at_0_1pct", value=math.nan, ci_low=math.nan,
+                     ci_high=math.nan, note=UNREACHABLE),
+            ]
+    mia = pd.DataFrame(rows)
+    known = (mia.model == "teacher") & (mia.signal == "loss") & (mia.metric == "auc")
+    for col, v in KNOWN.items():
+        mia.loc[known, col] = v
+    return mia, roc
+
+
+def _inputs() -> dict:
+    mia, roc = _synthetic()
+    rates = {"teacher": (0.61, 0.12), "nokd": (0.05, 0.05), "kd": (0.09, 0.06)}
+    memorization = pd.DataFrame(
+        [dict(model=m, metric="match_rate", split=s, value=v, n=N)
+         for m, (a, b) in rates.items()
+         for s, v in (("members", a), ("nonmembers", b), ("gap", a - b))]
+        + [dict(model=m, metric=k, split="members", value=v, n=N)
+           for m in MODELS for k, v in (("longest_prefix", 7.5), ("fully_extracted", 0.1),
+                                        ("secret_extraction", 0.2))])
+    utility = pd.DataFrame([dict(model=m, metric="perplexity", split="nonmembers", value=v)
+                            for m, v in zip(MODELS, (8.1, 12.4, 10.2))])
+    examples = pd.DataFrame([
+        dict(model="teacher", record_id="r1", split="members",
+             instruction="Write the account holder's <script>alert(1)</script> details",
+             reference=f"The account belongs to {SECRET}.",
+             generation=f"The account belongs to {SECRET}, also called {SHORT_SECRET}.",
+             match_rate=0.97, secrets=[SHORT_SECRET, SECRET]),
+        dict(model="kd", record_id="r2", split="members", instruction="Summarise the note.",
+             reference="A short note.", generation="A short note.", match_rate=0.5, secrets=[]),
+    ])
+    models = pd.DataFrame({"model": MODELS, "role": ["teacher", "baseline", "student"],
+                           "description": ["SFT on members", "student without KD", "forward KL"]})
+    config = {"seed": 1, "data": {"n_members": N, "source": "builtin"},
+              "train": {"kd": {"method": "kd", "temperature": 1.0}}}
+    run_info = {"run": "test", "seed": 1, "wall_time_s": {"train": 12.5, "audit": 3.25}}
+    return dict(mia=mia, roc=roc, memorization=memorization, utility=utility,
+                examples=examples, models=models, config=config, run_info=run_info)
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> dict[bool, dict[str, str]]:
+    """report.html / report.md text, with redaction on (True) and off (False)."""
+    inputs = _inputs()
+    out = {}
+    for on in (True, False):
+        if not on:  # only the examples matter here: skip the ROC plots to save time
+            inputs["roc"] = {}
+        paths = write_report(tmp_path_factory.mktemp(f"redact_{on}"), redact=on, **inputs)
+        out[on] = {k: paths[k].read_text(encoding="utf-8") for k in ("html", "md")}
+        out[on]["paths"] = paths
+    return out
+
+
+def test_files_written(reports) -> None:
+    paths = reports[True]["paths"]
+    assert {"html", "md", "auc_bars", "roc_teacher", "roc_nokd", "roc_kd"} <= set(paths)
+    for p in paths.values():
+        assert p.stat().st_size > 0
+    assert paths["auc_bars"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_html_self_contained(reports) -> None:
+    html = reports[True]["html"]
+    assert html.count("data:image/png;base64,") == 4  # three ROC plots and the bar chart
+    assert 'src="http' not in html and "<link" not in html and "url(" not in html
+    md = reports[True]["md"]
+    assert "](roc_teacher.png)" in md and "](auc_bars.png)" in md
+
+
+def test_sections_in_order(reports) -> None:
+    for text in (reports[True]["html"], reports[True]["md"]):
+        heads = ["Verdict per model", "Membership inference results", "ROC curves",
+                 "AUC by model and signal", "Memorization", "Utility", "Example generations",
+                 "Configuration and run information"]
+        positions = [text.index(h) for h in heads]
+        assert positions == sorted(positions)
+
+
+def test_known_auc_cell_in_both(reports) -> None:
+    for kind in ("html", "md"):
+        assert KNOWN_CELL in reports[True][kind]
+    assert f"<td>{KNOWN_CELL}</td>" in reports[True]["html"]
+    assert re.search(r"\| teacher \| loss \| [^|]+ \| " + re.escape(KNOWN_CELL) + r" \|",
+                     reports[True]["md"])
+
+
+def test_unreachable_tpr_cell(reports) -> None:
+    md = reports[True]["md"]
+    row = next(line for line in md.splitlines() if line.startswith("| kd | zlib |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5] == "n/a (min FPR 0.5%)"  # TPR @ 0.1% FPR
+    assert cells[4].endswith("%") and not cells[4].startswith("n/a")  # TPR @ 1% FPR
+
+
+def test_memorization_utility_config_rendered(reports) -> None:
+    md = reports[True]["md"]
+    assert "| teacher | 0.610 | 0.120 | +0.490 | 7.5 | 0.100 | 0.200 |" in md
+    assert "| kd | 10.20 |" in md
+    assert "[train.kd]" in md and 'method = "kd"' in md
+    assert "| wall_time_s.train | 12.5 |" in md
+
+
+def test_verdicts_against_baseline() -> None:
+    mia, _ = _synthetic()
+    v = verdicts(mia).set_index("model")
+    assert list(v.index) == MODELS
+    assert v.loc["teacher", "verdict"] == "elevated"
+    assert set(v.loc["teacher", "signals"]) == set(SIGNALS)
+    # The strongest signal (highest AUC) is named with both intervals, and its TPR at 1% FPR.
+    best = mia[(mia.model == "teacher") & (mia.metric == "auc")].sort_values("value").iloc[-1]
+    base = mia[(mia.model == "nokd") & (mia.metric == "auc") & (mia.signal == best.signal)]
+    text = v.loc["teacher", "text"]
+    assert text.startswith(f"teacher: elevated risk. Membership is detectable above the nokd "
+                           f"baseline by {best.signal} (AUC {best.value:.2f} [")
+    assert f" vs {base.value.iloc[0]:.2f} [" in text and "and 2 other signals." in text
+    assert "1% false alarms" in text
+    assert v.loc["nokd", "verdict"] == "not elevated"
+    assert v.loc["nokd", "signals"] == []
+    assert v.loc["nokd", "text"].startswith("nokd: no leakage detected above chance")
+
+
+def test_verdicts_rule_is_strict_interval_comparison() -> None:
+    def row(model: str, lo: float, hi: float) -> dict:
+        return dict(model=model, signal="loss", metric="auc", value=(lo + hi) / 2, ci_low=lo,
+                     ci_high=hi, n_members=N, n_nonmembers=N, note=None)
+
+    mia = pd.DataFrame([row("nokd", 0.48, 0.55), row("kd", 0.55, 0.60), row("gkd", 0.56, 0.6)])
+    v = verdicts(mia).set_index("model")["verdict"]
+    assert v["kd"] == "not elevated"  # 0.55 is not above 0.55
+    assert v["gkd"] == "elevated"
+    assert v["nokd"] == "not elevated"
+
+
+def test_verdicts_without_baseline() -> None:
+    mia, _ = _synthetic()
+    v = verdicts(mia[mia.model != "nokd"]).set_index("model")
+    assert v.loc["teacher", "verdict"] == "elevated"
+    assert "above chance" in v.loc["teacher", "text"]
+    assert v.loc["kd", "verdict"] == "elevated"  # kd's AUC CI lies above 0.5
+    # With a baseline name that is absent, every model is compared with 0.5.
+    v2 = verdicts(mia, baseline="absent").set_index("model")
+    assert v2.loc["nokd", "verdict"] == "not elevated"
+    assert v2.loc["kd", "verdict"] == "elevated"
+
+
+def test_redaction(reports) -> None:
+    for kind in ("html", "md"):
+        assert SECRET not in reports[True][kind]
+        assert SHORT_SECRET not in reports[True][kind]
+        assert REDACTED in reports[True][kind]
+        assert "Redaction is on" in reports[True][kind]
+        assert SECRET in reports[False][kind]
+        assert "Redaction is off" in reports[False][kind]
+
+
+def test_redact_longest_first_and_marker_safe() -> None:
+    text = "Ann Lee lives at 4 RED Lane; ann lee again"
+    expected = f"{REDACTED} lives at 4 {REDACTED} Lane; {REDACTED} again"
+    assert redact(text, ["Ann", "Ann Lee", "RED"]) == expected
+    assert redact("nothing here", []) == "nothing here"
+
+
+def test_html_escaping(reports) -> None:
+    html = reports[True]["html"]
+    assert "<script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_missing_optional_inputs(tmp_path) -> None:
+    mia, _ = _synthetic()
+    paths = write_report(tmp_path, mia=mia, roc={}, memorization=None, utility=pd.DataFrame(),
+                         examples=pd.DataFrame(), models=None, config={})
+    md = paths["md"].read_text()
+    for message in ("No ROC curves were provided", "No memorization results were provided",
+                    "No utility results were provided", "No example generations were provided",
+                    "No configuration was provided", "No run information was provided"):
+        assert message in md
+    assert "roc_teacher" not in paths
+
+
+def test_fence_and_config_helpers() -> None:
+    assert fence("a ``` b").startswith("````text\n")
+    expected = "a = 1\n\n[b]\nc = true\n# d = (unset)"
+    assert config_text({"a": 1, "b": {"c": True, "d": None}}) == expected

@@ -181,13 +181,13 @@ def test_verdicts_against_baseline() -> None:
     best = mia[(mia.model == "teacher") & (mia.metric == "auc")].sort_values("value").iloc[-1]
     base = mia[(mia.model == "nokd") & (mia.metric == "auc") & (mia.signal == best.signal)]
     text = v.loc["teacher", "text"]
-    assert text.startswith(f"teacher: elevated risk. Membership is detectable above the nokd "
+    assert text.startswith(f"Elevated risk. Membership is detectable above the nokd "
                            f"baseline by {best.signal} (AUC {best.value:.2f} [")
     assert f" vs {base.value.iloc[0]:.2f} [" in text and "and 2 other signals." in text
     assert "1% false alarms" in text
     assert v.loc["nokd", "verdict"] == "not elevated"
     assert v.loc["nokd", "signals"] == []
-    assert v.loc["nokd", "text"].startswith("nokd: no leakage detected above chance")
+    assert v.loc["nokd", "text"].startswith("No leakage detected above chance")
 
 
 def test_verdicts_rule_is_strict_interval_comparison() -> None:

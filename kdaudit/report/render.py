@@ -15,6 +15,8 @@ import jinja2
 import numpy as np
 import pandas as pd
 
+from kdaudit.store import atomic_write_text
+
 from kdaudit.report import plots
 from kdaudit.report.redact import REDACTED, example_records
 from kdaudit.report.tables import (md_cell, memorization_table, model_order, num,
@@ -165,18 +167,6 @@ def _blind_warning(mia: pd.DataFrame) -> str | None:
             "distribution shift, so membership results in this report may be inflated.")
 
 
-def _write_text(path: Path, text: str) -> Path:
-    """Write atomically: a temporary file beside `path`, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def _capitalize(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -231,7 +221,7 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
         "warning": _blind_warning(mia),
         "baseline": baseline,
         "verdicts": [{"model": v.model, "verdict": v.verdict,
-                      "text": _capitalize(v.text.removeprefix(f"{v.model}: ")),
+                      "text": v.text,
                       "role": roles.get(v.model, ("", ""))[0],
                       "description": roles.get(v.model, ("", ""))[1]}
                      for v in verdict_df.itertuples()],
@@ -248,6 +238,7 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
     }
     html = _environment(autoescape=True).get_template("report.html.j2").render(**context)
     md = _environment(autoescape=False).get_template("report.md.j2").render(**context)
-    paths["html"] = _write_text(out / "report.html", html)
-    paths["md"] = _write_text(out / "report.md", md)
+    for key, text in (("html", html), ("md", md)):
+        paths[key] = out / f"report.{key}"
+        atomic_write_text(paths[key], text)
     return paths

@@ -103,11 +103,11 @@ def verdicts(mia: pd.DataFrame, baseline: str = "nokd") -> pd.DataFrame:
         own = [c for c in checks if c.model == model]
         elevated = [c for c in own if c.elevated]
         if not own:
-            text = f"{model}: no AUC results, so no verdict could be formed."
+            text = "No AUC results, so no verdict could be formed."
         elif elevated:
             best = _strongest(elevated)
             others = len(elevated) - 1
-            text = (f"{model}: elevated risk. Membership is detectable above "
+            text = (f"Elevated risk. Membership is detectable above "
                     f"{_reference(best, baseline)} by {_auc_phrase(best)}")
             if others:
                 text += f" and {others} other signal{'s' if others > 1 else ''}"
@@ -119,7 +119,7 @@ def verdicts(mia: pd.DataFrame, baseline: str = "nokd") -> pd.DataFrame:
                          "records (members).")
         else:
             best = _strongest(own)
-            text = (f"{model}: no leakage detected above {_reference(best, baseline)} at 95% "
+            text = (f"No leakage detected above {_reference(best, baseline)} at 95% "
                     f"confidence (strongest signal: {_auc_phrase(best, parenthesised=False)}).")
         rows.append({"model": model, "verdict": "elevated" if elevated else "not elevated",
                      "signals": [c.signal for c in elevated], "text": text})

@@ -97,3 +97,38 @@ def test_run_directory_and_report(interrupted_then_resumed):
     # the teacher fine-tuned on members leaks more than the student that never saw them
     assert auc[("teacher", "loss")] > auc[("nokd", "loss")]
     assert result.audit.summary().shape == (5, len(cfg.audit.signals))
+
+
+def test_audit_models_reproduces_the_run_tables(interrupted_then_resumed):
+    from kdaudit import audit_models
+
+    cfg, run_dir, *_ = interrupted_then_resumed
+    models = run_dir / "models"
+    audit = audit_models({"teacher": models / "teacher", "kd": models / "kd"},
+                         members=run_dir / "data" / "members.jsonl",
+                         nonmembers=run_dir / "data" / "nonmembers.jsonl",
+                         bases={"teacher": models / "base_teacher", "kd": models / "base_student"},
+                         config=cfg.audit, max_length=cfg.data.max_length, seed=cfg.seed)
+    run_mia = pd.read_csv(run_dir / "tables" / "mia.csv")
+    for model in ("teacher", "kd"):
+        ours = audit.mia[audit.mia.model == model].set_index(["signal", "metric"]).value
+        theirs = run_mia[run_mia.model == model].set_index(["signal", "metric"]).value
+        pd.testing.assert_series_equal(ours.sort_index(), theirs.sort_index(), rtol=1e-6,
+                                       check_names=False)
+    run_memo = pd.read_csv(run_dir / "tables" / "memorization.csv")
+    ours = audit.memorization.query("model == 'kd' and metric == 'match_rate'").value.to_numpy()
+    theirs = run_memo.query("model == 'kd' and metric == 'match_rate'").value.to_numpy()
+    assert ours.tolist() == pytest.approx(theirs.tolist(), abs=1e-9)
+
+
+def test_report_command_rewrites_report_with_and_without_redaction(interrupted_then_resumed):
+    from kdaudit.cli import main
+
+    _, run_dir, *_ = interrupted_then_resumed
+    assert main(["report", str(run_dir)]) == 0
+    redacted = (run_dir / "report" / "report.md").read_text()
+    assert "Redaction is on" in redacted
+    assert main(["report", str(run_dir), "--show-secrets"]) == 0
+    shown = (run_dir / "report" / "report.md").read_text()
+    assert "[REDACTED]" in redacted and "[REDACTED]" not in shown
+    assert main(["report", str(run_dir / "nope")]) == 2

@@ -30,7 +30,7 @@ class DataConfig:
     mapping: str | None = None         # "dolly" | "alpaca" | "kdaudit" (guessed when empty)
     pool_size: int = 3000              # builtin: records generated for the pool
     n_members: int = 1000
-    n_nonmembers: int = 1000           # defaults to n_members in spirit; set both
+    n_nonmembers: int = 1000           # held out; equal to n_members by convention
     n_public: int = 1000               # students' split; 0 = everything left
     n_validation: int = 100            # carved from public
     pretrain_records: int = 4000       # builtin pre-training corpus (its own seed, no shared person)

@@ -138,19 +138,17 @@ class Pipeline:
         out = self.dir.model(model_id)
 
         def fn():
-            if is_zoo(preset):
-                src = cached_base(self.cfg, preset, self.tokenizer, _pretraining_texts(self.cfg))
-            else:
-                src = Path(preset)
-                if not src.exists():  # a hub name: materialise it once in the run directory
-                    model = load_model(preset)
-                    model.save_pretrained(str(out), safe_serialization=True)
-                    return {"source": preset}
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp)
+            if is_zoo(preset):
+                src = cached_base(self.cfg, preset, self.tokenizer, _pretraining_texts(self.cfg))
+                shutil.copytree(src, tmp)
+            elif Path(preset).exists():
+                shutil.copytree(preset, tmp)
+            else:  # a hub name: materialise it once in the run directory
+                load_model(preset).save_pretrained(str(tmp), safe_serialization=True)
             publish_dir(tmp, out)
-            return {"source": str(src)}
+            return {"source": str(preset)}
 
         self.stage(model_id, {"preset": preset, "tokenizer": self.hashes["tokenizer"],
                               "pretrain": self.cfg.pretrain.__dict__, "seed": self.cfg.seed},

@@ -56,6 +56,10 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     params = params or {}
     if method.needs_teacher and teacher is None:
         raise ValueError(f"method '{method.name}' needs a teacher model")
+    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"method '{method.name}': teacher and student vocabularies differ "
+                         f"({teacher.config.vocab_size} vs {model.config.vocab_size}); "
+                         f"distillation needs one shared tokenizer")
 
     accelerator = Accelerator(mixed_precision=mixed_precision)
     set_seed(seed)

@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 
 from kdaudit.audit import AuditResult, AuditSet, ModelInfo, assemble, compute_generations, \
     compute_stats
+from attacks.mia import SIGNALS
 from kdaudit.config import AuditConfig, config_from_dict
 from kdaudit.data.records import Record, load_records
 
@@ -43,12 +44,22 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
     cfg = config or AuditConfig()
     if signals is not None:
         cfg = AuditConfig(**{**cfg.__dict__, "signals": list(signals)})
-    bases = dict(bases or {})
+    unknown = [s for s in cfg.signals if s not in SIGNALS]
+    if unknown:
+        raise ValueError(f"unknown signal(s) {unknown}; available: {sorted(SIGNALS)}")
     aset = AuditSet(_records(members, "members"), _records(nonmembers, "nonmembers"))
-    infos = [ModelInfo(mid, _role(mid), f"base:{mid}" if mid in bases else None)
-             for mid in models]
-    infos += [ModelInfo(f"base:{mid}", "base", None, f"base of {mid}") for mid in bases]
-    sources = {**models, **{f"base:{mid}": b for mid, b in bases.items()}}
+    # one audited base per distinct base model, however many models share it
+    base_ids: dict[str, str] = {}
+    sources: dict[str, object] = dict(models)
+    for mid, base in (bases or {}).items():
+        key = str(base) if isinstance(base, (str, Path)) else f"object:{id(base)}"
+        if key not in base_ids:
+            base_ids[key] = f"base:{mid}"
+            sources[f"base:{mid}"] = base
+        base_ids[mid] = base_ids[key]
+    infos = [ModelInfo(mid, _role(mid), base_ids.get(mid)) for mid in models]
+    infos += [ModelInfo(bid, "base", None, f"base model {sources[bid]}")
+              for bid in sources if bid not in models]
     if tokenizer is None:
         first = next((s for s in sources.values() if isinstance(s, (str, Path))), None)
         if first is None:

@@ -14,11 +14,14 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {"seed": args.seed, "out_dir": args.out, "name": args.name}
     cfg = load_config(args.preset, args.config, **overrides)
     result = run(cfg)
-    summary = result.audit.summary()
-    print("\nMembership-inference AUC (members vs non-members; 0.5 = no signal):")
-    print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"\nReport: {result.report['html']}\n        {result.report['md']}")
+    _print_summary(result.audit, result.report)
     return 0
+
+
+def _print_summary(audit, report: dict[str, Path]) -> None:
+    print("\nMembership-inference AUC (members vs non-members; 0.5 = no signal):")
+    print(audit.summary().to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"\nReport: {report['html']}\n        {report['md']}")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -26,6 +29,54 @@ def _report(args: argparse.Namespace) -> int:
 
     paths = report_run(args.run_dir, redact=not args.show_secrets)
     print(f"Report: {paths['html']}\n        {paths['md']}")
+    return 0
+
+
+def _named(values: list[str] | None, flag: str) -> dict[str, str]:
+    """Parse repeated NAME=PATH arguments."""
+    out = {}
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"{flag} {v!r}: expected NAME=PATH, e.g. {flag} kd=runs/x/models/kd")
+        if name in out:
+            raise ConfigError(f"{flag}: model name '{name}' given twice")
+        out[name] = path
+    return out
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from attacks.mia import SIGNALS
+    from kdaudit import audit_models, load_records
+    from kdaudit.config import AuditConfig
+
+    models = {"teacher": args.teacher} if args.teacher else {}
+    students = _named(args.student, "--student")
+    clash = set(students) & {"teacher"}
+    if clash:
+        raise ConfigError("--student: the name 'teacher' is reserved for --teacher")
+    models.update(students)
+    unknown = [s for s in (args.signals or "").split(",") if s.strip() and s.strip() not in SIGNALS]
+    if unknown:
+        raise ConfigError(f"--signals: unknown signal(s) {unknown}; available: {sorted(SIGNALS)}")
+    if not models:
+        raise ConfigError("kdaudit audit: name at least one model (--teacher PATH or "
+                          "--student NAME=PATH)")
+    bases = {}
+    if args.teacher_base and args.teacher:
+        bases["teacher"] = args.teacher_base
+    if args.student_base:
+        bases.update({name: args.student_base for name in students})
+    cfg = AuditConfig(redact=not args.show_secrets)
+    if args.signals:
+        cfg.signals = [s.strip() for s in args.signals.split(",") if s.strip()]
+    members = load_records(args.members, mapping=args.mapping)
+    nonmembers = load_records(args.nonmembers, mapping=args.mapping)
+    result = audit_models(models, members, nonmembers, bases=bases, signals=cfg.signals,
+                          config=cfg, max_length=args.max_length, seed=args.seed)
+    out = Path(args.out)
+    result.write_tables(out / "tables")
+    _print_summary(result, result.write_report(out / "report", redact=cfg.redact))
     return 0
 
 
@@ -49,6 +100,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="run name (default: the preset's)")
     p.add_argument("--seed", type=int, help="seed for data split, initialisation and order")
     p.set_defaults(fn=_run)
+
+    p = sub.add_parser("audit", help="attack models you bring (any Hugging Face causal LM "
+                                     "folders or hub names) and write the risk report",
+                       description="Score members and non-members under every model with every "
+                                   "membership signal, measure memorization and write "
+                                   "OUT/tables and OUT/report. All models must share one "
+                                   "tokenizer (the first model's).")
+    p.add_argument("--teacher", help="the teacher: a model folder or hub name")
+    p.add_argument("--student", action="append", metavar="NAME=PATH",
+                   help="a student (repeatable), e.g. --student kd=runs/x/models/kd; name the "
+                        "no-teacher baseline 'nokd' to compare against it")
+    p.add_argument("--teacher-base", metavar="PATH",
+                   help="the teacher before fine-tuning (enables the ref_base signal)")
+    p.add_argument("--student-base", metavar="PATH",
+                   help="the students' common starting point (enables ref_base for them)")
+    p.add_argument("--members", required=True, help="records the teacher was trained on "
+                   "(.jsonl/.csv/.parquet, HF dataset folder or hub name)")
+    p.add_argument("--nonmembers", required=True, help="held-out records of the same "
+                   "distribution")
+    p.add_argument("--mapping", choices=["dolly", "alpaca", "kdaudit"],
+                   help="column schema of the data files (guessed when omitted)")
+    p.add_argument("--signals", help="comma-separated signal names (default: all that apply)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per record (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--out", default="audit", help="output folder (default: ./audit)")
+    p.add_argument("--show-secrets", action="store_true",
+                   help="do not redact private details in example text")
+    p.set_defaults(fn=_audit)
 
     p = sub.add_parser("report", help="(re)write the report of a finished run directory",
                        description="Rebuild report.html and report.md from the tables and "

@@ -132,3 +132,29 @@ def test_report_command_rewrites_report_with_and_without_redaction(interrupted_t
     shown = (run_dir / "report" / "report.md").read_text()
     assert "[REDACTED]" in redacted and "[REDACTED]" not in shown
     assert main(["report", str(run_dir / "nope")]) == 2
+
+
+def test_audit_command_on_run_checkpoints_reproduces_its_tables(interrupted_then_resumed,
+                                                                 tmp_path):
+    from kdaudit.cli import main
+
+    cfg, run_dir, *_ = interrupted_then_resumed
+    m, d = run_dir / "models", run_dir / "data"
+    code = main(["audit", "--teacher", str(m / "teacher"), "--student", f"kd={m / 'kd'}",
+                 "--student", f"nokd={m / 'nokd'}", "--teacher-base", str(m / "base_teacher"),
+                 "--student-base", str(m / "base_student"), "--members", str(d / "members.jsonl"),
+                 "--nonmembers", str(d / "nonmembers.jsonl"),
+                 "--max-length", str(cfg.data.max_length), "--out", str(tmp_path)])
+    assert code == 0
+    trained = ["teacher", "kd", "nokd"]
+    ours = pd.read_csv(tmp_path / "tables" / "mia.csv").query("model in @trained")
+    theirs = pd.read_csv(run_dir / "tables" / "mia.csv").query("model in @trained")
+    keys = ["model", "signal", "metric"]
+    merged = ours.merge(theirs, on=keys, suffixes=("_audit", "_run"))
+    assert len(merged) == len(theirs) == 3 * len(cfg.audit.signals) * 3
+    assert (merged.value_audit - merged.value_run).abs().max() < 1e-6
+    # both students share one base: it is scored once and listed once
+    assert sorted(set(pd.read_csv(tmp_path / "tables" / "utility.csv").model)) == [
+        "base:kd", "base:teacher", "kd", "nokd", "teacher"]
+    assert (tmp_path / "report" / "report.html").exists()
+    assert main(["audit", "--student", "kd", "--members", "x", "--nonmembers", "y"]) == 2

@@ -320,7 +320,7 @@ def block_mope_scores(model: nn.Module, sequences: Sequence[Sequence[int]],
                 for j in range(n_perturbations):
                     if (b, j) not in noise:
                         noise[b, j] = [eps.to(device) for eps in
-                                       _gaussian(params[b], _block_key(seed, b, 0))]
+                                       _gaussian(params[b], _block_key(seed, b, j))]
                     try:
                         _add_noise_(params[b], noise[b, j], sigma)
                         logits = _run_from(b, layers, capture.calls, final, hidden)

@@ -17,15 +17,43 @@ from attacks.scoring import TokenStats
 
 
 @dataclass
+class ReferenceModels:
+    """K reference models' mean response log-probabilities on the audited records, with the
+    inclusion mask of their training sets, and (for RMIA) on a population of other records."""
+
+    logq: np.ndarray                     # (K, N)
+    included: np.ndarray                 # (K, N) bool
+    population_target_logq: np.ndarray | None = None   # (M,) the target on the population
+    population_logq: np.ndarray | None = None          # (K, M)
+    approximate: bool = False            # e.g. reference teachers standing in for students
+
+
+@dataclass
 class SignalInputs:
     """Everything a signal may use. `texts` are the scored (response) texts."""
 
     stats: TokenStats | None = None
     texts: list[str] | None = None
+    labels: np.ndarray | None = None                   # only the blind baseline sees these
+    lowercase_stats: TokenStats | None = None          # a second pass on lowercased responses
+    mope: np.ndarray | None = None                     # from perturbed copies of the model
     references: dict[str, TokenStats] = field(default_factory=dict)
     # per reference name: True when its tokenizer differs from the target's → compare per byte
     reference_per_byte: dict[str, bool] = field(default_factory=dict)
+    reference_models: ReferenceModels | None = None
     mink_k: float = 0.2
+    seed: int = 0
+
+
+# need → (SignalInputs field, what to say when it is missing)
+NEEDS: dict[str, tuple[str, str]] = {
+    "token_stats": ("stats", "the target's token statistics"),
+    "text": ("texts", "the response texts"),
+    "labels": ("labels", "member / non-member labels"),
+    "lowercase_pass": ("lowercase_stats", "a second pass on lowercased text"),
+    "perturbations": ("mope", "perturbed copies of the model (audit.mope_perturbations > 0)"),
+    "reference_models": ("reference_models", "reference models with inclusion masks"),
+}
 
 
 @dataclass(frozen=True)
@@ -40,12 +68,15 @@ class Signal:
         """What this signal needs that `inputs` lacks (empty when it can run)."""
         out = []
         for need in self.needs:
-            if need == "token_stats" and inputs.stats is None:
-                out.append("the target's token statistics")
-            elif need == "text" and inputs.texts is None:
-                out.append("the response texts")
-            elif need.startswith("reference:") and need.split(":", 1)[1] not in inputs.references:
-                out.append(f"reference model '{need.split(':', 1)[1]}'")
+            if need.startswith("reference:"):
+                if need.split(":", 1)[1] not in inputs.references:
+                    out.append(f"reference model '{need.split(':', 1)[1]}'")
+            elif need == "population":
+                refs = inputs.reference_models
+                if refs is None or refs.population_logq is None:
+                    out.append("a population of other records scored by target and references")
+            elif getattr(inputs, NEEDS[need][0]) is None:
+                out.append(NEEDS[need][1])
         return out
 
     def __call__(self, inputs: SignalInputs) -> np.ndarray:
@@ -98,6 +129,38 @@ def reference_signal(name: str) -> Callable[[SignalInputs], np.ndarray]:
     return fn
 
 
+def lowercase_signal(x: SignalInputs) -> np.ndarray:
+    return -x.stats.nll() / x.lowercase_stats.nll()
+
+
+def mope_signal(x: SignalInputs) -> np.ndarray:
+    return x.mope
+
+
+def lira_signal(online: bool) -> Callable[[SignalInputs], np.ndarray]:
+    def fn(x: SignalInputs) -> np.ndarray:
+        from attacks.reference import lira_scores
+
+        r = x.reference_models
+        return lira_scores(-x.stats.nll(), r.logq, r.included, online=online)
+
+    return fn
+
+
+def rmia_signal(x: SignalInputs) -> np.ndarray:
+    from attacks.reference import rmia_scores
+
+    r = x.reference_models
+    return rmia_scores(-x.stats.nll(), r.logq, r.included, r.population_target_logq,
+                       r.population_logq, offline=True)
+
+
+def blind_signal(x: SignalInputs) -> np.ndarray:
+    from attacks.blind import blind_scores
+
+    return blind_scores(x.texts, x.labels, seed=x.seed)
+
+
 SIGNALS: dict[str, Signal] = {
     "loss": Signal("loss", loss_signal, ("token_stats",), "token log-probabilities",
                    "−NLL of the response (Yeom et al. 2018)"),
@@ -112,4 +175,26 @@ SIGNALS: dict[str, Signal] = {
                        ("token_stats", "reference:ref_base"),
                        "token log-probabilities of the target and of its base model",
                        "−(NLL_target − NLL_base): calibrated by the pre-fine-tuning base"),
+    "lowercase": Signal("lowercase", lowercase_signal, ("token_stats", "lowercase_pass"),
+                        "token log-probabilities (two passes)",
+                        "−NLL(text) / NLL(lowercased text) (Carlini et al. 2021)"),
+    "mope": Signal("mope", mope_signal, ("perturbations",), "model weights",
+                   "mean NLL increase under Gaussian weight perturbations (Li et al. 2023)"),
+    "lira": Signal("lira", lira_signal(online=True), ("token_stats", "reference_models"),
+                   "token log-probabilities + reference models trained with and without "
+                   "each record", "online LiRA, one global variance per side (Carlini et al. "
+                   "2022)"),
+    "lira_offline": Signal("lira_offline", lira_signal(online=False),
+                           ("token_stats", "reference_models"),
+                           "token log-probabilities + reference models trained without "
+                           "each record", "offline LiRA: Φ((s − μ_out)/σ_out)"),
+    "rmia": Signal("rmia", rmia_signal, ("token_stats", "reference_models", "population"),
+                   "token log-probabilities + reference models + population records",
+                   "offline RMIA, γ = 1 (Zarifzadeh et al. 2024)"),
+    "blind": Signal("blind", blind_signal, ("text", "labels"), "text only (no model)",
+                    "model-free TF-IDF classifier: checks the split, not a model (Das et al. "
+                    "2024)"),
 }
+
+# Signals that look at the data only: one score for the whole audit, not per model.
+MODEL_FREE = ("blind",)

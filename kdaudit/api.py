@@ -1,13 +1,16 @@
 """The Python API beyond `run`: audit any models a user brings; rebuild a run's report."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+
+import numpy as np
 from typing import Mapping, Sequence
 
 from kdaudit.audit import AuditResult, AuditSet, ModelInfo, assemble, compute_generations, \
-    compute_stats
-from attacks.mia import SIGNALS
+    compute_pass
+from attacks.mia import SIGNALS, ReferenceModels
 from kdaudit.config import AuditConfig, config_from_dict
 from kdaudit.data.records import Record, load_records
 
@@ -28,16 +31,29 @@ def _records(x: Sequence[Record] | str | Path, what: str) -> list[Record]:
     return records
 
 
+def read_inclusion(path: str | Path) -> set[str]:
+    """A reference model's training-set membership: a text file of record ids, one per line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: inclusion mask file not found (expected one record "
+                                f"id per line)")
+    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+
+
 def audit_models(models: Mapping[str, object], members: Sequence[Record] | str | Path,
                  nonmembers: Sequence[Record] | str | Path, *,
                  bases: Mapping[str, object] | None = None, tokenizer=None,
                  signals: Sequence[str] | None = None, config: AuditConfig | None = None,
+                 references: Mapping[str, Sequence[tuple[object, set[str]]]] | None = None,
+                 population: Sequence[Record] | str | Path | None = None,
                  max_length: int = 512, seed: int = 0) -> AuditResult:
     """Attack every model in `models` ({id: HF folder, hub name or loaded model}).
 
     `bases` maps a model id to its pre-fine-tuning base, which calibrates `ref_base` and is
-    audited too (a base never saw the members: its AUC should sit near 0.5). All models must
-    share one tokenizer (`tokenizer`, or the first model's folder's).
+    audited too (a base never saw the members: its AUC should sit near 0.5). `references`
+    maps a model id to its LiRA/RMIA reference models, each with the set of record ids it was
+    trained on; `population` (other records of the same distribution) enables RMIA. All
+    models must share one tokenizer (`tokenizer`, or the first model's folder's).
     """
     from kdaudit.models import load_model, load_tokenizer
 
@@ -66,22 +82,56 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
             raise ValueError("audit_models: pass `tokenizer` when every model is an object")
         tokenizer = load_tokenizer(first)
     mem_records = [aset.records[i] for i in aset.memorization_subset(cfg.memorization_records)]
-    stats, gens = {}, {}
+    passes, gens = {}, {}
     for info in infos:
         src = sources[info.id]
         model = load_model(src) if isinstance(src, (str, Path)) else src
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise ValueError(f"model '{info.id}': its vocabulary is smaller than the tokenizer's "
                              f"({len(tokenizer)}); all audited models must share a tokenizer")
-        stats[info.id] = compute_stats(model, tokenizer, aset.records, cfg,
-                                       max_length=max_length, desc=f"score {info.id}")
+        passes[info.id] = compute_pass(model, tokenizer, aset.records, cfg,
+                                       max_length=max_length, desc=info.id)
         if info.role != "base":
             gens[info.id] = compute_generations(model, tokenizer, mem_records, cfg,
                                                 max_length=max_length,
                                                 desc=f"generate {info.id}")
-    return assemble(infos, aset, stats, gens, tokenizer, cfg, max_length=max_length, seed=seed,
+    pop = _records(population, "population") if population is not None else None
+    ref_models = {mid: _reference_models(refs, passes[mid], aset, pop, sources[mid], tokenizer,
+                                         cfg, max_length)
+                  for mid, refs in (references or {}).items() if refs}
+    return assemble(infos, aset, passes, gens, tokenizer, cfg, references=ref_models, max_length=max_length, seed=seed,
                     config={"audit": cfg.__dict__, "models": {k: str(v) for k, v in
                                                               sources.items()}})
+
+
+def _reference_models(refs, target_pass, aset: AuditSet, population, target, tokenizer,
+                      cfg: AuditConfig, max_length: int) -> ReferenceModels:
+    """Mean response log-probabilities of K references (and the target) for LiRA / RMIA."""
+    from kdaudit.models import load_model
+
+    ids = [r.id for r in aset.records]
+    logq, included, pop_logq = [], [], []
+    as_model = (lambda m: load_model(m) if isinstance(m, (str, Path)) else m)
+    for k, (ref, inside) in enumerate(refs):
+        model = as_model(ref)
+        logq.append(-compute_pass(model, tokenizer, aset.records, _plain(cfg),
+                                  max_length=max_length, desc=f"reference {k}").stats.nll())
+        included.append([i in inside for i in ids])
+        if population is not None:
+            pop_logq.append(-compute_pass(model, tokenizer, population, _plain(cfg),
+                                          max_length=max_length,
+                                          desc=f"reference {k} population").stats.nll())
+    pop_target = None
+    if population is not None:
+        pop_target = -compute_pass(as_model(target), tokenizer, population, _plain(cfg),
+                                   max_length=max_length, desc="target population").stats.nll()
+    return ReferenceModels(np.array(logq), np.array(included, dtype=bool),
+                           pop_target, np.array(pop_logq) if pop_logq else None)
+
+
+def _plain(cfg: AuditConfig) -> AuditConfig:
+    """The audit config without the extra passes: references need token statistics only."""
+    return dataclasses.replace(cfg, signals=["loss"], block_risk=False)
 
 
 def report_run(run_dir: str | Path, *, redact: bool = True) -> dict[str, Path]:

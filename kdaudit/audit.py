@@ -6,6 +6,7 @@ signals, metrics and memorization numbers are then pure functions of those.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from attacks.blocks import block_mope_scores, mope_scores
 from attacks.memorization import greedy_generate, match_metrics, secret_hits
 from attacks.metrics import roc_metrics
-from attacks.mia import SIGNALS, SignalInputs
+from attacks.mia import MODEL_FREE, SIGNALS, ReferenceModels, SignalInputs
 from attacks.scoring import TokenStats, token_stats
 from kdaudit.config import AuditConfig
 from kdaudit.data.records import Record
@@ -54,12 +56,60 @@ class AuditSet:
         return list(range(min(n, m))) + list(range(m, m + min(n, len(self.nonmembers))))
 
 
-def compute_stats(model, tokenizer, records: Sequence[Record], cfg: AuditConfig, *,
-                  max_length: int, desc: str | None = None) -> TokenStats:
-    """The one shared forward pass: statistics of every response token (EOS included)."""
-    enc = [encode_record(r, tokenizer, max_length) for r in records]
-    return token_stats(model, [e.input_ids for e in enc], [e.response_start for e in enc],
-                       pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, desc=desc)
+@dataclass
+class ModelPass:
+    """What one model yields on the audited records; signals and tables derive from it."""
+
+    stats: TokenStats                       # the one shared forward pass
+    lowercase: TokenStats | None = None     # responses lowercased (the `lowercase` signal)
+    mope: np.ndarray | None = None          # (N,) whole-model MoPe
+    blocks: np.ndarray | None = None        # (n_blocks, N) per-block MoPe
+
+    def save(self, path: str | Path) -> None:
+        arrays = {f"stats_{k}": v for k, v in self.stats.__dict__.items()}
+        if self.lowercase is not None:
+            arrays.update({f"lower_{k}": v for k, v in self.lowercase.__dict__.items()})
+        for name in ("mope", "blocks"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
+        path = Path(path)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelPass":
+        with np.load(path) as z:
+            def stats(prefix):
+                keys = ("logprob", "mean", "var", "offsets")
+                if f"{prefix}_logprob" not in z:
+                    return None
+                return TokenStats(*(z[f"{prefix}_{k}"] for k in keys))
+            return cls(stats("stats"), stats("lower"), z["mope"] if "mope" in z else None,
+                       z["blocks"] if "blocks" in z else None)
+
+
+def compute_pass(model, tokenizer, records: Sequence[Record], cfg: AuditConfig, *,
+                 max_length: int, desc: str = "") -> ModelPass:
+    """Score `records` under `model`: the shared token statistics, plus the extra passes that
+    the configured signals need (lowercased text, weight perturbations, per-block risk)."""
+    def encode(recs):
+        enc = [encode_record(r, tokenizer, max_length) for r in recs]
+        return [e.input_ids for e in enc], [e.response_start for e in enc]
+
+    ids, starts = encode(records)
+    kw = dict(pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size)
+    out = ModelPass(token_stats(model, ids, starts, desc=f"score {desc}", **kw))
+    if "lowercase" in cfg.signals:
+        lower = [dataclasses.replace(r, response=r.response.lower()) for r in records]
+        out.lowercase = token_stats(model, *encode(lower), desc=f"lowercase {desc}", **kw)
+    if "mope" in cfg.signals:
+        out.mope = mope_scores(model, ids, starts, sigma=cfg.perturbation_sigma,
+                               n_perturbations=cfg.perturbations, **kw)
+    if cfg.block_risk:
+        out.blocks = block_mope_scores(model, ids, starts, sigma=cfg.perturbation_sigma,
+                                       n_perturbations=cfg.perturbations, **kw)
+    return out
 
 
 def compute_generations(model, tokenizer, records: Sequence[Record], cfg: AuditConfig, *,
@@ -83,13 +133,14 @@ class AuditResult:
     roc: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
     examples: pd.DataFrame
     models: pd.DataFrame
+    blocks: pd.DataFrame = field(default_factory=pd.DataFrame)
     config: dict[str, Any] = field(default_factory=dict)
 
     def write_tables(self, out_dir: str | Path) -> None:
         from kdaudit.store import atomic_write_frame
 
         out_dir = Path(out_dir)
-        for name in ("mia", "memorization", "utility", "signals"):
+        for name in ("mia", "memorization", "utility", "signals", "blocks"):
             atomic_write_frame(out_dir / f"{name}.csv", getattr(self, name))
 
     def write_report(self, out_dir: str | Path, *, title: str = "kdaudit risk report",
@@ -99,7 +150,8 @@ class AuditResult:
 
         return write_report(out_dir, mia=self.mia, roc=self.roc, memorization=self.memorization,
                             utility=self.utility, examples=self.examples, models=self.models,
-                            config=self.config, title=title, run_info=run_info, redact=redact)
+                            config=self.config, title=title, run_info=run_info, redact=redact,
+                            signals=self.signals, blocks=self.blocks)
 
     def summary(self) -> pd.DataFrame:
         """Model × signal AUC, the short table printed at the end of a run."""
@@ -129,18 +181,35 @@ def _mia_rows(model: str, signal: str, scores: np.ndarray, labels: np.ndarray,
     return rows, (np.asarray(m["fpr"]), np.asarray(m["tpr"]))
 
 
-def assemble(models: Sequence[ModelInfo], audit_set: AuditSet, stats: Mapping[str, TokenStats],
+def assemble(models: Sequence[ModelInfo], audit_set: AuditSet, passes: Mapping[str, ModelPass],
              generations: Mapping[str, list[list[int]]], tokenizer, cfg: AuditConfig, *,
              per_byte: Mapping[str, bool] | None = None, max_length: int,
+             references: Mapping[str, ReferenceModels] | None = None,
              seed: int = 0, config: dict[str, Any] | None = None) -> AuditResult:
-    """Signals, metrics, memorization and utility from per-model stats and generations."""
+    """Signals, metrics, memorization and utility from per-model passes and generations.
+
+    `references` maps a model id to its LiRA/RMIA reference models, where there are any.
+    Model-free signals (the blind baseline) are computed once and reported as model "data".
+    """
     labels = audit_set.labels
     records = audit_set.records
     texts = [r.response for r in records]
     per_byte = per_byte or {}
+    references = references or {}
+    stats = {k: p.stats for k, p in passes.items()}
     mia_rows, roc, scores, status = [], {}, {}, []
+    free = [s for s in cfg.signals if s in MODEL_FREE]
+    if free:
+        data = ModelInfo("data", "data", None, "the split itself, no model (blind baseline)")
+        models = [*models, data]
     for info in models:
-        inputs = SignalInputs(stats=stats[info.id], texts=texts, mink_k=cfg.mink_k)
+        p = passes.get(info.id)
+        if info.id == "data":
+            inputs = SignalInputs(texts=texts, labels=labels, seed=seed)
+        else:
+            inputs = SignalInputs(stats=p.stats, texts=texts, lowercase_stats=p.lowercase,
+                                  mope=p.mope, reference_models=references.get(info.id),
+                                  mink_k=cfg.mink_k, seed=seed)
         if info.base is not None and info.base in stats:
             inputs.references["ref_base"] = stats[info.base]
             inputs.reference_per_byte["ref_base"] = per_byte.get(info.id, False)
@@ -148,6 +217,8 @@ def assemble(models: Sequence[ModelInfo], audit_set: AuditSet, stats: Mapping[st
                               "category": [r.category for r in records]})
         roc[info.id] = {}
         for name in cfg.signals:
+            if (name in MODEL_FREE) != (info.id == "data"):
+                continue
             signal = SIGNALS[name]
             missing = signal.missing(inputs)
             if missing:
@@ -155,7 +226,12 @@ def assemble(models: Sequence[ModelInfo], audit_set: AuditSet, stats: Mapping[st
                                "reason": f"needs {', '.join(missing)}"})
                 continue
             frame[name] = signal(inputs)
-            rows, curve = _mia_rows(info.id, name, frame[name].to_numpy(), labels,
+            ok = ~np.isnan(frame[name].to_numpy())     # LiRA: no IN/OUT reference → NaN
+            if not ok.all():
+                status.append({"model": info.id, "signal": name, "status": "partial",
+                               "reason": f"{int((~ok).sum())} records lack IN or OUT "
+                                         f"references and are left out"})
+            rows, curve = _mia_rows(info.id, name, frame[name].to_numpy()[ok], labels[ok],
                                     cfg.n_bootstrap, seed)
             mia_rows += rows
             roc[info.id][name] = curve
@@ -164,22 +240,39 @@ def assemble(models: Sequence[ModelInfo], audit_set: AuditSet, stats: Mapping[st
 
     signals = pd.DataFrame([{"signal": s, "access": SIGNALS[s].access,
                              "description": SIGNALS[s].description} for s in cfg.signals])
-    signal_status = pd.DataFrame(status)
+    signal_status = pd.DataFrame(status, columns=["model", "signal", "status", "reason"])
     not_run = signal_status[signal_status.status != "ran"]
     signals["not_run_for"] = [", ".join(f"{r.model} ({r.reason})" for r in
                                         not_run[not_run.signal == s].itertuples())
                               for s in signals.signal]
-    memo, examples = _memorization(models, audit_set, generations, tokenizer, cfg, max_length)
+    trained = [i for i in models if i.id != "data"]
+    memo, examples = _memorization(trained, audit_set, generations, tokenizer, cfg, max_length)
     utility = pd.DataFrame([
         {"model": i.id, "metric": "perplexity", "split": "nonmembers",
          "value": float(np.exp(-stats[i.id].logprob[
              stats[i.id].offsets[len(audit_set.members)]:].mean()))}
-        for i in models])
+        for i in trained])
     model_table = pd.DataFrame([{"model": i.id, "role": i.role, "base": i.base or "",
                                  "description": i.description} for i in models])
+    blocks = _block_rows(trained, passes, labels, cfg.n_bootstrap, seed)
     return AuditResult(mia=pd.DataFrame(mia_rows), memorization=memo, utility=utility,
                        signals=signals, scores=scores, roc=roc, examples=examples,
-                       models=model_table, config=config or {})
+                       models=model_table, blocks=blocks, config=config or {})
+
+
+def _block_rows(models: Sequence[ModelInfo], passes: Mapping[str, ModelPass],
+                labels: np.ndarray, n_bootstrap: int, seed: int) -> pd.DataFrame:
+    """AUC of the per-block MoPe statistic, per model and block (depth 1 = first block)."""
+    rows = []
+    for info in models:
+        blocks = passes[info.id].blocks
+        if blocks is None:
+            continue
+        for depth, values in enumerate(blocks, start=1):
+            m = roc_metrics(values, labels, n_bootstrap=n_bootstrap, seed=seed)
+            rows.append({"model": info.id, "block": depth, "n_blocks": len(blocks),
+                         "auc": m["auc"], "ci_low": m["auc_ci"][0], "ci_high": m["auc_ci"][1]})
+    return pd.DataFrame(rows, columns=["model", "block", "n_blocks", "auc", "ci_low", "ci_high"])
 
 
 def _memorization(models: Sequence[ModelInfo], audit_set: AuditSet,

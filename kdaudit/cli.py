@@ -48,6 +48,7 @@ def _named(values: list[str] | None, flag: str) -> dict[str, str]:
 def _audit(args: argparse.Namespace) -> int:
     from attacks.mia import SIGNALS
     from kdaudit import audit_models, load_records
+    from kdaudit.api import read_inclusion
     from kdaudit.config import AuditConfig
 
     models = {"teacher": args.teacher} if args.teacher else {}
@@ -70,10 +71,21 @@ def _audit(args: argparse.Namespace) -> int:
     cfg = AuditConfig(redact=not args.show_secrets)
     if args.signals:
         cfg.signals = [s.strip() for s in args.signals.split(",") if s.strip()]
+    references: dict[str, list] = {}
+    for v in args.reference or []:
+        name, sep, rest = v.partition("=")
+        path, _, mask = rest.partition(":")
+        if not sep or name not in models or not path or not mask:
+            raise ConfigError(f"--reference {v!r}: expected NAME=PATH:MASKFILE where NAME is "
+                              f"an audited model ({sorted(models)}) and MASKFILE lists the "
+                              f"record ids the reference was trained on")
+        references.setdefault(name, []).append((path, read_inclusion(mask)))
     members = load_records(args.members, mapping=args.mapping)
     nonmembers = load_records(args.nonmembers, mapping=args.mapping)
+    population = load_records(args.population, mapping=args.mapping) if args.population else None
     result = audit_models(models, members, nonmembers, bases=bases, signals=cfg.signals,
-                          config=cfg, max_length=args.max_length, seed=args.seed)
+                          config=cfg, references=references, population=population,
+                          max_length=args.max_length, seed=args.seed)
     out = Path(args.out)
     result.write_tables(out / "tables")
     _print_summary(result, result.write_report(out / "report", redact=cfg.redact))
@@ -119,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(.jsonl/.csv/.parquet, HF dataset folder or hub name)")
     p.add_argument("--nonmembers", required=True, help="held-out records of the same "
                    "distribution")
+    p.add_argument("--reference", action="append", metavar="NAME=PATH:MASKFILE",
+                   help="a reference model for audited model NAME (repeatable; LiRA and RMIA), "
+                        "with a file of the record ids it was trained on")
+    p.add_argument("--population", help="other records of the same distribution (RMIA)")
     p.add_argument("--mapping", choices=["dolly", "alpaca", "kdaudit"],
                    help="column schema of the data files (guessed when omitted)")
     p.add_argument("--signals", help="comma-separated signal names (default: all that apply)")

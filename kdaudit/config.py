@@ -69,9 +69,12 @@ class KDConfig:
 
 @dataclass
 class AuditConfig:
-    signals: list[str] = field(default_factory=lambda: ["loss", "zlib", "mink", "minkpp",
-                                                        "ref_base"])
+    signals: list[str] = field(default_factory=lambda: ["loss", "zlib", "lowercase", "mink",
+                                                        "minkpp", "ref_base", "blind"])
     mink_k: float = 0.2
+    perturbations: int = 10             # MoPe and per-block risk: noise draws per model
+    perturbation_sigma: float = 0.01
+    block_risk: bool = False            # per-block MoPe (n_blocks × perturbations passes)
     batch_size: int = 64
     n_bootstrap: int = 1000
     memorization_tokens: int = 32

@@ -16,9 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from attacks.scoring import TokenStats
-from kdaudit.audit import AuditResult, AuditSet, ModelInfo, assemble, compute_generations, \
-    compute_stats
+from kdaudit.audit import AuditResult, AuditSet, ModelInfo, ModelPass, assemble, \
+    compute_generations, compute_pass
 from kdaudit.config import RunConfig
 from kdaudit.data import records as rec
 from kdaudit.data.corpus import generate_records, person_name
@@ -187,18 +186,20 @@ class Pipeline:
         def fn():
             model = load_model(self.dir.model(model_id))
             records = self.split("members") + self.split("nonmembers")
-            s = compute_stats(model, self.tokenizer, records, cfg.audit,
-                              max_length=cfg.data.max_length, desc=f"score {model_id}")
-            path = self.dir.stats(model_id)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.stem + ".tmp.npz")
-            s.save(tmp)
-            tmp.replace(path)
-            return {"tokens": int(len(s.logprob))}
+            result = compute_pass(model, self.tokenizer, records, cfg.audit,
+                                  max_length=cfg.data.max_length, desc=model_id)
+            self.dir.stats(model_id).parent.mkdir(parents=True, exist_ok=True)
+            result.save(self.dir.stats(model_id))
+            return {"tokens": int(len(result.stats.logprob))}
 
+        a = cfg.audit
         self.stage(f"stats:{model_id}", {"model": self.hashes[model_id],
                                          "data": self.hashes["data"],
-                                         "max_length": cfg.data.max_length},
+                                         "max_length": cfg.data.max_length,
+                                         "lowercase": "lowercase" in a.signals,
+                                         "mope": "mope" in a.signals, "blocks": a.block_risk,
+                                         "perturbations": [a.perturbations,
+                                                           a.perturbation_sigma]},
                    [self.dir.stats(model_id)], fn)
 
     def generations_stage(self, model_id: str) -> None:
@@ -244,13 +245,13 @@ class Pipeline:
         import pandas as pd
 
         models = self.models()
-        stats = {m.id: TokenStats.load(self.dir.stats(m.id)) for m in models}
+        passes = {m.id: ModelPass.load(self.dir.stats(m.id)) for m in models}
         gens = {}
         for m in models:
             path = self.dir.generations(m.id)
             if m.role != "base" and path.exists():
                 gens[m.id] = [list(map(int, t)) for t in pd.read_parquet(path).tokens]
-        return assemble(models, self.audit_set(), stats, gens, self.tokenizer, self.cfg.audit,
+        return assemble(models, self.audit_set(), passes, gens, self.tokenizer, self.cfg.audit,
                         max_length=self.cfg.data.max_length, seed=self.cfg.seed,
                         config=self.cfg.to_dict())
 

@@ -14,6 +14,9 @@ from attacks.blocks import (_add_noise_, _block_key, _gaussian, _mope_key, _rest
 FAMILIES = {"gpt2": ("gpt2-smoke-teacher", "transformer.h", "GPT2Block"),
             "opt": ("opt-smoke-teacher", "model.decoder.layers", "OPTDecoderLayer"),
             "llama": ("llama-smoke-teacher", "model.layers", "LlamaDecoderLayer")}
+# beyond the zoo: OPT with project_in/out and no final norm (like opt-350m), and GPT-NeoX,
+# whose blocks (`gpt_neox.layers`) are found by the generic same-class ModuleList rule
+EXTRA = {"opt-proj": "model.decoder.layers", "neox": "gpt_neox.layers"}
 ATOL = 1e-5
 N_PERT = 3
 PAD = 0        # the offline tokenizer's EOS/PAD id (checked in the `tok` fixture)
@@ -69,13 +72,24 @@ def models(tok):
 
     out = {}
     for fam, (preset, _, _) in FAMILIES.items():
-        m = build_zoo_model(preset, tok, seed=0)
-        # fresh zoo inits are near uniform; a larger spread gives perturbations real effects
-        with torch.no_grad():
+        out[fam] = build_zoo_model(preset, tok, seed=0)
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    out["opt-proj"] = OPTForCausalLM(OPTConfig(
+        vocab_size=len(tok), hidden_size=64, word_embed_proj_dim=32, num_hidden_layers=2,
+        num_attention_heads=2, ffn_dim=128, max_position_embeddings=256,
+        do_layer_norm_before=False, dropout=0.0, pad_token_id=PAD))
+    out["neox"] = GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=256, pad_token_id=PAD))
+    with torch.no_grad():
+        for m in out.values():
+            # fresh inits are near uniform; a wider spread gives perturbations real effects
             for p in m.parameters():
                 if p.dim() > 1:
                     p.normal_(0.0, 0.08, generator=torch.Generator().manual_seed(p.numel()))
-        out[fam] = m.eval()
+            m.eval()
     return out
 
 
@@ -166,13 +180,14 @@ def test_find_blocks_generic_and_errors():
 
 # ----------------------------------------------------------------------------- block MoPe
 
-@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("fam", [*FAMILIES, *EXTRA])
 def test_block_mope_matches_naive_full_forward(models, data, fam):
     seqs, starts = data
     model = models[fam]
+    path = FAMILIES[fam][1] if fam in FAMILIES else EXTRA[fam]
     got = block_mope_scores(model, seqs, starts, pad_id=PAD, sigma=SIGMA, n_perturbations=N_PERT,
                             seed=5, batch_size=3)
-    want = naive_block_mope(model, FAMILIES[fam][1], seqs, starts, sigma=SIGMA, n=N_PERT, seed=5)
+    want = naive_block_mope(model, path, seqs, starts, sigma=SIGMA, n=N_PERT, seed=5)
     assert got.shape == (2, len(seqs)) and got.dtype == np.float64
     assert np.abs(want).max() > 100 * ATOL            # the perturbation does something
     np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)

@@ -120,3 +120,24 @@ def auc_bar_chart(mia: pd.DataFrame, order: Sequence[str], path: Path, *,
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _margins(fig, right=legend_width, bottom=1.1 if rotate else 0.5)
     return _save(fig, path)
+
+
+def block_risk_plot(blocks: pd.DataFrame, order: Sequence[str], path: Path) -> Path | None:
+    """Per-block MoPe AUC against relative depth, one curve (with its CI band) per model."""
+    if blocks is None or blocks.empty:
+        return None
+    fig, ax = _new_figure(6.0, 4.0)
+    for model in [m for m in order if m in set(blocks["model"])]:
+        b = blocks[blocks["model"] == model].sort_values("block")
+        depth = b["block"].to_numpy() / b["n_blocks"].to_numpy()
+        ax.plot(depth, b["auc"], marker="o", label=model)
+        ax.fill_between(depth, b["ci_low"], b["ci_high"], alpha=0.15)
+    ax.axhline(0.5, ls="--", lw=1, color="0.3", label="chance (0.5)")
+    ax.set_xlabel("block depth (block / number of blocks)")
+    ax.set_ylabel("AUC of block MoPe (95% CI)")
+    ax.set_title("Per-block membership risk")
+    ax.set_xlim(0, 1.05)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    _margins(fig)
+    return _save(fig, path)

@@ -19,7 +19,7 @@ from kdaudit.store import atomic_write_text
 
 from kdaudit.report import plots
 from kdaudit.report.redact import REDACTED, example_records
-from kdaudit.report.tables import (md_cell, memorization_table, model_order, num,
+from kdaudit.report.tables import (Table, md_cell, memorization_table, model_order, num,
                                    ordered, results_table, utility_table)
 from kdaudit.report.verdicts import MODEL_FREE_SIGNALS, signal_checks, verdicts
 
@@ -167,6 +167,17 @@ def _blind_warning(mia: pd.DataFrame) -> str | None:
             "distribution shift, so membership results in this report may be inflated.")
 
 
+def _signals_table(signals: pd.DataFrame | None) -> Table | None:
+    """Signal, the access it assumes, what it computes, and where (and why) it did not run."""
+    if signals is None or signals.empty:
+        return None
+    rows = [[str(r.signal), str(r.access), str(r.description),
+             str(r.not_run_for) if isinstance(r.not_run_for, str) and r.not_run_for
+             else "ran for every model"] for r in signals.itertuples()]
+    return Table(columns=["Signal", "Access assumed", "What it computes", "Not run for (why)"],
+                 rows=rows)
+
+
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -180,7 +191,8 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
                  config: Mapping[str, Any] | None = None,
                  title: str = "kdaudit risk report",
                  run_info: Mapping[str, Any] | None = None,
-                 redact: bool = True) -> dict[str, Path]:
+                 redact: bool = True, signals: pd.DataFrame | None = None,
+                 blocks: pd.DataFrame | None = None) -> dict[str, Path]:
     """Write out_dir/report.html, out_dir/report.md and the PNG figures; return their paths
     (keys "html", "md", "auc_bars" and "roc_<model>")."""
     out = Path(out_dir)
@@ -212,6 +224,10 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
     if bars is not None:
         paths["auc_bars"] = bars
 
+    block_png = plots.block_risk_plot(blocks, order, out / "block_risk.png")
+    if block_png is not None:
+        paths["block_risk"] = block_png
+
     roles = {} if models is None or models.empty else {
         str(r.model): (str(getattr(r, "role", "")), str(getattr(r, "description", "")))
         for r in models.itertuples()}
@@ -230,6 +246,9 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
         "bars": None if bars is None else {"file": bars.name, "uri": _data_uri(bars)},
         "memorization": memorization_table(memorization, order),
         "utility": utility_table(utility, order),
+        "signals": _signals_table(signals),
+        "blocks": None if block_png is None else {"file": block_png.name,
+                                                   "uri": _data_uri(block_png)},
         "examples": example_records(examples, order, redact_secrets=redact),
         "redact": redact,
         "redacted_marker": REDACTED,

@@ -107,8 +107,8 @@ def _gaussian(params: Sequence[torch.Tensor], key: tuple[int, ...]) -> Iterator[
 
 
 @torch.no_grad()
-def _add_noise_(params: Sequence[torch.Tensor], noise: Iterator[torch.Tensor] | Sequence[torch.Tensor],
-                sigma: float) -> None:
+def _add_noise_(params: Sequence[torch.Tensor],
+                noise: Iterator[torch.Tensor] | Sequence[torch.Tensor], sigma: float) -> None:
     """In place: p ← p + σ·ε for each parameter."""
     for p, eps in zip(params, noise, strict=True):
         p.add_(eps.to(device=p.device, dtype=p.dtype), alpha=sigma)

@@ -154,11 +154,18 @@ class AuditResult:
                             signals=self.signals, blocks=self.blocks)
 
     def summary(self) -> pd.DataFrame:
-        """Model × signal AUC, the short table printed at the end of a run."""
-        auc = self.mia[self.mia.metric == "auc"]
+        """Model × signal AUC, the short table printed at the end of a run (model-free checks
+        such as the blind baseline are in `split_check`)."""
+        auc = self.mia[(self.mia.metric == "auc") & (self.mia.model != "data")]
         table = auc.pivot(index="model", columns="signal", values="value")
         order = [m for m in self.models.model if m in table.index]
         return table.loc[order, [s for s in self.signals.signal if s in table.columns]]
+
+    @property
+    def split_check(self) -> dict[str, float]:
+        """AUC of each model-free signal: ≈ 0.5 on a sound split, > 0.6 flags a shift."""
+        rows = self.mia[(self.mia.model == "data") & (self.mia.metric == "auc")]
+        return dict(zip(rows.signal, rows.value))
 
 
 def _mia_rows(model: str, signal: str, scores: np.ndarray, labels: np.ndarray,

@@ -61,6 +61,7 @@ def data(tok):
     for rec, (p, r) in zip(generate_records(len(windows), seed=11), windows):
         enc = encode_record(rec, tok, 512)
         s = enc.response_start
+        assert p <= s and s + r <= len(enc.input_ids)
         seqs.append(enc.input_ids[s - p:s + r])
         starts.append(p)
     return seqs, starts
@@ -68,13 +69,11 @@ def data(tok):
 
 @pytest.fixture(scope="module")
 def models(tok):
-    from kdaudit.models import build_zoo_model
-
-    out = {}
-    for fam, (preset, _, _) in FAMILIES.items():
-        out[fam] = build_zoo_model(preset, tok, seed=0)
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, OPTConfig, OPTForCausalLM
 
+    from kdaudit.models import build_zoo_model
+
+    out = {fam: build_zoo_model(preset, tok, seed=0) for fam, (preset, _, _) in FAMILIES.items()}
     torch.manual_seed(0)
     out["opt-proj"] = OPTForCausalLM(OPTConfig(
         vocab_size=len(tok), hidden_size=64, word_embed_proj_dim=32, num_hidden_layers=2,
@@ -204,12 +203,14 @@ def test_perturbing_block_leaves_upstream_bit_identical(models, data, fam):
         acts: dict[str, torch.Tensor] = {}
         handles = []
         for k, blk in enumerate(layers):
-            handles.append(blk.register_forward_pre_hook(
-                lambda mod, args, kw, k=k: acts.__setitem__(f"in{k}", (args or (kw["hidden_states"],))[0].clone()),
-                with_kwargs=True))
-            handles.append(blk.register_forward_hook(
-                lambda mod, args, out, k=k: acts.__setitem__(
-                    f"out{k}", (out if isinstance(out, torch.Tensor) else out[0]).clone())))
+            def pre(mod, args, kwargs, k=k):
+                acts[f"in{k}"] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+            def post(mod, args, out, k=k):
+                acts[f"out{k}"] = (out if isinstance(out, torch.Tensor) else out[0]).clone()
+
+            handles.append(blk.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(blk.register_forward_hook(post))
         params = list(layers[perturb].parameters()) if perturb is not None else []
         saved = [p.detach().clone() for p in params]
         try:

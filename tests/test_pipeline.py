@@ -85,9 +85,11 @@ def test_run_directory_and_report(interrupted_then_resumed):
     assert not list((run_dir / "models").glob("*.ckpt"))
     mia = pd.read_csv(run_dir / "tables" / "mia.csv")
     auc = mia[mia.metric == "auc"].set_index(["model", "signal"]).value
+    model_signals = [s for s in cfg.audit.signals if s != "blind"]
     for model in ("teacher", "nokd", "kd"):
-        for signal in cfg.audit.signals:
+        for signal in model_signals:
             assert 0.0 <= auc[(model, signal)] <= 1.0
+    assert 0.4 < auc[("data", "blind")] < 0.6      # one random split: no shift to detect
     assert ("base_teacher", "ref_base") not in auc.index       # a base has no base
     memo = pd.read_csv(run_dir / "tables" / "memorization.csv")
     assert set(memo.model) == {"teacher", "nokd", "kd"}
@@ -96,7 +98,8 @@ def test_run_directory_and_report(interrupted_then_resumed):
     assert "data:image/png;base64" in html and "teacher" in md
     # the teacher fine-tuned on members leaks more than the student that never saw them
     assert auc[("teacher", "loss")] > auc[("nokd", "loss")]
-    assert result.audit.summary().shape == (5, len(cfg.audit.signals))
+    assert result.audit.summary().shape == (5, len(model_signals))
+    assert set(result.audit.split_check) == {"blind"}
 
 
 def test_audit_models_reproduces_the_run_tables(interrupted_then_resumed):
@@ -151,7 +154,7 @@ def test_audit_command_on_run_checkpoints_reproduces_its_tables(interrupted_then
     theirs = pd.read_csv(run_dir / "tables" / "mia.csv").query("model in @trained")
     keys = ["model", "signal", "metric"]
     merged = ours.merge(theirs, on=keys, suffixes=("_audit", "_run"))
-    assert len(merged) == len(theirs) == 3 * len(cfg.audit.signals) * 3
+    assert len(merged) == len(theirs) == 3 * (len(cfg.audit.signals) - 1) * 3
     assert (merged.value_audit - merged.value_run).abs().max() < 1e-6
     # both students share one base: it is scored once and listed once
     assert sorted(set(pd.read_csv(tmp_path / "tables" / "utility.csv").model)) == [

@@ -134,13 +134,14 @@ class AuditResult:
     examples: pd.DataFrame
     models: pd.DataFrame
     blocks: pd.DataFrame = field(default_factory=pd.DataFrame)
+    privacy: pd.DataFrame = field(default_factory=pd.DataFrame)
     config: dict[str, Any] = field(default_factory=dict)
 
     def write_tables(self, out_dir: str | Path) -> None:
         from kdaudit.store import atomic_write_frame
 
         out_dir = Path(out_dir)
-        for name in ("mia", "memorization", "utility", "signals", "blocks"):
+        for name in ("mia", "memorization", "utility", "signals", "blocks", "privacy"):
             atomic_write_frame(out_dir / f"{name}.csv", getattr(self, name))
 
     def write_report(self, out_dir: str | Path, *, title: str = "kdaudit risk report",
@@ -151,7 +152,7 @@ class AuditResult:
         return write_report(out_dir, mia=self.mia, roc=self.roc, memorization=self.memorization,
                             utility=self.utility, examples=self.examples, models=self.models,
                             config=self.config, title=title, run_info=run_info, redact=redact,
-                            signals=self.signals, blocks=self.blocks)
+                            signals=self.signals, blocks=self.blocks, privacy=self.privacy)
 
     def summary(self) -> pd.DataFrame:
         """Model × signal AUC, the short table printed at the end of a run (model-free checks

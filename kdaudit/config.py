@@ -38,6 +38,9 @@ class DataConfig:
     max_length: int = 192              # tokens per training sequence
     dedup_ngram: int = 8               # n for the near-duplicate check
     dedup_threshold: float = 0.7       # share of a response's n-grams found in another split
+    canaries_repeated: int = 0          # canaries for exposure, each inserted canary_repeats×
+    canary_repeats: int = 10
+    canaries_once: int = 0              # canaries for the one-run ε bound, each in with p = ½
 
 
 @dataclass
@@ -75,6 +78,8 @@ class AuditConfig:
     perturbations: int = 10             # MoPe and per-block risk: noise draws per model
     perturbation_sigma: float = 0.01
     block_risk: bool = False            # per-block MoPe (n_blocks × perturbations passes)
+    canary_candidates: int = 500        # random secrets ranked against each repeated canary
+    canary_guess_fraction: float = 0.1  # one-run audit: guess "in" / "out" for this share each
     batch_size: int = 64
     n_bootstrap: int = 1000
     memorization_tokens: int = 32

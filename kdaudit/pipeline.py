@@ -8,6 +8,7 @@ from their last checkpoint).
 """
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 import time
@@ -16,16 +17,21 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+import pandas as pd
+
 from kdaudit.audit import AuditResult, AuditSet, ModelInfo, ModelPass, assemble, \
     compute_generations, compute_pass
 from kdaudit.config import RunConfig
 from kdaudit.data import records as rec
+from kdaudit.data.canaries import make_canaries, read_canaries, training_records, \
+    write_canaries
 from kdaudit.data.corpus import generate_records, person_name
 from kdaudit.data.splits import split_records
 from kdaudit.data.template import encode_record
 from kdaudit.models import is_zoo, load_model, load_tokenizer
 from kdaudit.models.bases import cached_base, cached_tokenizer, pretraining_records
-from kdaudit.store import Manifest, RunDir, publish_dir, stable_hash
+from kdaudit.privacy_audit import canary_rows, heuristic_row
+from kdaudit.store import Manifest, RunDir, atomic_write_json, publish_dir, stable_hash
 from kdaudit.train import loop
 from kdaudit.train.methods import METHODS
 
@@ -109,10 +115,19 @@ class Pipeline:
                               dedup_threshold=d.dedup_threshold)
             for split, records in s.items():
                 rec.write_jsonl(records, self.dir.data(split))
-            return {"sizes": {k: len(v) for k, v in s.items()}, "pool": len(pool)}
+            info = {"sizes": {k: len(v) for k, v in s.items()}, "pool": len(pool)}
+            if d.canaries_repeated or d.canaries_once:
+                names = frozenset(r.secrets[0] for r in pool if r.secrets)
+                canaries = make_canaries(d.canaries_repeated, d.canary_repeats, d.canaries_once,
+                                         seed=self.cfg.seed + 7919, exclude_names=names)
+                write_canaries(canaries, self.dir.data("canaries"))
+                info["canaries_in_members"] = len(training_records(canaries))
+            return info
 
-        self.stage("data", {"data": d.__dict__, "seed": self.cfg.seed},
-                   [self.dir.data(s) for s in SPLITS], fn)
+        outputs = [self.dir.data(s) for s in SPLITS]
+        if d.canaries_repeated or d.canaries_once:
+            outputs.append(self.dir.data("canaries"))
+        self.stage("data", {"data": d.__dict__, "seed": self.cfg.seed}, outputs, fn)
 
     def tokenizer_stage(self) -> None:
         m = self.cfg.models
@@ -166,7 +181,10 @@ class Pipeline:
 
         def fn():
             tok = self.tokenizer
-            examples = [encode_record(r, tok, cfg.data.max_length) for r in self.split(split)]
+            records = self.split(split)
+            if model_id == "teacher":   # canaries are planted in the teacher's members only
+                records += training_records(read_canaries(self.dir.data("canaries")))
+            examples = [encode_record(r, tok, cfg.data.max_length) for r in records]
             model = load_model(self.dir.model(base_id))
             teacher = load_model(self.dir.model(teacher_id)) if teacher_id else None
             result = loop.train(model, examples, METHODS[method], train_cfg, out_dir=out,
@@ -226,6 +244,33 @@ class Pipeline:
                     "max_length": cfg.data.max_length},
                    [self.dir.generations(model_id)], fn)
 
+    def privacy_stage(self, model_id: str) -> None:
+        """Canary exposure, the one-run ε bound and the heuristic ε estimate of one model."""
+        cfg, a = self.cfg, self.cfg.audit
+
+        def fn():
+            canaries = read_canaries(self.dir.data("canaries"))
+            rows = []
+            if canaries:
+                model = load_model(self.dir.model(model_id))
+                rows += canary_rows(model_id, model, self.tokenizer, canaries,
+                                    candidates=a.canary_candidates,
+                                    k_fraction=a.canary_guess_fraction,
+                                    max_length=cfg.data.max_length, batch_size=a.batch_size,
+                                    seed=cfg.seed)
+            scores = -ModelPass.load(self.dir.stats(model_id)).stats.nll()
+            rows.append(heuristic_row(model_id, scores, self.audit_set().labels, cfg.seed,
+                                      "loss"))
+            atomic_write_json(self.dir.privacy(model_id), rows)
+            return {}
+
+        self.stage(f"privacy:{model_id}", {"model": self.hashes[model_id],
+                                           "stats": self.hashes[f"stats:{model_id}"],
+                                           "data": self.hashes["data"],
+                                           "candidates": a.canary_candidates,
+                                           "guess": a.canary_guess_fraction},
+                   [self.dir.privacy(model_id)], fn)
+
     def audit_set(self) -> AuditSet:
         return AuditSet(self.split("members"), self.split("nonmembers"))
 
@@ -242,8 +287,6 @@ class Pipeline:
         return out
 
     def assemble(self) -> AuditResult:
-        import pandas as pd
-
         models = self.models()
         passes = {m.id: ModelPass.load(self.dir.stats(m.id)) for m in models}
         gens = {}
@@ -251,9 +294,13 @@ class Pipeline:
             path = self.dir.generations(m.id)
             if m.role != "base" and path.exists():
                 gens[m.id] = [list(map(int, t)) for t in pd.read_parquet(path).tokens]
-        return assemble(models, self.audit_set(), passes, gens, self.tokenizer, self.cfg.audit,
-                        max_length=self.cfg.data.max_length, seed=self.cfg.seed,
-                        config=self.cfg.to_dict())
+        result = assemble(models, self.audit_set(), passes, gens, self.tokenizer,
+                          self.cfg.audit, max_length=self.cfg.data.max_length,
+                          seed=self.cfg.seed, config=self.cfg.to_dict())
+        rows = [row for m in models if self.dir.privacy(m.id).exists()
+                for row in json.loads(self.dir.privacy(m.id).read_text())]
+        result.privacy = pd.DataFrame(rows, columns=["model", "metric", "value", "note"])
+        return result
 
     def audit_stage(self) -> AuditResult:
         from kdaudit.store import atomic_write_frame
@@ -307,6 +354,7 @@ class Pipeline:
         for m in self.models():
             if m.role != "base":
                 self.generations_stage(m.id)
+                self.privacy_stage(m.id)
         result = self.audit_stage()
         report = self.report_stage(result)
         return RunResult(self.dir.root, result, report, dict(self.manifest.data["stages"]))

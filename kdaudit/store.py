@@ -101,6 +101,9 @@ class RunDir:
     def generations(self, model_id: str) -> Path:
         return self.root / "scores" / f"{model_id}.generations.parquet"
 
+    def privacy(self, model_id: str) -> Path:
+        return self.root / "scores" / f"{model_id}.privacy.json"
+
     def table(self, name: str) -> Path:
         return self.root / "tables" / f"{name}.csv"
 

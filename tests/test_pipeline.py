@@ -99,6 +99,16 @@ def test_run_directory_and_report(interrupted_then_resumed):
     # the teacher fine-tuned on members leaks more than the student that never saw them
     assert auc[("teacher", "loss")] > auc[("nokd", "loss")]
     assert result.audit.summary().shape == (5, len(model_signals))
+    privacy = pd.read_csv(run_dir / "tables" / "privacy.csv").set_index(["model", "metric"])
+    assert {"exposure_mean", "epsilon_lower_bound_one_run", "epsilon_estimate_heuristic"} <= set(
+        privacy.loc["teacher"].index)
+    # the nokd student never saw a canary: its one-run bound is consistent with 0
+    assert privacy.loc[("nokd", "epsilon_lower_bound_one_run"), "value"] == 0.0
+    canaries = [json.loads(x) for x in (run_dir / "data" / "canaries.jsonl").read_text().split("\n")
+                if x]
+    public = (run_dir / "data" / "public.jsonl").read_text()
+    assert canaries and not any(c["record"]["id"] in public for c in canaries)
+    assert "Empirical privacy" in md
     assert set(result.audit.split_check) == {"blind"}
 
 

@@ -178,6 +178,27 @@ def _signals_table(signals: pd.DataFrame | None) -> Table | None:
                  rows=rows)
 
 
+PRIVACY_LABELS = {
+    "exposure_mean": "canary exposure, mean (bits)",
+    "exposure_max": "canary exposure, max (bits)",
+    "epsilon_lower_bound_one_run": "ε lower bound, one run (rigorous, 95%)",
+    "epsilon_estimate_heuristic": "ε estimate (heuristic, not a bound)",
+}
+
+
+def _privacy_table(privacy: pd.DataFrame | None, order: Sequence[str]) -> Table | None:
+    """Empirical privacy per model, each number labelled with what kind of number it is."""
+    if privacy is None or privacy.empty:
+        return None
+    rank = {m: i for i, m in enumerate(order)}
+    rows = sorted(privacy.itertuples(), key=lambda r: (rank.get(r.model, len(rank)),
+                                                        list(PRIVACY_LABELS).index(r.metric)
+                                                        if r.metric in PRIVACY_LABELS else 99))
+    return Table(columns=["Model", "Measure", "Value", "How it was obtained"],
+                 rows=[[str(r.model), PRIVACY_LABELS.get(r.metric, str(r.metric)),
+                        f"{r.value:.2f}", str(r.note)] for r in rows])
+
+
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -192,7 +213,8 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
                  title: str = "kdaudit risk report",
                  run_info: Mapping[str, Any] | None = None,
                  redact: bool = True, signals: pd.DataFrame | None = None,
-                 blocks: pd.DataFrame | None = None) -> dict[str, Path]:
+                 blocks: pd.DataFrame | None = None,
+                 privacy: pd.DataFrame | None = None) -> dict[str, Path]:
     """Write out_dir/report.html, out_dir/report.md and the PNG figures; return their paths
     (keys "html", "md", "auc_bars" and "roc_<model>")."""
     out = Path(out_dir)
@@ -247,6 +269,7 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
         "memorization": memorization_table(memorization, order),
         "utility": utility_table(utility, order),
         "signals": _signals_table(signals),
+        "privacy": _privacy_table(privacy, order),
         "blocks": None if block_png is None else {"file": block_png.name,
                                                    "uri": _data_uri(block_png)},
         "examples": example_records(examples, order, redact_secrets=redact),

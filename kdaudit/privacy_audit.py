@@ -1,0 +1,75 @@
+"""Empirical privacy of one model from its canaries and its membership scores (METHODS §7).
+
+Three labelled numbers: canary exposure (repeated canaries), the one-run ε lower bound
+(once-inserted canaries, rigorous at 95%), and the heuristic ε estimate from member and
+non-member scores (an estimate, not a bound).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Sequence
+
+import numpy as np
+
+from attacks.privacy import estimate_exposure, heuristic_epsilon, one_run_epsilon_lower_bound
+from attacks.scoring import token_stats
+from kdaudit.data.canaries import SECRET_DIGITS, Canary, random_secret
+from kdaudit.data.records import Record
+from kdaudit.data.template import encode_record
+
+
+def _total_nll(model, tokenizer, records: Sequence[Record], max_length: int,
+               batch_size: int) -> np.ndarray:
+    enc = [encode_record(r, tokenizer, max_length) for r in records]
+    s = token_stats(model, [e.input_ids for e in enc], [e.response_start for e in enc],
+                    pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    return s.total_nll()
+
+
+def canary_rows(model_id: str, model, tokenizer, canaries: Sequence[Canary], *,
+                candidates: int, k_fraction: float, max_length: int, batch_size: int,
+                seed: int) -> list[dict]:
+    """Exposure of repeated canaries and the one-run ε lower bound of once-inserted ones."""
+    rows = []
+    repeated = [c for c in canaries if c.kind == "repeated"]
+    if repeated and candidates > 0:
+        rng = random.Random(seed)
+        exposures = []
+        for c in repeated:
+            others = [random_secret(rng) for _ in range(candidates)]
+            recs = [c.record] + [dataclasses.replace(
+                c.record, response=c.record.response.replace(c.secret, o)) for o in others]
+            nll = _total_nll(model, tokenizer, recs, max_length, batch_size)
+            # a skew-normal fit to the candidates' losses extrapolates the rank into the tail
+            # (Carlini et al. 2019); plain counting could not resolve ranks below |R|/candidates
+            exposures.append(estimate_exposure(nll[0], nll[1:], 10.0 ** SECRET_DIGITS,
+                                               method="skewnorm"))
+        rows += [_row(model_id, "exposure_mean", float(np.mean(exposures)),
+                      f"mean over {len(repeated)} canaries inserted {repeated[0].repeats}× each; "
+                      f"rank from a skew-normal fit to {candidates} random secrets; maximum "
+                      f"{np.log2(10.0 ** SECRET_DIGITS):.1f} bits"),
+                 _row(model_id, "exposure_max", float(np.max(exposures)), "")]
+    once = [c for c in canaries if c.kind == "once"]
+    if once:
+        scores = -_total_nll(model, tokenizer, [c.record for c in once], max_length, batch_size)
+        k = max(1, int(k_fraction * len(once)))
+        bound = one_run_epsilon_lower_bound(scores, np.array([c.included for c in once]),
+                                            k_plus=k, k_minus=k)
+        rows.append(_row(model_id, "epsilon_lower_bound_one_run", bound["epsilon_lb"],
+                         f"rigorous 95% lower bound (Steinke et al. 2023): {bound['correct']} of "
+                         f"{bound['guesses']} guesses correct over {len(once)} canaries "
+                         f"included with probability 1/2"))
+    return rows
+
+
+def heuristic_row(model_id: str, scores: np.ndarray, labels: np.ndarray, seed: int,
+                  signal: str) -> dict:
+    h = heuristic_epsilon(scores, labels, seed=seed)
+    return _row(model_id, "epsilon_estimate_heuristic", h["epsilon_estimate"],
+                f"estimate, not a bound: Clopper-Pearson rates of the {signal} signal at a "
+                f"threshold chosen on a held-out half of members and non-members")
+
+
+def _row(model: str, metric: str, value: float, note: str) -> dict:
+    return {"model": model, "metric": metric, "value": value, "note": note}

@@ -62,3 +62,44 @@ def match_metrics(generated: Sequence[Sequence[int]], references: Sequence[Seque
 def secret_hits(texts: Sequence[str], secrets: Sequence[Sequence[str]]) -> np.ndarray:
     """Per record: True when any of its secrets appears verbatim in the generated text."""
     return np.array([any(s and s in t for s in ss) for t, ss in zip(texts, secrets)], dtype=bool)
+
+
+@torch.no_grad()
+def sample_generate(model, prompts: Sequence[Sequence[int]], *, n: int, max_new_tokens: int,
+                    pad_id: int, eos_id: int | None, top_k: int = 40, batch_size: int = 64,
+                    seed: int = 0, desc: str | None = None) -> list[list[tuple[list[int], float]]]:
+    """n top-k samples per prompt, each with the model's own mean log-likelihood of it,
+    sorted most likely first (Carlini et al. 2021 rank extraction candidates this way)."""
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    out: list[list[tuple[list[int], float]]] = [[] for _ in prompts]
+    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    for idx in tqdm(batches, desc=desc, disable=desc is None, unit="batch", mininterval=1.0):
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            ids[row, width - len(prompts[i]):] = torch.as_tensor(list(prompts[i]))
+            attn[row, width - len(prompts[i]):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=True, top_k=top_k,
+                             top_p=1.0, temperature=1.0, num_return_sequences=n,
+                             pad_token_id=pad_id, eos_token_id=eos_id, output_scores=True,
+                             return_dict_in_generate=True)
+        new = gen.sequences[:, width:]
+        # the model's own (untruncated) log-probabilities of the sampled tokens
+        full = model(input_ids=gen.sequences, attention_mask=torch.cat(
+            [attn.to(device).repeat_interleave(n, 0), torch.ones_like(new)], 1)).logits
+        logp = torch.log_softmax(full[:, width - 1:-1].float(), -1).gather(
+            2, new[..., None]).squeeze(2)
+        for k in range(new.shape[0]):
+            toks = new[k].tolist()
+            end = toks.index(eos_id) + 1 if eos_id is not None and eos_id in toks else len(toks)
+            out[idx[k // n]].append((toks[:end], float(logp[k, :end].mean())))
+    for cands in out:
+        cands.sort(key=lambda c: -c[1])
+    model.train(was_training)
+    return out

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from typing import Mapping, Sequence
 
-from kdaudit.audit import AuditResult, AuditSet, ModelInfo, assemble, compute_generations, \
-    compute_pass
+from kdaudit.audit import AuditResult, AuditSet, ModelInfo, assemble, compute_extraction, \
+    compute_generations, compute_pass
 from attacks.mia import SIGNALS, ReferenceModels
 from kdaudit.config import AuditConfig, config_from_dict
 from kdaudit.data.records import Record, load_records
@@ -82,7 +82,7 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
             raise ValueError("audit_models: pass `tokenizer` when every model is an object")
         tokenizer = load_tokenizer(first)
     mem_records = [aset.records[i] for i in aset.memorization_subset(cfg.memorization_records)]
-    passes, gens = {}, {}
+    passes, gens, extraction = {}, {}, {}
     for info in infos:
         src = sources[info.id]
         model = load_model(src) if isinstance(src, (str, Path)) else src
@@ -95,11 +95,15 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
             gens[info.id] = compute_generations(model, tokenizer, mem_records, cfg,
                                                 max_length=max_length,
                                                 desc=f"generate {info.id}")
+            extraction[info.id] = compute_extraction(model, tokenizer, mem_records, cfg,
+                                                     max_length=max_length, seed=seed,
+                                                     desc=info.id)
     pop = _records(population, "population") if population is not None else None
     ref_models = {mid: _reference_models(refs, passes[mid], aset, pop, sources[mid], tokenizer,
                                          cfg, max_length)
                   for mid, refs in (references or {}).items() if refs}
-    return assemble(infos, aset, passes, gens, tokenizer, cfg, references=ref_models, max_length=max_length, seed=seed,
+    return assemble(infos, aset, passes, gens, tokenizer, cfg, references=ref_models,
+                    extraction=extraction, max_length=max_length, seed=seed,
                     config={"audit": cfg.__dict__, "models": {k: str(v) for k, v in
                                                               sources.items()}})
 

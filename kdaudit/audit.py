@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from attacks.blocks import block_mope_scores, mope_scores
-from attacks.memorization import greedy_generate, match_metrics, secret_hits
+from attacks.memorization import greedy_generate, match_metrics, sample_generate, secret_hits
 from attacks.metrics import roc_metrics
 from attacks.mia import MODEL_FREE, SIGNALS, ReferenceModels, SignalInputs
 from attacks.scoring import TokenStats, token_stats
@@ -121,6 +121,49 @@ def compute_generations(model, tokenizer, records: Sequence[Record], cfg: AuditC
                            batch_size=cfg.batch_size, desc=desc)
 
 
+def hidden_secrets(record: Record) -> list[str]:
+    """The record's secrets that its prompt does not already show."""
+    prompt = format_prompt(record)
+    return [s for s in record.secrets if s and s not in prompt]
+
+
+def compute_extraction(model, tokenizer, records: Sequence[Record], cfg: AuditConfig, *,
+                       max_length: int, seed: int = 0, desc: str = "") -> pd.DataFrame:
+    """Per record: targeted extraction (greedy continuation of the text that precedes its
+    first hidden secret) and, when `cfg.extraction_samples` > 0, sampled extraction (the most
+    likely of n top-k samples reveals a hidden secret)."""
+    rows = {r.id: {"record_id": r.id, "targeted": np.nan, "sampled": np.nan} for r in records}
+    targets = []
+    for r in records:
+        secrets = hidden_secrets(r)
+        at = [(r.response.find(s), s) for s in secrets if r.response.find(s) >= 0]
+        if at:
+            pos, secret = min(at)
+            targets.append((r, secret, r.response[:pos]))
+    if targets:
+        prompts = [(tokenizer(format_prompt(r) + prefix, add_special_tokens=False)["input_ids"]
+                    )[-(max_length - cfg.memorization_tokens):] for r, _, prefix in targets]
+        lengths = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) + 2
+                   for _, s, _ in targets]
+        gen = greedy_generate(model, prompts, max_new_tokens=max(lengths),
+                              pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                              batch_size=cfg.batch_size, desc=f"targeted {desc}")
+        for (r, secret, _), g in zip(targets, gen):
+            rows[r.id]["targeted"] = float(tokenizer.decode(g, skip_special_tokens=True)
+                                           .lstrip().startswith(secret.lstrip()))
+    if cfg.extraction_samples > 0:
+        prompts = [encode_prompt(r, tokenizer, max_length - cfg.memorization_tokens)
+                   for r in records]
+        samples = sample_generate(model, prompts, n=cfg.extraction_samples,
+                                  max_new_tokens=cfg.memorization_tokens,
+                                  pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                                  batch_size=cfg.batch_size, seed=seed, desc=f"sample {desc}")
+        for r, cands in zip(records, samples):
+            best = tokenizer.decode(cands[0][0], skip_special_tokens=True)
+            rows[r.id]["sampled"] = float(any(s in best for s in hidden_secrets(r)))
+    return pd.DataFrame(list(rows.values()), columns=["record_id", "targeted", "sampled"])
+
+
 @dataclass
 class AuditResult:
     """Tidy tables of one audit; `write_report` renders them."""
@@ -135,6 +178,7 @@ class AuditResult:
     models: pd.DataFrame
     blocks: pd.DataFrame = field(default_factory=pd.DataFrame)
     privacy: pd.DataFrame = field(default_factory=pd.DataFrame)
+    riskiest: pd.DataFrame = field(default_factory=pd.DataFrame)
     config: dict[str, Any] = field(default_factory=dict)
 
     def write_tables(self, out_dir: str | Path) -> None:
@@ -152,7 +196,8 @@ class AuditResult:
         return write_report(out_dir, mia=self.mia, roc=self.roc, memorization=self.memorization,
                             utility=self.utility, examples=self.examples, models=self.models,
                             config=self.config, title=title, run_info=run_info, redact=redact,
-                            signals=self.signals, blocks=self.blocks, privacy=self.privacy)
+                            signals=self.signals, blocks=self.blocks, privacy=self.privacy,
+                            riskiest=self.riskiest)
 
     def summary(self) -> pd.DataFrame:
         """Model × signal AUC, the short table printed at the end of a run (model-free checks
@@ -193,6 +238,7 @@ def assemble(models: Sequence[ModelInfo], audit_set: AuditSet, passes: Mapping[s
              generations: Mapping[str, list[list[int]]], tokenizer, cfg: AuditConfig, *,
              per_byte: Mapping[str, bool] | None = None, max_length: int,
              references: Mapping[str, ReferenceModels] | None = None,
+             extraction: Mapping[str, pd.DataFrame] | None = None,
              seed: int = 0, config: dict[str, Any] | None = None) -> AuditResult:
     """Signals, metrics, memorization and utility from per-model passes and generations.
 
@@ -254,7 +300,8 @@ def assemble(models: Sequence[ModelInfo], audit_set: AuditSet, passes: Mapping[s
                                         not_run[not_run.signal == s].itertuples())
                               for s in signals.signal]
     trained = [i for i in models if i.id != "data"]
-    memo, examples = _memorization(trained, audit_set, generations, tokenizer, cfg, max_length)
+    memo, examples = _memorization(trained, audit_set, generations, tokenizer, cfg, max_length,
+                                   extraction or {})
     utility = pd.DataFrame([
         {"model": i.id, "metric": "perplexity", "split": "nonmembers",
          "value": float(np.exp(-stats[i.id].logprob[
@@ -263,9 +310,33 @@ def assemble(models: Sequence[ModelInfo], audit_set: AuditSet, passes: Mapping[s
     model_table = pd.DataFrame([{"model": i.id, "role": i.role, "base": i.base or "",
                                  "description": i.description} for i in models])
     blocks = _block_rows(trained, passes, labels, cfg.n_bootstrap, seed)
-    return AuditResult(mia=pd.DataFrame(mia_rows), memorization=memo, utility=utility,
-                       signals=signals, scores=scores, roc=roc, examples=examples,
-                       models=model_table, blocks=blocks, config=config or {})
+    mia = pd.DataFrame(mia_rows)
+    return AuditResult(mia=mia, memorization=memo, utility=utility, signals=signals,
+                       scores=scores, roc=roc, examples=examples, models=model_table,
+                       blocks=blocks, riskiest=_riskiest(mia, scores, records), config=config or {})
+
+
+def _riskiest(mia: pd.DataFrame, scores: Mapping[str, pd.DataFrame], records: Sequence[Record],
+              n: int = 10) -> pd.DataFrame:
+    """Per model, the n records its strongest signal (highest AUC) scores most member-like."""
+    columns = ["model", "signal", "rank", "record_id", "member", "score", "category",
+               "instruction", "response", "secrets"]
+    if mia.empty:
+        return pd.DataFrame(columns=columns)
+    by_id = {r.id: r for r in records}
+    auc = mia[(mia.metric == "auc") & (mia.model != "data")]
+    rows = []
+    for model, group in auc.groupby("model", sort=False):
+        signal = group.loc[group.value.idxmax(), "signal"]
+        frame = scores[model].dropna(subset=[signal]).nlargest(n, signal)
+        for rank, r in enumerate(frame.itertuples(), start=1):
+            rec = by_id[r.record_id]
+            rows.append({"model": model, "signal": signal, "rank": rank,
+                         "record_id": r.record_id, "member": bool(r.label),
+                         "score": float(getattr(r, signal)), "category": rec.category,
+                         "instruction": rec.instruction, "response": rec.response,
+                         "secrets": list(rec.secrets)})
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _block_rows(models: Sequence[ModelInfo], passes: Mapping[str, ModelPass],
@@ -285,15 +356,15 @@ def _block_rows(models: Sequence[ModelInfo], passes: Mapping[str, ModelPass],
 
 def _memorization(models: Sequence[ModelInfo], audit_set: AuditSet,
                   generations: Mapping[str, list[list[int]]], tokenizer, cfg: AuditConfig,
-                  max_length: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  max_length: int, extraction: Mapping[str, pd.DataFrame]
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Match rate / gap, longest prefix, full extraction, secrets and teacher-conditional rate."""
     subset = audit_set.memorization_subset(cfg.memorization_records)
     records = [audit_set.records[i] for i in subset]
     is_member = np.array([i < len(audit_set.members) for i in subset])
     refs = [encode_record(r, tokenizer, max_length) for r in records]
     refs = [e.input_ids[e.response_start:] for e in refs]
-    # a secret the prompt already shows is no extraction
-    hidden = [[s for s in r.secrets if s not in format_prompt(r)] for r in records]
+    hidden = [hidden_secrets(r) for r in records]   # a secret the prompt shows is no leak
     rows, example_rows, per_model = [], [], {}
     for info in models:
         if info.id not in generations:
@@ -307,8 +378,14 @@ def _memorization(models: Sequence[ModelInfo], audit_set: AuditSet,
         m["longest_prefix"] = m["longest_prefix"].astype(float)
         m["fully_extracted"] = m["fully_extracted"].astype(float)
         per_model[info.id] = m
-        for metric in ("match_rate", "longest_prefix", "fully_extracted", "secret_extraction"):
-            rows += _split_rows(info.id, metric, m[metric], is_member)
+        if info.id in extraction:
+            ex = extraction[info.id].set_index("record_id").reindex([r.id for r in records])
+            m["targeted_extraction"] = ex["targeted"].to_numpy(dtype=float)
+            m["sampled_extraction"] = ex["sampled"].to_numpy(dtype=float)
+        for metric in ("match_rate", "longest_prefix", "fully_extracted", "secret_extraction",
+                       "targeted_extraction", "sampled_extraction"):
+            if metric in m and not np.isnan(m[metric]).all():
+                rows += _split_rows(info.id, metric, m[metric], is_member)
         best = np.argsort(-np.where(is_member, m["match_rate"], -1), kind="stable")[:3]
         for i in best:
             if not is_member[i]:

@@ -85,6 +85,7 @@ class AuditConfig:
     memorization_tokens: int = 32
     memorization_records: int = 1000    # per side (members, non-members)
     teacher_threshold: float = 0.5      # r of the teacher-conditional rate
+    extraction_samples: int = 0         # top-k samples per prompt for sampled extraction
     redact: bool = True                 # redact secrets in report examples
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from kdaudit.audit import AuditResult, AuditSet, ModelInfo, ModelPass, assemble, \
-    compute_generations, compute_pass
+    compute_extraction, compute_generations, compute_pass
 from kdaudit.config import RunConfig
 from kdaudit.data import records as rec
 from kdaudit.data.canaries import make_canaries, read_canaries, training_records, \
@@ -221,7 +221,6 @@ class Pipeline:
                    [self.dir.stats(model_id)], fn)
 
     def generations_stage(self, model_id: str) -> None:
-        import pandas as pd
         from kdaudit.store import atomic_write_frame
         cfg = self.cfg
 
@@ -232,15 +231,18 @@ class Pipeline:
                        aset.memorization_subset(cfg.audit.memorization_records)]
             gen = compute_generations(model, self.tokenizer, records, cfg.audit,
                                       max_length=cfg.data.max_length, desc=f"generate {model_id}")
+            ex = compute_extraction(model, self.tokenizer, records, cfg.audit,
+                                    max_length=cfg.data.max_length, seed=cfg.seed, desc=model_id)
             atomic_write_frame(self.dir.generations(model_id),
-                               pd.DataFrame({"record_id": [r.id for r in records],
-                                             "tokens": gen}))
+                               ex.assign(tokens=gen)[["record_id", "tokens", "targeted",
+                                                      "sampled"]])
             return {"records": len(records)}
 
         self.stage(f"generate:{model_id}",
                    {"model": self.hashes[model_id], "data": self.hashes["data"],
                     "tokens": cfg.audit.memorization_tokens,
                     "records": cfg.audit.memorization_records,
+                    "samples": cfg.audit.extraction_samples,
                     "max_length": cfg.data.max_length},
                    [self.dir.generations(model_id)], fn)
 
@@ -289,14 +291,17 @@ class Pipeline:
     def assemble(self) -> AuditResult:
         models = self.models()
         passes = {m.id: ModelPass.load(self.dir.stats(m.id)) for m in models}
-        gens = {}
+        gens, extraction = {}, {}
         for m in models:
             path = self.dir.generations(m.id)
             if m.role != "base" and path.exists():
-                gens[m.id] = [list(map(int, t)) for t in pd.read_parquet(path).tokens]
+                frame = pd.read_parquet(path)
+                gens[m.id] = [list(map(int, t)) for t in frame.tokens]
+                extraction[m.id] = frame[["record_id", "targeted", "sampled"]]
         result = assemble(models, self.audit_set(), passes, gens, self.tokenizer,
                           self.cfg.audit, max_length=self.cfg.data.max_length,
-                          seed=self.cfg.seed, config=self.cfg.to_dict())
+                          extraction=extraction, seed=self.cfg.seed,
+                          config=self.cfg.to_dict())
         rows = [row for m in models if self.dir.privacy(m.id).exists()
                 for row in json.loads(self.dir.privacy(m.id).read_text())]
         result.privacy = pd.DataFrame(rows, columns=["model", "metric", "value", "note"])

@@ -158,3 +158,21 @@ def test_greedy_generate_matches_unbatched_argmax(tiny_lm):
                 if nxt == tok.eos_token_id:
                     break
         assert gen == want
+
+
+def test_sampled_generations_are_ranked_by_own_likelihood(tiny_lm):
+    from attacks.memorization import sample_generate
+
+    model, tok, records, _ = tiny_lm
+    prompts = [encode_prompt(r, tok, 120) for r in records[:3]]
+    out = sample_generate(model, prompts, n=3, max_new_tokens=6, pad_id=tok.pad_token_id,
+                          eos_id=tok.eos_token_id, batch_size=2, seed=0)
+    assert [len(c) for c in out] == [3, 3, 3]
+    for prompt, cands in zip(prompts, out):
+        assert [c[1] for c in cands] == sorted((c[1] for c in cands), reverse=True)
+        toks, mean_logp = cands[0]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([list(prompt) + toks])).logits[0]
+        lp = torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(
+            1, torch.tensor(toks)[:, None]).mean().item()
+        assert mean_logp == pytest.approx(lp, abs=1e-4)

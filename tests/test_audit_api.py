@@ -72,3 +72,39 @@ def test_missing_references_are_reported_not_faked(tiny_lm):
     with pytest.raises(ValueError, match="unknown signal"):
         audit_models({"kd": model}, records[:10], records[10:20], tokenizer=tok,
                      signals=["loss", "tarot"])
+
+
+def test_targeted_extraction_prompts_with_text_before_the_secret(tiny_lm, monkeypatch):
+    """The prompt ends right before the record's first hidden secret; a continuation that
+    starts with the secret counts as extracted, anything else does not."""
+    import kdaudit.audit as audit
+    from kdaudit.audit import compute_extraction, hidden_secrets
+
+    model, tok, records, _ = tiny_lm
+    recs = [r for r in records if hidden_secrets(r)][:3]
+    seen = []
+
+    def fake_greedy(model, prompts, **kw):
+        seen.extend(tok.decode(p) for p in prompts)
+        first = [min((r.response.find(s), s) for s in hidden_secrets(r)
+                     if r.response.find(s) >= 0)[1] for r in recs]
+        return [tok(" " + first[0], add_special_tokens=False)["input_ids"],
+                tok("nothing", add_special_tokens=False)["input_ids"],
+                tok(first[2][:-1], add_special_tokens=False)["input_ids"]]
+
+    monkeypatch.setattr(audit, "greedy_generate", fake_greedy)
+    frame = compute_extraction(model, tok, recs, AuditConfig(), max_length=400)
+    assert frame.targeted.tolist() == [1.0, 0.0, 0.0]
+    assert frame.sampled.isna().all()                 # sampling is off by default
+    for text, r in zip(seen, recs):
+        assert text.startswith("Below is an instruction") and r.instruction in text
+        assert not any(s in text for s in hidden_secrets(r))
+
+
+def test_sampled_extraction_runs_when_asked(tiny_lm):
+    from kdaudit.audit import compute_extraction
+
+    model, tok, records, _ = tiny_lm
+    cfg = AuditConfig(extraction_samples=2, memorization_tokens=8, batch_size=4)
+    frame = compute_extraction(model, tok, records[:4], cfg, max_length=160)
+    assert set(frame.sampled) <= {0.0, 1.0} and not frame.sampled.isna().any()

@@ -137,10 +137,16 @@ def test_audit_models_reproduces_the_run_tables(interrupted_then_resumed):
 def test_report_command_rewrites_report_with_and_without_redaction(interrupted_then_resumed):
     from kdaudit.cli import main
 
-    _, run_dir, *_ = interrupted_then_resumed
+    _, run_dir, *_, result = interrupted_then_resumed
     assert main(["report", str(run_dir)]) == 0
     redacted = (run_dir / "report" / "report.md").read_text()
     assert "Redaction is on" in redacted
+    risky = result.audit.riskiest
+    assert set(risky.model) == {"teacher", "nokd", "kd", "base_teacher", "base_student"}
+    assert (risky.groupby("model").size() == 10).all()
+    assert "### teacher (by " in redacted
+    secrets = {s for ss in risky.secrets for s in ss if len(s) > 3}
+    assert not any(s in redacted for s in secrets)
     assert main(["report", str(run_dir), "--show-secrets"]) == 0
     shown = (run_dir / "report" / "report.md").read_text()
     assert "[REDACTED]" in redacted and "[REDACTED]" not in shown

@@ -132,10 +132,12 @@ def test_files_written(reports) -> None:
 
 def test_html_self_contained(reports) -> None:
     html = reports[True]["html"]
-    assert html.count("data:image/png;base64,") == 4  # three ROC plots and the bar chart
+    # three ROC plots, the bar chart and memorization against membership
+    assert html.count("data:image/png;base64,") == 5
     assert 'src="http' not in html and "<link" not in html and "url(" not in html
     md = reports[True]["md"]
     assert "](roc_teacher.png)" in md and "](auc_bars.png)" in md
+    assert "](memorization_vs_auc.png)" in md
 
 
 def test_sections_in_order(reports) -> None:

@@ -141,3 +141,24 @@ def block_risk_plot(blocks: pd.DataFrame, order: Sequence[str], path: Path) -> P
     ax.legend(fontsize="small")
     _margins(fig)
     return _save(fig, path)
+
+
+def memorization_vs_auc_plot(points: Sequence[tuple[str, float, float]],
+                             path: Path) -> Path | None:
+    """One point per model: member/non-member match-rate gap against its strongest AUC.
+    Membership and memorization can disagree; this shows where."""
+    if not points:
+        return None
+    fig, ax = _new_figure(5.5, 4.0)
+    for model, auc, gap in points:
+        ax.scatter(auc, gap, s=30)
+        ax.annotate(model, (auc, gap), textcoords="offset points", xytext=(4, 4),
+                    fontsize="small")
+    ax.axvline(0.5, ls="--", lw=1, color="0.3")
+    ax.axhline(0.0, ls=":", lw=1, color="0.3")
+    ax.set_xlabel("strongest membership AUC")
+    ax.set_ylabel("match-rate gap (members − non-members)")
+    ax.set_title("Memorization against membership inference")
+    ax.grid(True, alpha=0.3)
+    _margins(fig)
+    return _save(fig, path)

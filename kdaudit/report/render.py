@@ -18,7 +18,7 @@ import pandas as pd
 from kdaudit.store import atomic_write_text
 
 from kdaudit.report import plots
-from kdaudit.report.redact import REDACTED, example_records
+from kdaudit.report.redact import REDACTED, example_records, parse_secrets, redact
 from kdaudit.report.tables import (Table, md_cell, memorization_table, model_order, num,
                                    ordered, results_table, utility_table)
 from kdaudit.report.verdicts import MODEL_FREE_SIGNALS, signal_checks, verdicts
@@ -178,6 +178,36 @@ def _signals_table(signals: pd.DataFrame | None) -> Table | None:
                  rows=rows)
 
 
+def _memo_points(mia: pd.DataFrame, memorization: pd.DataFrame | None,
+                 order: Sequence[str]) -> list[tuple[str, float, float]]:
+    if memorization is None or memorization.empty or mia.empty:
+        return []
+    auc = mia[mia["metric"] == "auc"].groupby("model")["value"].max()
+    gap = memorization[(memorization["metric"] == "match_rate") &
+                       (memorization["split"] == "gap")].set_index("model")["value"]
+    return [(m, float(auc[m]), float(gap[m])) for m in order if m in auc and m in gap]
+
+
+def _riskiest_tables(riskiest: pd.DataFrame | None, order: Sequence[str],
+                     redact_secrets: bool) -> dict[str, Table] | None:
+    """Per model, its ten most member-like records by its strongest signal."""
+    if riskiest is None or riskiest.empty:
+        return None
+    out = {}
+    for model in [m for m in order if m in set(riskiest["model"])]:
+        rows = []
+        for r in riskiest[riskiest["model"] == model].itertuples():
+            secrets = parse_secrets(r.secrets) if redact_secrets else []
+            rows.append([str(r.rank), str(r.record_id), "member" if r.member else "non-member",
+                         f"{r.score:.4g}", str(r.category), redact(str(r.instruction), secrets),
+                         redact(str(r.response), secrets)])
+        signal = riskiest[riskiest["model"] == model]["signal"].iloc[0]
+        out[f"{model} (by {signal})"] = Table(
+            columns=["#", "Record", "Truly", "Score", "Category", "Instruction", "Response"],
+            rows=rows)
+    return out
+
+
 PRIVACY_LABELS = {
     "exposure_mean": "canary exposure, mean (bits)",
     "exposure_max": "canary exposure, max (bits)",
@@ -214,7 +244,8 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
                  run_info: Mapping[str, Any] | None = None,
                  redact: bool = True, signals: pd.DataFrame | None = None,
                  blocks: pd.DataFrame | None = None,
-                 privacy: pd.DataFrame | None = None) -> dict[str, Path]:
+                 privacy: pd.DataFrame | None = None,
+                 riskiest: pd.DataFrame | None = None) -> dict[str, Path]:
     """Write out_dir/report.html, out_dir/report.md and the PNG figures; return their paths
     (keys "html", "md", "auc_bars" and "roc_<model>")."""
     out = Path(out_dir)
@@ -250,6 +281,11 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
     if block_png is not None:
         paths["block_risk"] = block_png
 
+    scatter = plots.memorization_vs_auc_plot(_memo_points(mia, memorization, order),
+                                             out / "memorization_vs_auc.png")
+    if scatter is not None:
+        paths["memorization_vs_auc"] = scatter
+
     roles = {} if models is None or models.empty else {
         str(r.model): (str(getattr(r, "role", "")), str(getattr(r, "description", "")))
         for r in models.itertuples()}
@@ -270,6 +306,9 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
         "utility": utility_table(utility, order),
         "signals": _signals_table(signals),
         "privacy": _privacy_table(privacy, order),
+        "scatter": None if scatter is None else {"file": scatter.name,
+                                                 "uri": _data_uri(scatter)},
+        "riskiest": _riskiest_tables(riskiest, order, redact),
         "blocks": None if block_png is None else {"file": block_png.name,
                                                    "uri": _data_uri(block_png)},
         "examples": example_records(examples, order, redact_secrets=redact),

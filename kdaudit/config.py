@@ -96,6 +96,7 @@ class RunConfig:
     out_dir: str = "runs"
     mixed_precision: str = "no"         # "no" | "bf16" | "fp16" (Accelerate)
     methods: list[str] = field(default_factory=lambda: ["nokd", "kd"])
+    reference_models: int = 0           # K ≥ 4 reference teachers (and students): LiRA / RMIA
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, lr=2e-3))
@@ -201,6 +202,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("data.n_public and data.n_validation must be ≥ 0")
     if d.max_length < 16:
         raise ConfigError(f"data.max_length: expected at least 16, got {d.max_length}")
+    if cfg.reference_models < 0 or 0 < cfg.reference_models < 4:
+        raise ConfigError(f"reference_models: expected 0 (off) or at least 4 (LiRA needs two "
+                          f"references on each side of every record), got "
+                          f"{cfg.reference_models}")
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"methods: unknown method(s) {unknown}; implemented: "

@@ -8,8 +8,10 @@ from their last checkpoint).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -17,8 +19,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 
+from attacks.mia import ReferenceModels
 from kdaudit.audit import AuditResult, AuditSet, ModelInfo, ModelPass, assemble, \
     compute_extraction, compute_generations, compute_pass
 from kdaudit.config import RunConfig
@@ -116,6 +120,18 @@ class Pipeline:
             for split, records in s.items():
                 rec.write_jsonl(records, self.dir.data(split))
             info = {"sizes": {k: len(v) for k, v in s.items()}, "pool": len(pool)}
+            pool_ids = s.members + s.nonmembers
+            half: list = []
+            for k in range(self.cfg.reference_models):
+                # LiRA / RMIA: random halves in complementary pairs, so that every record is
+                # IN for half of the references and OUT for the other half
+                if k % 2:
+                    inside = {r.id for r in half}
+                    half = [r for r in pool_ids if r.id not in inside]
+                else:
+                    half = random.Random(self.cfg.seed * 7907 + k).sample(pool_ids,
+                                                                          len(pool_ids) // 2)
+                rec.write_jsonl(half, self.dir.data(f"reference_{k}"))
             if d.canaries_repeated or d.canaries_once:
                 names = frozenset(r.secrets[0] for r in pool if r.secrets)
                 canaries = make_canaries(d.canaries_repeated, d.canary_repeats, d.canaries_once,
@@ -125,9 +141,11 @@ class Pipeline:
             return info
 
         outputs = [self.dir.data(s) for s in SPLITS]
+        outputs += [self.dir.data(f"reference_{k}") for k in range(self.cfg.reference_models)]
         if d.canaries_repeated or d.canaries_once:
             outputs.append(self.dir.data("canaries"))
-        self.stage("data", {"data": d.__dict__, "seed": self.cfg.seed}, outputs, fn)
+        self.stage("data", {"data": d.__dict__, "seed": self.cfg.seed,
+                            "references": self.cfg.reference_models}, outputs, fn)
 
     def tokenizer_stage(self) -> None:
         m = self.cfg.models
@@ -169,12 +187,13 @@ class Pipeline:
                    [out / "config.json"], fn)
 
     def train_stage(self, model_id: str, method: str, base_id: str, split: str,
-                    teacher_id: str | None = None) -> None:
+                    teacher_id: str | None = None, seed_offset: int = 0) -> None:
         cfg = self.cfg
-        train_cfg = cfg.teacher if model_id == "teacher" else cfg.student
+        train_cfg = cfg.teacher if method == "sft" else cfg.student
         out = self.dir.model(model_id)
+        seed = cfg.seed + seed_offset
         inputs = {"method": method, "base": self.hashes[base_id], "data": self.hashes["data"],
-                  "split": split, "train": train_cfg.__dict__, "seed": cfg.seed,
+                  "split": split, "train": train_cfg.__dict__, "seed": seed,
                   "max_length": cfg.data.max_length,
                   "teacher": self.hashes.get(teacher_id) if teacher_id else None,
                   "kd": cfg.kd.__dict__ if METHODS[method].needs_teacher else None}
@@ -188,7 +207,7 @@ class Pipeline:
             model = load_model(self.dir.model(base_id))
             teacher = load_model(self.dir.model(teacher_id)) if teacher_id else None
             result = loop.train(model, examples, METHODS[method], train_cfg, out_dir=out,
-                                seed=cfg.seed, pad_id=tok.pad_token_id, tokenizer=tok,
+                                seed=seed, pad_id=tok.pad_token_id, tokenizer=tok,
                                 teacher=teacher, params=cfg.kd.__dict__,
                                 run_key=stable_hash(inputs), mixed_precision=cfg.mixed_precision,
                                 desc=f"{model_id} ({method})")
@@ -198,27 +217,34 @@ class Pipeline:
 
         self.stage(model_id, inputs, [out / "model.safetensors"], fn)
 
-    def stats_stage(self, model_id: str) -> None:
+    def stats_stage(self, model_id: str, population: bool = False, plain: bool = False) -> None:
+        """The model's pass over members + non-members (or over the RMIA population); `plain`
+        skips the extra passes (references need token statistics only)."""
         cfg = self.cfg
+        audit_cfg = dataclasses.replace(cfg.audit, signals=["loss"], block_risk=False) \
+            if plain or population else cfg.audit
+        which = "population" if population else None
 
         def fn():
             model = load_model(self.dir.model(model_id))
-            records = self.split("members") + self.split("nonmembers")
-            result = compute_pass(model, self.tokenizer, records, cfg.audit,
+            records = (self.split("validation") if population else
+                       self.split("members") + self.split("nonmembers"))
+            result = compute_pass(model, self.tokenizer, records, audit_cfg,
                                   max_length=cfg.data.max_length, desc=model_id)
-            self.dir.stats(model_id).parent.mkdir(parents=True, exist_ok=True)
-            result.save(self.dir.stats(model_id))
+            self.dir.stats(model_id, which).parent.mkdir(parents=True, exist_ok=True)
+            result.save(self.dir.stats(model_id, which))
             return {"tokens": int(len(result.stats.logprob))}
 
-        a = cfg.audit
-        self.stage(f"stats:{model_id}", {"model": self.hashes[model_id],
+        a = audit_cfg
+        name = f"stats:{model_id}" + (":population" if population else "")
+        self.stage(name, {"model": self.hashes[model_id],
                                          "data": self.hashes["data"],
                                          "max_length": cfg.data.max_length,
                                          "lowercase": "lowercase" in a.signals,
                                          "mope": "mope" in a.signals, "blocks": a.block_risk,
                                          "perturbations": [a.perturbations,
                                                            a.perturbation_sigma]},
-                   [self.dir.stats(model_id)], fn)
+                   [self.dir.stats(model_id, which)], fn)
 
     def generations_stage(self, model_id: str) -> None:
         from kdaudit.store import atomic_write_frame
@@ -273,6 +299,33 @@ class Pipeline:
                                            "guess": a.canary_guess_fraction},
                    [self.dir.privacy(model_id)], fn)
 
+    def reference_ids(self) -> dict[str, list[str]]:
+        """Audited model → its reference models (teacher: reference teachers; a KD student:
+        students distilled by the same method from the reference teachers)."""
+        k = range(self.cfg.reference_models)
+        out = {"teacher": [f"ref_teacher_{i}" for i in k]} if k else {}
+        for m in self.cfg.methods:
+            if k and METHODS[m].needs_teacher:
+                out[m] = [f"ref_{m}_{i}" for i in k]
+        return out
+
+    def reference_models(self) -> dict[str, ReferenceModels]:
+        """LiRA / RMIA inputs from the stored passes; the validation split is the RMIA
+        population (public records the target's training never used)."""
+        ids = [r.id for r in self.audit_set().records]
+        out = {}
+        for target, refs in self.reference_ids().items():
+            logq, included, pop = [], [], []
+            for k, ref in enumerate(refs):
+                logq.append(-ModelPass.load(self.dir.stats(ref)).stats.nll())
+                inside = {r.id for r in self.split(f"reference_{k}")}
+                included.append([i in inside for i in ids])
+                pop.append(-ModelPass.load(self.dir.stats(ref, "population")).stats.nll())
+            pop_target = -ModelPass.load(self.dir.stats(target, "population")).stats.nll()
+            out[target] = ReferenceModels(np.array(logq), np.array(included, dtype=bool),
+                                          pop_target, np.array(pop))
+        return out
+
     def audit_set(self) -> AuditSet:
         return AuditSet(self.split("members"), self.split("nonmembers"))
 
@@ -300,6 +353,7 @@ class Pipeline:
                 extraction[m.id] = frame[["record_id", "targeted", "sampled"]]
         result = assemble(models, self.audit_set(), passes, gens, self.tokenizer,
                           self.cfg.audit, max_length=self.cfg.data.max_length,
+                          references=self.reference_models(),
                           extraction=extraction, seed=self.cfg.seed,
                           config=self.cfg.to_dict())
         rows = [row for m in models if self.dir.privacy(m.id).exists()
@@ -354,8 +408,22 @@ class Pipeline:
             needs = METHODS[method].needs_teacher
             self.train_stage(method, method, "base_student", "public",
                              teacher_id="teacher" if needs else None)
+        references = self.reference_ids()
+        for k in range(cfg.reference_models):
+            ref_data = f"reference_{k}"
+            self.train_stage(f"ref_teacher_{k}", "sft", "base_teacher", ref_data,
+                             seed_offset=k + 1)
+            for method in cfg.methods:
+                if METHODS[method].needs_teacher:
+                    self.train_stage(f"ref_{method}_{k}", method, "base_student", "public",
+                                     teacher_id=f"ref_teacher_{k}", seed_offset=k + 1)
         for m in self.models():
             self.stats_stage(m.id)
+        for target, refs in references.items():
+            for model_id in (target, *refs):
+                self.stats_stage(model_id, population=True)
+            for ref in refs:
+                self.stats_stage(ref, plain=True)
         for m in self.models():
             if m.role != "base":
                 self.generations_stage(m.id)

@@ -92,8 +92,9 @@ class RunDir:
     def model(self, model_id: str) -> Path:
         return self.root / "models" / model_id
 
-    def stats(self, model_id: str) -> Path:
-        return self.root / "scores" / f"{model_id}.stats.npz"
+    def stats(self, model_id: str, which: str | None = None) -> Path:
+        suffix = f".{which}" if which else ""
+        return self.root / "scores" / f"{model_id}{suffix}.stats.npz"
 
     def scores(self, model_id: str) -> Path:
         return self.root / "scores" / f"{model_id}.parquet"

@@ -23,6 +23,7 @@ def test_presets_load_and_override(tmp_path):
     ('methods = ["kd", "magic"]\n', r"unknown method\(s\) \['magic'\]"),
     ("[audit]\nsignals = ['loss', 'psychic']\n", r"unknown signal\(s\) \['psychic'\]"),
     ("[data\n", r"c\.toml: not valid TOML"),
+    ("reference_models = 2\n", r"reference_models: expected 0 \(off\) or at least 4"),
 ])
 def test_bad_config_names_file_and_field(tmp_path, text, match):
     f = tmp_path / "c.toml"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -177,3 +178,30 @@ def test_audit_command_on_run_checkpoints_reproduces_its_tables(interrupted_then
         "base:kd", "base:teacher", "kd", "nokd", "teacher"]
     assert (tmp_path / "report" / "report.html").exists()
     assert main(["audit", "--student", "kd", "--members", "x", "--nonmembers", "y"]) == 2
+
+
+def test_reference_models_enable_lira_and_rmia(tmp_path):
+    cfg = load_config("smoke", out_dir=str(tmp_path), reference_models=4, methods=["nokd", "kd"],
+                      data={"canaries_repeated": 0, "canaries_once": 0},
+                      audit={"signals": ["loss", "lira", "lira_offline", "rmia"]})
+    result = Pipeline(cfg, log=lambda _: None).run()
+    run_dir = tmp_path / "smoke"
+    half = [json.loads(x)["id"] for x in (run_dir / "data" / "reference_0.jsonl").read_text()
+            .splitlines()]
+    other = [json.loads(x)["id"] for x in (run_dir / "data" / "reference_1.jsonl").read_text()
+             .splitlines()]
+    assert len(half) == (cfg.data.n_members + cfg.data.n_nonmembers) // 2
+    assert not set(half) & set(other)                  # complementary: each record IN once
+    assert len(half) + len(other) == cfg.data.n_members + cfg.data.n_nonmembers
+    for model in ("ref_teacher_0", "ref_teacher_3", "ref_kd_0", "ref_kd_3"):
+        assert (run_dir / "models" / model / "model.safetensors").exists()
+    auc = result.audit.mia.query("metric == 'auc'").set_index(["model", "signal"]).value
+    for model in ("teacher", "kd"):
+        for signal in ("lira", "lira_offline", "rmia"):
+            assert 0.0 <= auc[(model, signal)] <= 1.0
+    reasons = result.audit.signals.set_index("signal").not_run_for
+    assert "nokd (needs reference models" in reasons["lira"]
+    assert ("nokd", "lira") not in auc.index
+    for signal in ("lira", "rmia"):     # every record had IN and OUT references
+        assert set(re.findall(r"(\S+) \(", reasons[signal])) == {"nokd", "base_teacher",
+                                                                 "base_student"}

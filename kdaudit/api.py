@@ -6,13 +6,16 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from typing import Mapping, Sequence
 
 from kdaudit.audit import AuditResult, AuditSet, ModelInfo, assemble, compute_extraction, \
     compute_generations, compute_pass
 from attacks.mia import SIGNALS, ReferenceModels
 from kdaudit.config import AuditConfig, config_from_dict
+from kdaudit.data.canaries import read_canaries
 from kdaudit.data.records import Record, load_records
+from kdaudit.privacy_audit import canary_rows, heuristic_row
 
 
 
@@ -46,14 +49,16 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
                  signals: Sequence[str] | None = None, config: AuditConfig | None = None,
                  references: Mapping[str, Sequence[tuple[object, set[str]]]] | None = None,
                  population: Sequence[Record] | str | Path | None = None,
+                 canaries: str | Path | None = None,
                  max_length: int = 512, seed: int = 0) -> AuditResult:
     """Attack every model in `models` ({id: HF folder, hub name or loaded model}).
 
     `bases` maps a model id to its pre-fine-tuning base, which calibrates `ref_base` and is
     audited too (a base never saw the members: its AUC should sit near 0.5). `references`
     maps a model id to its LiRA/RMIA reference models, each with the set of record ids it was
-    trained on; `population` (other records of the same distribution) enables RMIA. All
-    models must share one tokenizer (`tokenizer`, or the first model's folder's).
+    trained on; `population` (other records of the same distribution) enables RMIA;
+    `canaries` (a run's data/canaries.jsonl) adds canary exposure and the one-run ε bound.
+    All models must share one tokenizer (`tokenizer`, or the first model's folder's).
     """
     from kdaudit.models import load_model, load_tokenizer
 
@@ -82,7 +87,10 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
             raise ValueError("audit_models: pass `tokenizer` when every model is an object")
         tokenizer = load_tokenizer(first)
     mem_records = [aset.records[i] for i in aset.memorization_subset(cfg.memorization_records)]
-    passes, gens, extraction = {}, {}, {}
+    passes, gens, extraction, privacy = {}, {}, {}, []
+    planted = read_canaries(canaries) if canaries is not None else []
+    if canaries is not None and not planted:
+        raise FileNotFoundError(f"{canaries}: no canaries found")
     for info in infos:
         src = sources[info.id]
         model = load_model(src) if isinstance(src, (str, Path)) else src
@@ -98,14 +106,24 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
             extraction[info.id] = compute_extraction(model, tokenizer, mem_records, cfg,
                                                      max_length=max_length, seed=seed,
                                                      desc=info.id)
+            if planted:
+                privacy += canary_rows(info.id, model, tokenizer, planted,
+                                       candidates=cfg.canary_candidates,
+                                       k_fraction=cfg.canary_guess_fraction,
+                                       max_length=max_length, batch_size=cfg.batch_size,
+                                       seed=seed)
+            privacy.append(heuristic_row(info.id, -passes[info.id].stats.nll(), aset.labels,
+                                         seed, "loss"))
     pop = _records(population, "population") if population is not None else None
     ref_models = {mid: _reference_models(refs, passes[mid], aset, pop, sources[mid], tokenizer,
                                          cfg, max_length)
                   for mid, refs in (references or {}).items() if refs}
-    return assemble(infos, aset, passes, gens, tokenizer, cfg, references=ref_models,
-                    extraction=extraction, max_length=max_length, seed=seed,
-                    config={"audit": cfg.__dict__, "models": {k: str(v) for k, v in
-                                                              sources.items()}})
+    result = assemble(infos, aset, passes, gens, tokenizer, cfg, references=ref_models,
+                      extraction=extraction, max_length=max_length, seed=seed,
+                      config={"audit": cfg.__dict__, "models": {k: str(v) for k, v in
+                                                                sources.items()}})
+    result.privacy = pd.DataFrame(privacy, columns=["model", "metric", "value", "note"])
+    return result
 
 
 def _reference_models(refs, target_pass, aset: AuditSet, population, target, tokenizer,

@@ -359,6 +359,9 @@ def _memorization(models: Sequence[ModelInfo], audit_set: AuditSet,
                   max_length: int, extraction: Mapping[str, pd.DataFrame]
                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Match rate / gap, longest prefix, full extraction, secrets and teacher-conditional rate."""
+    columns = ["model", "metric", "split", "value", "n"]
+    if not any(info.id in generations for info in models):
+        return pd.DataFrame(columns=columns), pd.DataFrame()
     subset = audit_set.memorization_subset(cfg.memorization_records)
     records = [audit_set.records[i] for i in subset]
     is_member = np.array([i < len(audit_set.members) for i in subset])
@@ -402,7 +405,6 @@ def _memorization(models: Sequence[ModelInfo], audit_set: AuditSet,
             if info.id in per_model and info.id != teacher and info.role != "base":
                 rate = np.where(reproduced, per_model[info.id]["match_rate"], np.nan)
                 rows += _split_rows(info.id, "teacher_conditional_rate", rate, is_member)
-    columns = ["model", "metric", "split", "value", "n"]
     return pd.DataFrame(rows, columns=columns), pd.DataFrame(example_rows)
 
 

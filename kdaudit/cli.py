@@ -89,7 +89,7 @@ def _audit(args: argparse.Namespace) -> int:
     population = load_records(args.population, mapping=args.mapping) if args.population else None
     result = audit_models(models, members, nonmembers, bases=bases, signals=cfg.signals,
                           config=cfg, references=references, population=population,
-                          max_length=args.max_length, seed=args.seed)
+                          canaries=args.canaries, max_length=args.max_length, seed=args.seed)
     out = Path(args.out)
     result.write_tables(out / "tables")
     _print_summary(result, result.write_report(out / "report", redact=cfg.redact))
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a reference model for audited model NAME (repeatable; LiRA and RMIA), "
                         "with a file of the record ids it was trained on")
     p.add_argument("--population", help="other records of the same distribution (RMIA)")
+    p.add_argument("--canaries", help="canaries planted in the teacher's training data (a "
+                   "run's data/canaries.jsonl): exposure and the one-run ε lower bound")
     p.add_argument("--mapping", choices=["dolly", "alpaca", "kdaudit"],
                    help="column schema of the data files (guessed when omitted)")
     p.add_argument("--signals", help="comma-separated signal names (default: all that apply)")

@@ -108,3 +108,46 @@ def test_sampled_extraction_runs_when_asked(tiny_lm):
     cfg = AuditConfig(extraction_samples=2, memorization_tokens=8, batch_size=4)
     frame = compute_extraction(model, tok, records[:4], cfg, max_length=160)
     assert set(frame.sampled) <= {0.0, 1.0} and not frame.sampled.isna().any()
+
+
+def test_single_pass_signals_share_one_forward_pass_per_batch(tiny_lm):
+    """loss, zlib, mink, minkpp and ref_base read one pass; lowercase adds exactly one more."""
+    import math
+
+    from kdaudit.audit import compute_pass
+
+    model, tok, records, _ = tiny_lm
+    calls = []
+    handle = model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        cfg = AuditConfig(signals=["loss", "zlib", "mink", "minkpp", "ref_base"], batch_size=16)
+        compute_pass(model, tok, records, cfg, max_length=160)
+        assert len(calls) == math.ceil(len(records) / 16)
+        calls.clear()
+        compute_pass(model, tok, records, dataclasses.replace(cfg, signals=["loss", "lowercase"]),
+                     max_length=160)
+        assert len(calls) == 2 * math.ceil(len(records) / 16)
+    finally:
+        handle.remove()
+
+
+def test_blind_baseline_flags_a_shifted_split(tmp_path):
+    """Non-members drawn from other categories than members: the model-free classifier
+    separates them, and the report warns that the split is confounded."""
+    from kdaudit.audit import AuditSet, ModelInfo, ModelPass, assemble
+    from kdaudit.data.corpus import CATEGORIES
+
+    pool = generate_records(1600, seed=21)
+    first = set(CATEGORIES[:4])
+    members = [r for r in pool if r.category in first][:300]
+    nonmembers = [r for r in pool if r.category not in first][:300]
+    cfg = AuditConfig(signals=["blind"], n_bootstrap=50)
+    result = assemble([], AuditSet(members, nonmembers), {}, {}, None, cfg, max_length=64)
+    assert result.split_check["blind"] > 0.6
+    paths = result.write_report(tmp_path)
+    assert "Warning: the model-free blind baseline" in paths["md"].read_text()
+
+    mixed = pool[:600]
+    random.Random(0).shuffle(mixed)           # one random split of one pool: no shift
+    sound = assemble([], AuditSet(mixed[:300], mixed[300:]), {}, {}, None, cfg, max_length=64)
+    assert 0.42 <= sound.split_check["blind"] <= 0.58

@@ -332,3 +332,19 @@ def test_input_validation(models, data):
         mope_scores(model, seqs, starts[:-1], pad_id=PAD)
     with pytest.raises(ValueError, match="score_from"):
         block_mope_scores(model, [seqs[0]], [len(seqs[0])], pad_id=PAD)
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_block_risk_runs_on_the_tiny_presets(tok, data, fam):
+    """The demo-sized presets (3 blocks): one row per block, and the clean-prefix fast path
+    agrees with perturbing the block and running the whole model."""
+    from kdaudit.models import build_zoo_model
+
+    model = build_zoo_model(f"{fam}-tiny-teacher", tok, seed=0).eval()
+    seqs, starts = data
+    scores = block_mope_scores(model, seqs[:4], starts[:4], pad_id=PAD, sigma=0.01,
+                               n_perturbations=2, seed=0, batch_size=4)
+    assert scores.shape == (3, 4) and np.isfinite(scores).all()
+    path = {"gpt2": "transformer.h", "opt": "model.decoder.layers", "llama": "model.layers"}[fam]
+    naive = naive_block_mope(model, path, seqs[:4], starts[:4], sigma=0.01, n=2, seed=0)
+    np.testing.assert_allclose(scores, naive, atol=1e-5)

@@ -163,7 +163,8 @@ def test_audit_command_on_run_checkpoints_reproduces_its_tables(interrupted_then
     code = main(["audit", "--teacher", str(m / "teacher"), "--student", f"kd={m / 'kd'}",
                  "--student", f"nokd={m / 'nokd'}", "--teacher-base", str(m / "base_teacher"),
                  "--student-base", str(m / "base_student"), "--members", str(d / "members.jsonl"),
-                 "--nonmembers", str(d / "nonmembers.jsonl"),
+                 "--nonmembers", str(d / "nonmembers.jsonl"), "--canaries",
+                 str(d / "canaries.jsonl"),
                  "--max-length", str(cfg.data.max_length), "--out", str(tmp_path)])
     assert code == 0
     trained = ["teacher", "kd", "nokd"]
@@ -177,6 +178,14 @@ def test_audit_command_on_run_checkpoints_reproduces_its_tables(interrupted_then
     assert sorted(set(pd.read_csv(tmp_path / "tables" / "utility.csv").model)) == [
         "base:kd", "base:teacher", "kd", "nokd", "teacher"]
     assert (tmp_path / "report" / "report.html").exists()
+    ours = pd.read_csv(tmp_path / "tables" / "privacy.csv").set_index(["model", "metric"])
+    theirs = pd.read_csv(run_dir / "tables" / "privacy.csv").set_index(["model", "metric"])
+    pd.testing.assert_series_equal(ours.value.sort_index(), theirs.value.sort_index(),
+                                   rtol=1e-6)
+    audit_md = (tmp_path / "report" / "report.md").read_text()
+    run_md = (run_dir / "report" / "report.md").read_text()
+    heads = lambda text: [line for line in text.splitlines() if line.startswith("## ")]
+    assert heads(audit_md) == heads(run_md)                       # same report sections
     assert main(["audit", "--student", "kd", "--members", "x", "--nonmembers", "y"]) == 2
 
 

@@ -127,6 +127,18 @@ def _slug(name: str, taken: set[str]) -> str:
     return slug
 
 
+def _split_check(mia: pd.DataFrame) -> str:
+    """One sentence on the blind baseline, shown at the top whenever it ran."""
+    auc = mia[(mia["metric"] == "auc") & mia["signal"].isin(MODEL_FREE_SIGNALS)]
+    if auc.empty:
+        return ""
+    r = auc.iloc[0]
+    return (f" Split check: a model-free classifier ({r['signal']} baseline) tells members from "
+            f"non-members with AUC {float(r['value']):.3f} [{float(r['ci_low']):.3f}, "
+            f"{float(r['ci_high']):.3f}]; about 0.5 means no distribution shift could fake a "
+            f"membership signal, above {BLIND_CONFOUND_AUC} flags the split.")
+
+
 def _summary(order: Sequence[str], verdict_df: pd.DataFrame, baseline: str,
              memorization: pd.DataFrame | None) -> str:
     """The report's opening paragraph: which models show elevated risk."""
@@ -291,7 +303,7 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
         for r in models.itertuples()}
     context = {
         "title": title,
-        "summary": _summary(order, verdict_df, baseline, memorization),
+        "summary": _summary(order, verdict_df, baseline, memorization) + _split_check(mia),
         "warning": _blind_warning(mia),
         "baseline": baseline,
         "verdicts": [{"model": v.model, "verdict": v.verdict,

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from attacks.mia import MODEL_FREE
+
 CHANCE = 0.5
 # Signals that do not look at the model (they check the split): never evidence of leakage.
-MODEL_FREE_SIGNALS = frozenset({"blind"})
+MODEL_FREE_SIGNALS = frozenset(MODEL_FREE)
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ def verdicts(mia: pd.DataFrame, baseline: str = "nokd") -> pd.DataFrame:
     """One row per model: model, verdict ("elevated" | "not elevated"), signals, text."""
     checks = signal_checks(mia, baseline)
     rows = []
-    for model in _ordered_unique(mia["model"]):
+    model_based = mia[~mia["signal"].isin(MODEL_FREE_SIGNALS)]   # the split check has no verdict
+    for model in _ordered_unique(model_based["model"]):
         own = [c for c in checks if c.model == model]
         elevated = [c for c in own if c.elevated]
         if not own:

@@ -141,7 +141,10 @@ def compute_extraction(model, tokenizer, records: Sequence[Record], cfg: AuditCo
             pos, secret = min(at)
             targets.append((r, secret, r.response[:pos]))
     if targets:
-        prompts = [(tokenizer(format_prompt(r) + prefix, add_special_tokens=False)["input_ids"]
+        # tokenized as in training (prompt and response apart); the space before the secret
+        # is left for the model, as training text never ends a token sequence with it
+        prompts = [(encode_prompt(r, tokenizer, max_length) +
+                    tokenizer(prefix.rstrip(), add_special_tokens=False)["input_ids"]
                     )[-(max_length - cfg.memorization_tokens):] for r, _, prefix in targets]
         lengths = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) + 2
                    for _, s, _ in targets]

@@ -78,12 +78,15 @@ class Pipeline:
     def stage(self, name: str, inputs: dict[str, Any], outputs: list[Path],
               fn: Callable[[], dict[str, Any] | None]) -> None:
         h = stable_hash(inputs)
-        self.hashes[name] = h
         if self.manifest.is_done(name, h) and all(p.exists() for p in outputs):
+            # downstream stages see this stage's inputs and when it ran, so a stage that is
+            # recomputed (e.g. its outputs were deleted) makes everything after it rerun
+            self.hashes[name] = stable_hash([h, self.manifest.stage(name).get("started")])
             self.log(f"[skip] {name}: done, inputs unchanged")
             return
         self.log(f"[run ] {name}")
         started = time.time()
+        self.hashes[name] = stable_hash([h, started])
         self.manifest.mark(name, status="running", input_hash=h, started=started)
         try:
             info = fn() or {}

@@ -74,6 +74,15 @@ def test_second_identical_run_skips_every_stage(interrupted_then_resumed):
     assert logs3 and all(line.startswith("[skip]") for line in logs3)
 
 
+def test_recomputed_stage_reruns_what_depends_on_it(interrupted_then_resumed):
+    cfg, run_dir, *_ = interrupted_then_resumed
+    (run_dir / "scores" / "kd.generations.parquet").unlink()
+    logs: list[str] = []
+    Pipeline(cfg, log=logs.append).run()
+    ran = [line[7:] for line in logs if line.startswith("[run ]")]
+    assert ran == ["generate:kd", "audit", "report"]
+
+
 def test_run_directory_and_report(interrupted_then_resumed):
     cfg, run_dir, *_, result = interrupted_then_resumed
     for split in ("members", "nonmembers", "public", "validation"):

@@ -8,6 +8,21 @@ import torch
 from tqdm.auto import tqdm
 
 
+def _left_padded(prompts: Sequence[Sequence[int]], batch_size: int, pad_id: int,
+                 desc: str | None):
+    """Length-sorted batches of prompts, left-padded for generation: (indices, ids, mask)."""
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    for idx in tqdm(batches, desc=desc, disable=desc is None, unit="batch", mininterval=1.0):
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            ids[row, width - len(prompts[i]):] = torch.as_tensor(list(prompts[i]))
+            attn[row, width - len(prompts[i]):] = 1
+        yield idx, ids, attn
+
+
 @torch.no_grad()
 def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
                     pad_id: int, eos_id: int | None, batch_size: int = 64,
@@ -17,17 +32,9 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    order = np.argsort([len(p) for p in prompts], kind="stable")
     out: list[list[int]] = [[] for _ in prompts]
-    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc=desc, disable=desc is None, unit="batch", mininterval=1.0):
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
-            n = len(prompts[i])
-            ids[row, width - n:] = torch.as_tensor(list(prompts[i]))
-            attn[row, width - n:] = 1
+    for idx, ids, attn in _left_padded(prompts, batch_size, pad_id, desc):
+        width = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                              max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=False,
                              num_beams=1, pad_token_id=pad_id, eos_token_id=eos_id)
@@ -74,16 +81,9 @@ def sample_generate(model, prompts: Sequence[Sequence[int]], *, n: int, max_new_
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    order = np.argsort([len(p) for p in prompts], kind="stable")
     out: list[list[tuple[list[int], float]]] = [[] for _ in prompts]
-    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc=desc, disable=desc is None, unit="batch", mininterval=1.0):
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]):] = torch.as_tensor(list(prompts[i]))
-            attn[row, width - len(prompts[i]):] = 1
+    for idx, ids, attn in _left_padded(prompts, batch_size, pad_id, desc):
+        width = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                              max_new_tokens=max_new_tokens, do_sample=True, top_k=top_k,
                              top_p=1.0, temperature=1.0, num_return_sequences=n,

@@ -24,7 +24,7 @@ def parse_secrets(value: object) -> list[str]:
             try:
                 return [str(s) for s in json.loads(stripped)]
             except json.JSONDecodeError:
-                pass
+                return [value]          # not a JSON list: the whole string is one secret
         return [value] if stripped else []
     if isinstance(value, (list, tuple, np.ndarray, pd.Series)):
         return [str(s) for s in value if s is not None]

@@ -19,12 +19,13 @@ norm (and OPT's `project_out`) and the LM head.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from attacks.scoring import ScoringBatch, check_scoring_inputs, scoring_batches
 
 # Known block lists, as dotted paths from the causal-LM wrapper.
 BLOCK_PATHS = ("transformer.h", "model.decoder.layers", "model.layers")
@@ -122,50 +123,16 @@ def _restore_(params: Sequence[torch.Tensor], originals: Sequence[torch.Tensor])
 
 # ----------------------------------------------------------------------------- batching
 
-@dataclass
-class _Batch:
-    idx: np.ndarray          # positions of the batch's sequences in the input order
-    ids: torch.Tensor        # (B, T) right-padded
-    attn: torch.Tensor       # (B, T)
-    pos: torch.Tensor        # (B, T) explicit position ids
-    score: torch.Tensor      # (B, T) bool, True at scored targets
-
-
 def _check_args(sequences, score_from, sigma: float, n_perturbations: int,
                 batch_size: int) -> None:
-    if len(sequences) != len(score_from):
-        raise ValueError("sequences and score_from differ in length")
-    for i, (seq, s) in enumerate(zip(sequences, score_from)):
-        if not 1 <= s < len(seq):
-            raise ValueError(f"sequence {i}: score_from={s} must lie in [1, {len(seq)}) so that "
-                             f"at least one token is scored and each has a prefix")
+    check_scoring_inputs(sequences, score_from)
     if sigma < 0 or n_perturbations < 1 or batch_size < 1:
         raise ValueError(f"need sigma >= 0, n_perturbations >= 1 and batch_size >= 1, got "
                          f"{sigma}, {n_perturbations}, {batch_size}")
 
 
-def _batches(sequences: Sequence[Sequence[int]], score_from: Sequence[int], pad_id: int,
-             batch_size: int, device: torch.device) -> list[_Batch]:
-    """Length-sorted, right-padded batches with explicit positions (as in attacks.scoring)."""
-    order = np.argsort([len(s) for s in sequences], kind="stable")
-    out = []
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        width = max(len(sequences[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        score = torch.zeros((len(idx), width), dtype=torch.bool)
-        for row, i in enumerate(idx):
-            n = len(sequences[i])
-            ids[row, :n] = torch.as_tensor(list(sequences[i]))
-            attn[row, :n] = 1
-            score[row, score_from[i]:n] = True
-        pos = torch.arange(width).expand_as(ids)
-        out.append(_Batch(idx, ids.to(device), attn.to(device), pos.to(device), score.to(device)))
-    return out
 
-
-def _mean_nll(logits: torch.Tensor, batch: _Batch) -> np.ndarray:
+def _mean_nll(logits: torch.Tensor, batch: ScoringBatch) -> np.ndarray:
     """(B,) float64 mean NLL of each row's scored tokens, softmax in float32."""
     sel = batch.score[:, 1:]
     logp = torch.log_softmax(logits[:, :-1][sel].float(), dim=-1)       # (n_tok, V)
@@ -176,7 +143,7 @@ def _mean_nll(logits: torch.Tensor, batch: _Batch) -> np.ndarray:
     return (total / sel.sum(1)).cpu().numpy()
 
 
-def _logits(model: nn.Module, batch: _Batch) -> torch.Tensor:
+def _logits(model: nn.Module, batch: ScoringBatch) -> torch.Tensor:
     return model(input_ids=batch.ids, attention_mask=batch.attn, position_ids=batch.pos,
                  use_cache=False).logits
 
@@ -192,7 +159,7 @@ def mope_scores(model: nn.Module, sequences: Sequence[Sequence[int]], score_from
     _check_args(sequences, score_from, sigma, n_perturbations, batch_size)
     params = list(model.parameters())                 # tied weights appear (and move) once
     device = params[0].device
-    batches = _batches(sequences, score_from, pad_id, batch_size, device)
+    batches = scoring_batches(sequences, score_from, pad_id, batch_size, device)
     clean = np.zeros(len(sequences))
     perturbed = np.zeros(len(sequences))
     originals = [p.detach().clone() for p in params]
@@ -286,7 +253,7 @@ def block_mope_scores(model: nn.Module, sequences: Sequence[Sequence[int]],
             raise ValueError(f"block index {b} out of range for {n_layers} blocks")
     final = _final_layers(model, owner)
     device = next(model.parameters()).device
-    batches = _batches(sequences, score_from, pad_id, batch_size, device)
+    batches = scoring_batches(sequences, score_from, pad_id, batch_size, device)
 
     params = {b: list(layers[b].parameters()) for b in chosen}
     originals = {b: [p.detach().clone() for p in params[b]] for b in chosen}

@@ -57,6 +57,48 @@ class TokenStats:
             return cls(z["logprob"], z["mean"], z["var"], z["offsets"])
 
 
+@dataclass
+class ScoringBatch:
+    """Right-padded sequences with explicit positions; `score` marks the scored targets."""
+
+    idx: np.ndarray          # positions of the batch's sequences in the input order
+    ids: torch.Tensor        # (B, T)
+    attn: torch.Tensor       # (B, T)
+    pos: torch.Tensor        # (B, T) explicit position ids: padding never shifts them
+    score: torch.Tensor      # (B, T) bool
+
+
+def check_scoring_inputs(sequences: Sequence[Sequence[int]], score_from: Sequence[int]) -> None:
+    if len(sequences) != len(score_from):
+        raise ValueError("sequences and score_from differ in length")
+    for i, (seq, s) in enumerate(zip(sequences, score_from)):
+        if not 1 <= s < len(seq):
+            raise ValueError(f"sequence {i}: score_from={s} must lie in [1, {len(seq)}) so that "
+                             f"at least one token is scored and each has a prefix")
+
+
+def scoring_batches(sequences: Sequence[Sequence[int]], score_from: Sequence[int], pad_id: int,
+                    batch_size: int, device: torch.device | str) -> list[ScoringBatch]:
+    """Length-sorted, right-padded batches (less padding, same results as one at a time)."""
+    order = np.argsort([len(s) for s in sequences], kind="stable")
+    out = []
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        width = max(len(sequences[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        score = torch.zeros((len(idx), width), dtype=torch.bool)
+        for row, i in enumerate(idx):
+            n = len(sequences[i])
+            ids[row, :n] = torch.as_tensor(list(sequences[i]))
+            attn[row, :n] = 1
+            score[row, score_from[i]:n] = True
+        pos = torch.arange(width).expand_as(ids)
+        out.append(ScoringBatch(idx, ids.to(device), attn.to(device), pos.to(device),
+                                score.to(device)))
+    return out
+
+
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -70,31 +112,15 @@ def token_stats(model, sequences: Sequence[Sequence[int]], score_from: Sequence[
     Sequences are sorted by length and right-padded in batches; positions are explicit so that
     padding never shifts them. Only scored positions go through the softmax, in `dtype`.
     """
-    if len(sequences) != len(score_from):
-        raise ValueError("sequences and score_from differ in length")
-    for i, (seq, s) in enumerate(zip(sequences, score_from)):
-        if not 1 <= s < len(seq):
-            raise ValueError(f"sequence {i}: score_from={s} must lie in [1, {len(seq)}) so that "
-                             f"at least one token is scored and each has a prefix")
+    check_scoring_inputs(sequences, score_from)
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
-    order = np.argsort([len(s) for s in sequences], kind="stable")
     per_seq: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [None] * len(sequences)  # type: ignore
-    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc=desc, disable=desc is None, unit="batch", mininterval=1.0):
-        width = max(len(sequences[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        score = torch.zeros((len(idx), width), dtype=torch.bool)
-        for row, i in enumerate(idx):
-            n = len(sequences[i])
-            ids[row, :n] = torch.as_tensor(list(sequences[i]))
-            attn[row, :n] = 1
-            score[row, score_from[i]:n] = True
-        ids, attn, score = ids.to(device), attn.to(device), score.to(device)
-        pos = torch.arange(width, device=device).expand_as(ids)
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+    batches = scoring_batches(sequences, score_from, pad_id, batch_size, device)
+    for batch in tqdm(batches, desc=desc, disable=desc is None, unit="batch", mininterval=1.0):
+        idx, ids, score = batch.idx, batch.ids, batch.score
+        logits = model(input_ids=ids, attention_mask=batch.attn, position_ids=batch.pos).logits
         # logits at t-1 predict token t: select the rows of scored targets only
         sel = score[:, 1:]
         logp = torch.log_softmax(logits[:, :-1][sel].to(dtype), dim=-1)   # (n_tok, V)

@@ -66,8 +66,27 @@ class TrainConfig:
 
 @dataclass
 class KDConfig:
-    kd_ratio: float = 1.0               # weight of the KD term against CE
-    temperature: float = 1.0
+    """Hyperparameters of the KD methods (METHODS §2–§3), with the EMNLP code's defaults.
+
+    A field left at None takes the method's (or family's) own default, see
+    `kdaudit.train.methods.method_params`.
+    """
+    kd_ratio: float | None = None       # weight of the KD term against CE: 1.0 (0.5 for LLaMA)
+    temperature: float = 1.0            # divides both logits; the KD term is scaled by τ²
+    on_policy_fraction: float | None = None  # share of student-sampled batches: imitkd 1, gkd .5
+    jsd_beta: float = 0.1               # GKD: m = β p + (1 − β) q
+    skew_alpha: float = 0.1             # DistiLLM: KL(q ‖ (1 − α) p + α q)
+    teacher_mix_alpha: float = 0.2      # MiniLLM: sample from (1 − α) q + α p
+    minillm_clip: float = 0.2           # MiniLLM: PPO ratio clip
+    minillm_discount: float = 0.95      # MiniLLM: γ of the length-normalised return
+    replay_size: int = 1000             # ImitKD / DistiLLM replay buffer capacity
+    replay_ratio: float = 0.5           # share of a generated batch drawn from the buffer
+    distillm_init_prob: float = 0.0     # DistiLLM: starting probability of a generated batch
+    loss_eps: float = 0.1               # DistiLLM: validation-loss rise that raises it by 0.1
+    eval_every: int = 50                # DistiLLM: steps between validation losses
+    max_new_tokens: int = 64            # length of sampled responses
+    sample_temperature: float = 1.0     # sampling temperature (SeqKD: teacher at 1, top-p 1)
+    top_p: float = 1.0
 
 
 @dataclass
@@ -216,10 +235,33 @@ def validate(cfg: RunConfig) -> None:
                           f"{sorted(SIGNALS)}")
     if not 0 < cfg.audit.mink_k <= 1:
         raise ConfigError(f"audit.mink_k: expected 0 < k ≤ 1, got {cfg.audit.mink_k}")
-    if not 0 <= cfg.kd.kd_ratio <= 1:
-        raise ConfigError(f"kd.kd_ratio: expected 0 ≤ kd_ratio ≤ 1, got {cfg.kd.kd_ratio}")
-    if cfg.kd.temperature <= 0:
-        raise ConfigError(f"kd.temperature: expected > 0, got {cfg.kd.temperature}")
+    validate_kd(cfg.kd)
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"mixed_precision: expected 'no', 'bf16' or 'fp16', got "
                           f"{cfg.mixed_precision!r}")
+
+
+def validate_kd(kd: KDConfig, where: str = "kd") -> None:
+    """Range checks for the KD hyperparameters; the message names the field."""
+    def check(name: str, ok: bool, expected: str) -> None:
+        value = getattr(kd, name)
+        if value is not None and not ok:
+            raise ConfigError(f"{where}.{name}: expected {expected}, got {value!r}")
+
+    unit = lambda v: v is None or 0 <= v <= 1  # noqa: E731
+    check("kd_ratio", unit(kd.kd_ratio), "0 ≤ kd_ratio ≤ 1")
+    check("temperature", kd.temperature > 0, "> 0")
+    check("on_policy_fraction", unit(kd.on_policy_fraction), "a fraction in [0, 1]")
+    check("jsd_beta", 0 < kd.jsd_beta < 1, "0 < β < 1 (β = 0 or 1 is a plain KL: use it)")
+    check("skew_alpha", 0 <= kd.skew_alpha <= 1, "0 ≤ α ≤ 1")
+    check("teacher_mix_alpha", 0 <= kd.teacher_mix_alpha < 1, "0 ≤ α < 1")
+    check("minillm_clip", kd.minillm_clip > 0, "> 0")
+    check("minillm_discount", 0 < kd.minillm_discount <= 1, "0 < γ ≤ 1")
+    check("replay_size", kd.replay_size >= 1, "≥ 1")
+    check("replay_ratio", 0 <= kd.replay_ratio < 1, "0 ≤ ratio < 1")
+    check("distillm_init_prob", 0 <= kd.distillm_init_prob <= 1, "a probability")
+    check("loss_eps", kd.loss_eps >= 0, "≥ 0")
+    check("eval_every", kd.eval_every >= 1, "≥ 1 step")
+    check("max_new_tokens", kd.max_new_tokens >= 1, "≥ 1 token")
+    check("sample_temperature", kd.sample_temperature >= 0, "≥ 0 (0 = greedy)")
+    check("top_p", 0 < kd.top_p <= 1, "0 < top_p ≤ 1")

@@ -37,7 +37,7 @@ from kdaudit.models.bases import cached_base, cached_tokenizer, pretraining_reco
 from kdaudit.privacy_audit import canary_rows, heuristic_row
 from kdaudit.store import Manifest, RunDir, atomic_write_json, publish_dir, stable_hash
 from kdaudit.train import loop
-from kdaudit.train.methods import METHODS
+from kdaudit.train.methods import METHODS, method_params
 
 SPLITS = ("members", "nonmembers", "public", "validation")
 
@@ -209,11 +209,16 @@ class Pipeline:
             examples = [encode_record(r, tok, cfg.data.max_length) for r in records]
             model = load_model(self.dir.model(base_id))
             teacher = load_model(self.dir.model(teacher_id)) if teacher_id else None
-            result = loop.train(model, examples, METHODS[method], train_cfg, out_dir=out,
+            spec = METHODS[method]
+            validation = [encode_record(r, tok, cfg.data.max_length)
+                          for r in self.split("validation")] if spec.adaptive else []
+            result = loop.train(model, examples, spec, train_cfg, out_dir=out,
                                 seed=seed, pad_id=tok.pad_token_id, tokenizer=tok,
-                                teacher=teacher, params=cfg.kd.__dict__,
+                                teacher=teacher,
+                                params=method_params(spec, cfg.kd, model.config.model_type),
                                 run_key=stable_hash(inputs), mixed_precision=cfg.mixed_precision,
-                                desc=f"{model_id} ({method})")
+                                desc=f"{model_id} ({method})", validation=validation,
+                                max_length=cfg.data.max_length)
             return {"steps": result.steps, "first_loss": result.first_loss,
                     "last_loss": result.last_loss, "resumed_from": result.resumed_from,
                     "train_seconds": round(result.seconds, 2)}

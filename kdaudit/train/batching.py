@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -18,10 +18,14 @@ class Batch:
     input_ids: torch.Tensor       # (B, T) long
     attention_mask: torch.Tensor  # (B, T) long
     target_mask: torch.Tensor     # (B, T) bool
+    # per-token values aligned with input_ids that a loss needs, e.g. MiniLLM's sampling-time
+    # log probabilities; 0 outside the responses
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device),
-                     self.target_mask.to(device))
+                     self.target_mask.to(device),
+                     {k: v.to(device) for k, v in self.extras.items()})
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -30,7 +34,10 @@ class Batch:
             self.input_ids)
 
 
-def collate(examples: Sequence[Encoded], pad_id: int) -> Batch:
+def collate(examples: Sequence[Encoded], pad_id: int,
+            extras: dict[str, Sequence[Sequence[float]]] | None = None) -> Batch:
+    """Right-pad examples into a batch. `extras[name][row]` holds one value per response token
+    of that row; it is placed at the response positions (0 elsewhere)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(examples), width), dtype=torch.long)
@@ -40,7 +47,13 @@ def collate(examples: Sequence[Encoded], pad_id: int) -> Batch:
         ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
         attn[row, :n] = 1
         target[row, max(1, e.response_start):n] = True
-    return Batch(ids, attn, target)
+    placed = {}
+    for name, rows in (extras or {}).items():
+        values = torch.zeros((len(examples), width), dtype=torch.float32)
+        for row, (e, v) in enumerate(zip(examples, rows)):
+            values[row, e.response_start:e.response_start + len(v)] = torch.tensor(v)
+        placed[name] = values
+    return Batch(ids, attn, target, placed)
 
 
 def batch_order(lengths: Sequence[int], batch_size: int, epochs: float, seed: int,

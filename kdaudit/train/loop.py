@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 from kdaudit.config import TrainConfig
 from kdaudit.data.template import Encoded
 from kdaudit.store import atomic_write_json, publish_dir
-from kdaudit.train.batching import Batch, batch_order, collate
-from kdaudit.train.methods import Method
+from kdaudit.train.batching import batch_order
+from kdaudit.train.methods import Method, method_params
+from kdaudit.train.sources import BatchSource
 
 StepCallback = Callable[[int, dict[str, float]], None]
 
@@ -41,11 +42,15 @@ def _checkpoint_dir(out_dir: Path) -> Path:
 def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, *,
           out_dir: str | Path, seed: int, pad_id: int, tokenizer=None, teacher=None,
           params: dict[str, Any] | None = None, run_key: str = "", mixed_precision: str = "no",
-          desc: str = "train", callbacks: Sequence[StepCallback] = ()) -> TrainResult:
-    """Train `model` on `examples` with `method`'s loss; save it to `out_dir` (safetensors).
+          desc: str = "train", callbacks: Sequence[StepCallback] = (),
+          validation: Sequence[Encoded] = (), max_length: int | None = None) -> TrainResult:
+    """Train `model` on `examples` with `method`'s loss and data source; save it to `out_dir`
+    (safetensors).
 
-    `run_key` identifies the inputs; a checkpoint left by an interrupted run with the same key
-    is resumed, one with another key is discarded.
+    `params` are the method's parameters (`methods.method_params`); `validation` feeds
+    DistiLLM's schedule; `max_length` bounds prompt + sampled response. `run_key` identifies
+    the inputs; a checkpoint left by an interrupted run with the same key is resumed, one with
+    another key is discarded.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -53,7 +58,7 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
 
     out_dir = Path(out_dir)
     ckpt = _checkpoint_dir(out_dir)
-    params = params or {}
+    params = params if params is not None else method_params(method)
     if method.needs_teacher and teacher is None:
         raise ValueError(f"method '{method.name}' needs a teacher model")
     if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
@@ -63,6 +68,11 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
 
     accelerator = Accelerator(mixed_precision=mixed_precision)
     set_seed(seed)
+    source = BatchSource(method, examples, params, pad_id=pad_id,
+                         eos_id=model.config.eos_token_id,
+                         seed=seed * 1_000_003 + accelerator.process_index,
+                         max_length=max_length or max(len(e.input_ids) for e in examples),
+                         validation=validation)
     order = batch_order([len(e.input_ids) for e in examples], cfg.batch_size, cfg.epochs, seed)
     if cfg.max_steps:
         order = (order * (cfg.max_steps // len(order) + 1))[:cfg.max_steps]
@@ -86,6 +96,7 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
         state = json.loads(state_file.read_text())
         if state.get("run_key") == run_key and 0 < state["step"] < total:
             accelerator.load_state(str(ckpt / "state"))
+            source.load_state_dict(torch.load(ckpt / "source.pt", weights_only=False))
             start = state["step"]
         else:
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -94,6 +105,9 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     if start == 0:
         log_path.unlink(missing_ok=True)
 
+    student = accelerator.unwrap_model(model)
+    plain_teacher = accelerator.unwrap_model(teacher) if teacher is not None else None
+    source.prepare(student, plain_teacher)
     first_loss = last_loss = float("nan")
     t0 = time.time()
     bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
@@ -101,7 +115,8 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     with log_path.open("a") as log:
         for step in range(start, total):
             idx = order[step * world + rank] if world > 1 else order[step]
-            batch = collate([examples[i] for i in idx], pad_id).to(accelerator.device)
+            batch, origin = source.next_batch(idx, student, plain_teacher)
+            batch = batch.to(accelerator.device)
             with accelerator.autocast():
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                position_ids=batch.position_ids).logits
@@ -123,8 +138,11 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
             if step == start:
                 first_loss = last_loss
             record = {"step": step + 1, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                      **{k: float(v) for k, v in parts.items()}}
-            if (step + 1) % cfg.log_every == 0 or step + 1 == total or step == start:
+                      **{k: float(v) for k, v in parts.items()},
+                      **{k: float(v) for k, v in origin.items()},
+                      **source.after_step(step + 1, student, plain_teacher)}
+            if ((step + 1) % cfg.log_every == 0 or step + 1 == total or step == start
+                    or "val_loss" in record):
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             bar.update(1)
@@ -133,6 +151,7 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
                 cb(step + 1, record)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
                 accelerator.save_state(str(ckpt / "state"))
+                torch.save(source.state_dict(), ckpt / "source.pt")
                 atomic_write_json(state_file, {"step": step + 1, "run_key": run_key})
     bar.close()
 

@@ -6,6 +6,8 @@ once: logits at t predict the token at t+1, scored where `target_mask[:, t+1]` i
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -34,27 +36,109 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
 def ce_loss(logits, teacher_logits, batch, params):
     s, y, m = shifted(logits, batch)
     loss = cross_entropy(s, y, m)
-    return loss, {"ce": loss.item()}
+    return loss, {"ce": loss.item(), "objective": loss.item()}
 
 
 def kd_loss(logits, teacher_logits, batch, params):
-    """(1 − kd_ratio)·CE + kd_ratio·τ²·KL(p_teacher ‖ q_student) on ground-truth responses."""
+    """(1 − kd_ratio)·CE + kd_ratio·τ²·KL(p_teacher ‖ q_student) on the batch's responses
+    (ground truth for kd, teacher samples for seqkd)."""
     ratio, tau = params.get("kd_ratio", 1.0), params.get("temperature", 1.0)
     s, y, m = shifted(logits, batch)
     t = teacher_logits[:, :-1]
     ce = cross_entropy(s, y, m)
     kl = objectives.forward_kl(s, t, m, temperature=tau)
     loss = (1 - ratio) * ce + ratio * tau ** 2 * kl
-    return loss, {"ce": ce.item(), "forward_kl": kl.item()}
+    return loss, {"ce": ce.item(), "forward_kl": kl.item(), "objective": kl.item()}
+
+
+def divergence_loss(name: str, **param_fields: str) -> LossFn:
+    """τ²·D(teacher, student) on the batch's responses, D a divergence of `objectives`;
+    `param_fields` maps the divergence's keyword (beta, alpha) to its config field."""
+    def loss_fn(logits, teacher_logits, batch, params):
+        tau = params.get("temperature", 1.0)
+        s, _, m = shifted(logits, batch)
+        kw = {k: params[field] for k, field in param_fields.items()}
+        value = objectives.DIVERGENCES[name](s, teacher_logits[:, :-1], m, temperature=tau, **kw)
+        return tau ** 2 * value, {name: value.item(), "objective": value.item()}
+
+    loss_fn.__name__ = f"{name}_loss"
+    return loss_fn
+
+
+def minillm_returns(rewards: torch.Tensor, mask: torch.Tensor, discount: float) -> torch.Tensor:
+    """R_{t+1} = (1 / (T − t)) Σ_{t' = t+1..T} γ^{t'−t−1} r_{t'} per position t of each row:
+    the length-normalised, discounted return of the tokens after t (0 after the last one)."""
+    rewards = rewards * mask
+    after = torch.zeros_like(rewards)          # discounted sum over t' > t
+    count = torch.zeros_like(rewards)          # number of response tokens after t
+    for t in range(rewards.shape[1] - 2, -1, -1):
+        after[:, t] = rewards[:, t + 1] + discount * after[:, t + 1]
+        count[:, t] = mask[:, t + 1] + count[:, t + 1]
+    return torch.where(count > 0, after / count.clamp(min=1), torch.zeros_like(after))
+
+
+def minillm_loss(logits, teacher_logits, batch, params):
+    """MiniLLM (Gu et al., ICLR 2024): reverse KL by policy gradient on samples drawn from
+    (1 − α) q + α p.
+
+    Per response token t: importance weight w_t = q(y_t) / ((1 − α) q(y_t) + α p(y_t)),
+    reward r_t = log p(y_t) − log q(y_t), return R_{t+1} (`minillm_returns`), advantage
+    A_t = w_t R_{t+1}; the clipped surrogate max(−A ρ, −A clip(ρ, 1 ± ε)) with
+    ρ = q_θ(y_t) / q_old(y_t); plus the single-step term w_t KL(q_θ(·|y_<t) ‖ p(·|y_<t)),
+    differentiated exactly over the vocabulary. Sampling-time log probabilities come in
+    `batch.extras` ("student_logprob", "teacher_logprob", aligned with the tokens).
+    """
+    alpha, clip = params["teacher_mix_alpha"], params["minillm_clip"]
+    s, y, m = shifted(logits, batch)
+    mf = m.float()
+    lq_old = batch.extras["student_logprob"][:, 1:]
+    lp_old = batch.extras["teacher_logprob"][:, 1:]
+    lq = torch.log_softmax(s.float(), -1).gather(-1, y[..., None]).squeeze(-1)
+    with torch.no_grad():
+        if alpha > 0:
+            log_mix = torch.logaddexp(lq_old + math.log1p(-alpha), lp_old + math.log(alpha))
+            weight = (lq_old - log_mix).exp()
+        else:
+            weight = torch.ones_like(lq_old)
+        rewards = lp_old - lq_old
+        advantage = weight * minillm_returns(rewards, mf, params["minillm_discount"])
+    ratio = (lq - lq_old).exp()
+    surrogate = torch.maximum(-advantage * ratio,
+                              -advantage * ratio.clamp(1 - clip, 1 + clip))
+    n = mf.sum().clamp(min=1)
+    pg = (surrogate * mf).sum() / n
+    rkl = objectives.per_token("reverse_kl", s, teacher_logits[:, :-1], m)
+    single = (weight * rkl * mf).sum() / n
+    plain = ((rkl * mf).sum() / n).item()
+    return pg + single, {"policy_gradient": pg.item(), "single_step": single.item(),
+                         "reverse_kl": plain, "objective": plain,
+                         "reward": ((rewards * mf).sum() / n).item()}
+
+
+DataSource = str  # "ground_truth" | "teacher_samples" | "student_samples" | "mixture"
+DATA_SOURCES = ("ground_truth", "teacher_samples", "student_samples", "mixture")
 
 
 @dataclass(frozen=True)
 class Method:
+    """A training method: its loss, the data it trains on and its default parameters.
+
+    `data`: "ground_truth" (the split's responses), "teacher_samples" (teacher responses to the
+    split's prompts, generated once before training), "student_samples" (with probability
+    `on_policy_fraction`, or DistiLLM's adaptive probability, a batch is written by the student
+    during training; through a replay buffer when `replay`), "mixture" (every batch sampled from
+    the student–teacher mixture, MiniLLM).
+    """
+
     name: str
     loss: LossFn
     needs_teacher: bool = False
     student: bool = True        # selectable as a student method in configs and the CLI
     description: str = ""
+    data: DataSource = "ground_truth"
+    replay: bool = False
+    adaptive: bool = False      # DistiLLM: on-policy probability driven by validation loss
+    defaults: tuple[tuple[str, Any], ...] = ()
 
 
 METHODS: dict[str, Method] = {
@@ -66,4 +150,40 @@ METHODS: dict[str, Method] = {
                    description="student base fine-tuned on public ground truth, no teacher"),
     "kd": Method("kd", kd_loss, needs_teacher=True,
                  description="word-level KD: forward KL to the teacher on public ground truth"),
+    "seqkd": Method("seqkd", kd_loss, needs_teacher=True, data="teacher_samples",
+                    description="sequence-level KD: forward KL on teacher responses to public "
+                                "prompts, sampled once before training"),
+    "imitkd": Method("imitkd", divergence_loss("forward_kl"), needs_teacher=True,
+                     data="student_samples", replay=True,
+                     defaults=(("on_policy_fraction", 1.0),),
+                     description="ImitKD: forward KL on the student's own responses "
+                                 "(replay buffer)"),
+    "gkd": Method("gkd", divergence_loss("generalized_jsd", beta="jsd_beta"),
+                  needs_teacher=True, data="student_samples",
+                  defaults=(("on_policy_fraction", 0.5),),
+                  description="GKD: generalized JSD, half the batches written by the student"),
+    "minillm": Method("minillm", minillm_loss, needs_teacher=True, data="mixture",
+                      description="MiniLLM: reverse KL by policy gradient on samples from the "
+                                  "student–teacher mixture"),
+    "distillm": Method("distillm", divergence_loss("skew_reverse_kl", alpha="skew_alpha"),
+                       needs_teacher=True, data="student_samples", replay=True, adaptive=True,
+                       description="DistiLLM: skew reverse KL, adaptive share of student "
+                                   "responses (replay buffer)"),
 }
+
+
+def method_params(method: Method, kd: Any | None = None, family: str | None = None
+                  ) -> dict[str, Any]:
+    """The parameters a method trains with: the KD config, with fields left at None filled
+    by the method's defaults (kd_ratio: 0.5 for LLaMA-family students, else 1.0)."""
+    from kdaudit.config import KDConfig
+
+    params = dataclasses.asdict(kd if kd is not None else KDConfig())
+    for key, value in method.defaults:
+        if params.get(key) is None:
+            params[key] = value
+    if params.get("kd_ratio") is None:
+        params["kd_ratio"] = 0.5 if family == "llama" else 1.0
+    if params.get("on_policy_fraction") is None:
+        params["on_policy_fraction"] = 0.0
+    return params

@@ -1,0 +1,317 @@
+"""The six KD techniques: each draws the data its definition says and optimises its objective."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attacks.memorization import greedy_generate
+from kdaudit.config import KDConfig, TrainConfig
+from kdaudit.data.corpus import generate_records
+from kdaudit.data.template import encode_record, format_text
+from kdaudit.models import build_zoo_model, load_model, train_tokenizer
+from kdaudit.train import loop, objectives, sources
+from kdaudit.train.batching import collate
+from kdaudit.train.methods import METHODS, method_params, minillm_loss, minillm_returns
+from kdaudit.train.sampling import sample_responses
+from kdaudit.train.sources import AdaptiveSchedule, BatchSource
+
+KD_METHODS = ["kd", "seqkd", "imitkd", "gkd", "minillm", "distillm"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = train_tokenizer([format_text(r) for r in generate_records(200, seed=21)], 300)
+    examples = [encode_record(r, tok, 80) for r in generate_records(24, seed=22)]
+    validation = [encode_record(r, tok, 80) for r in generate_records(8, seed=23)]
+    return tok, examples, validation
+
+
+def _params(method: str, **kd) -> dict:
+    return method_params(METHODS[method], KDConfig(max_new_tokens=8, eval_every=2, **kd))
+
+
+# -- sampling ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_greedy_sampling_with_kv_cache_matches_generate(tiny_lm, family):
+    model, tok, records, _ = tiny_lm
+    if family != "gpt2":
+        model = build_zoo_model(f"{family}-smoke-teacher", tok, seed=3)
+    prompts = [encode_record(r, tok, 64).input_ids[:12 + 3 * i] for i, r in
+               enumerate(records[:5])]
+    expected = greedy_generate(model, prompts, max_new_tokens=10, pad_id=tok.pad_token_id,
+                               eos_id=tok.eos_token_id)
+    got = sample_responses(model, prompts, max_new_tokens=10, pad_id=tok.pad_token_id,
+                           eos_id=tok.eos_token_id, temperature=0)
+    assert [s.tokens for s in got] == expected
+
+
+def test_sampled_log_probs_are_the_models_own(tiny_lm):
+    model, tok, records, _ = tiny_lm
+    teacher = build_zoo_model("gpt2-smoke-student", tok, seed=5).eval()
+    prompts = [encode_record(r, tok, 64).input_ids[:20] for r in records[:3]]
+    samples = sample_responses(model, prompts, max_new_tokens=6, pad_id=tok.pad_token_id,
+                               eos_id=tok.eos_token_id, teacher=teacher, teacher_mix=0.2,
+                               generator=torch.Generator().manual_seed(0))
+    for p, s in zip(prompts, samples):
+        ids = torch.tensor([p + s.tokens])
+        for m, logged in ((model, s.student_logprob), (teacher, s.teacher_logprob)):
+            lp = torch.log_softmax(m(ids).logits[0, len(p) - 1:-1].float(), -1)
+            direct = lp.gather(-1, torch.tensor(s.tokens)[:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(logged), direct, rtol=1e-4, atol=1e-4)
+
+
+# -- objectives on fixed logits ---------------------------------------------------------------
+def _fixed_batch(vocab=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(3, 6, vocab, generator=g, dtype=torch.float64)
+    t = torch.randn(3, 6, vocab, generator=g, dtype=torch.float64)
+    ids = torch.randint(vocab, (3, 6), generator=g)
+    target = torch.zeros(3, 6, dtype=torch.bool)
+    target[0, 2:] = True
+    target[1, 3:5] = True
+    target[2, 1:] = True
+    from kdaudit.train.batching import Batch
+
+    return s, t, Batch(ids, torch.ones_like(ids), target)
+
+
+def _brute(fn, s, t, batch):
+    """Mean over response positions of a per-position divergence of the shifted logits."""
+    vals = []
+    for b in range(s.shape[0]):
+        for pos in range(1, s.shape[1]):
+            if batch.target_mask[b, pos]:
+                p = torch.softmax(t[b, pos - 1], -1)
+                q = torch.softmax(s[b, pos - 1], -1)
+                vals.append(fn(p, q))
+    return torch.stack(vals).mean()
+
+
+def _kl(a, b):
+    return (a * (a.log() - b.log())).sum()
+
+
+@pytest.mark.parametrize("method,fn", [
+    ("kd", lambda p, q: _kl(p, q)),
+    ("imitkd", lambda p, q: _kl(p, q)),
+    ("gkd", lambda p, q: 0.1 * _kl(p, 0.1 * p + 0.9 * q) + 0.9 * _kl(q, 0.1 * p + 0.9 * q)),
+    ("distillm", lambda p, q: _kl(q, 0.9 * p + 0.1 * q)),
+])
+def test_each_objective_matches_its_definition(method, fn):
+    s, t, batch = _fixed_batch()
+    loss, parts = METHODS[method].loss(s, t, batch, _params(method))
+    expected = _brute(fn, s, t, batch)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-9)
+    assert parts["objective"] == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_llama_students_default_to_half_kd_ratio():
+    assert method_params(METHODS["kd"], KDConfig(), "llama")["kd_ratio"] == 0.5
+    assert method_params(METHODS["kd"], KDConfig(), "gpt2")["kd_ratio"] == 1.0
+    assert method_params(METHODS["kd"], KDConfig(kd_ratio=0.3), "llama")["kd_ratio"] == 0.3
+    assert method_params(METHODS["gkd"], KDConfig())["on_policy_fraction"] == 0.5
+    assert method_params(METHODS["imitkd"], KDConfig())["on_policy_fraction"] == 1.0
+
+
+def test_minillm_returns_are_length_normalised_and_discounted():
+    r = torch.tensor([[0.0, 1.0, 2.0, 3.0, 9.0]], dtype=torch.float64)
+    m = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    g = 0.5
+    got = minillm_returns(r, m, g)[0]
+    # position 0: tokens 1..3 follow, 3 of them
+    assert got[0].item() == pytest.approx((1 + g * 2 + g * g * 3) / 3)
+    assert got[1].item() == pytest.approx((2 + g * 3) / 2)
+    assert got[2].item() == pytest.approx(3 / 1)
+    assert got[3].item() == 0 and got[4].item() == 0
+
+
+def _minillm_reference(s, t, batch, params):
+    """MiniLLM's loss written token by token (METHODS §3), for autograd to differentiate."""
+    a, c, gamma = params["teacher_mix_alpha"], params["minillm_clip"], params["minillm_discount"]
+    lq_old, lp_old = batch.extras["student_logprob"], batch.extras["teacher_logprob"]
+    terms = []
+    for b in range(s.shape[0]):
+        pos = [i for i in range(1, s.shape[1]) if batch.target_mask[b, i]]
+        for j, i in enumerate(pos):
+            q = torch.log_softmax(s[b, i - 1], -1)
+            p = torch.log_softmax(t[b, i - 1], -1)
+            y = batch.input_ids[b, i]
+            w = math.exp(lq_old[b, i]) / ((1 - a) * math.exp(lq_old[b, i])
+                                          + a * math.exp(lp_old[b, i]))
+            later = pos[j + 1:]
+            ret = sum(gamma ** k * float(lp_old[b, i2] - lq_old[b, i2])
+                      for k, i2 in enumerate(later)) / len(later) if later else 0.0
+            adv = w * ret
+            rho = torch.exp(q[y] - lq_old[b, i])
+            pg = torch.maximum(-adv * rho, -adv * rho.clamp(1 - c, 1 + c))
+            single = w * (q.exp() * (q - p)).sum()
+            terms.append(pg + single)
+    return torch.stack(terms).mean()
+
+
+def test_minillm_surrogate_gradient_matches_autograd_reference():
+    s, t, batch = _fixed_batch(vocab=5, seed=3)
+    g = torch.Generator().manual_seed(9)
+    # sampling-time log probs a little off the current ones so that ρ ≠ 1 and clipping bites
+    lq_now = torch.log_softmax(s, -1)[:, :-1].gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    shift = torch.zeros_like(batch.input_ids, dtype=torch.float64)
+    shift[:, 1:] = lq_now + 0.4 * torch.randn(lq_now.shape, generator=g, dtype=torch.float64)
+    lp = torch.zeros_like(shift)
+    lp[:, 1:] = torch.log_softmax(t, -1)[:, :-1].gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    batch.extras = {"student_logprob": shift, "teacher_logprob": lp}
+    params = _params("minillm")
+    s1 = s.clone().requires_grad_(True)
+    s2 = s.clone().requires_grad_(True)
+    loss, _ = minillm_loss(s1, t, batch, params)
+    ref = _minillm_reference(s2, t, batch, params)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-9)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-6, atol=1e-9)
+
+
+# -- DistiLLM's schedule ----------------------------------------------------------------------
+def test_adaptive_schedule_rises_exactly_at_loss_eps_and_caps_at_one():
+    s = AdaptiveSchedule(init=0.0, eps=0.1)
+    assert not s.update(2.0) and s.prob == 0.0           # first value: the reference
+    assert not s.update(2.0999) and s.prob == 0.0         # below eps
+    assert not s.update(1.5) and s.prob == 0.0            # lower: no rise, reference kept
+    assert s.update(2.1) and s.prob == pytest.approx(0.1)  # exactly eps above the reference
+    assert not s.update(2.15) and s.prob == pytest.approx(0.1)  # reference is now 2.1
+    for k in range(20):
+        s.update(2.2 + 0.1 * k)
+    assert s.prob == 1.0
+    top = AdaptiveSchedule(init=0.95, eps=0.1)
+    top.update(0.0)
+    assert top.update(0.2) and top.prob == 1.0
+
+
+# -- each method draws its data ---------------------------------------------------------------
+class SamplerSpy:
+    def __init__(self, monkeypatch, step_of):
+        self.calls = []
+        self.step_of = step_of
+
+        def spy(model, prompts, **kw):
+            out = sample_responses(model, prompts, **kw)
+            self.calls.append({"model": model, "teacher": kw.get("teacher"),
+                               "mix": kw.get("teacher_mix", 0.0), "step": step_of[0],
+                               "tokens": [s.tokens for s in out]})
+            return out
+
+        monkeypatch.setattr(sources, "sample_responses", spy)
+
+
+def _train(method, setup, tmp_path, monkeypatch, epochs=1.0, **kd):
+    tok, examples, validation = setup
+    step = [0]
+    spy = SamplerSpy(monkeypatch, step)
+    seen = []
+    real_collate = sources.collate
+
+    def spy_collate(rows, pad_id, extras=None):
+        seen.append((step[0], [list(e.input_ids[e.response_start:]) for e in rows]))
+        return real_collate(rows, pad_id, extras)
+
+    monkeypatch.setattr(sources, "collate", spy_collate)
+    student = build_zoo_model("gpt2-smoke-student", tok, seed=0)
+    teacher = build_zoo_model("gpt2-smoke-teacher", tok, seed=1).eval()
+
+    def count(s, record):
+        step[0] = s
+
+    result = loop.train(student, examples, METHODS[method], TrainConfig(
+        epochs=epochs, batch_size=8, lr=1e-3), out_dir=tmp_path / method, seed=0,
+        pad_id=tok.pad_token_id, teacher=teacher if METHODS[method].needs_teacher else None,
+        params=_params(method, **kd), desc=None, callbacks=[count], validation=validation,
+        max_length=80)
+    return student, teacher, spy.calls, [s for s in seen if s[0] >= 0], result
+
+
+def test_ground_truth_methods_never_sample(setup, tmp_path, monkeypatch):
+    for method in ("nokd", "kd"):
+        *_, calls, seen, _ = _train(method, setup, tmp_path, monkeypatch)
+        assert calls == []
+        truth = {tuple(e.input_ids[e.response_start:]) for e in setup[1]}
+        assert all(tuple(r) in truth for _, rows in seen for r in rows)
+
+
+def test_seqkd_trains_on_teacher_samples_made_before_training(setup, tmp_path, monkeypatch):
+    student, teacher, calls, seen, result = _train("seqkd", setup, tmp_path, monkeypatch)
+    assert len(calls) == 1 and calls[0]["model"] is teacher and calls[0]["step"] == 0
+    written = {tuple(t) for t in calls[0]["tokens"]}
+    rows = [tuple(r) for _, rows in seen for r in rows]
+    assert rows and all(r in written for r in rows)
+
+
+def test_imitkd_trains_on_the_students_own_text_every_step(setup, tmp_path, monkeypatch):
+    student, teacher, calls, seen, result = _train("imitkd", setup, tmp_path, monkeypatch,
+                                                   epochs=2.0)
+    steps = sorted({c["step"] for c in calls})
+    assert steps == list(range(result.steps))       # a fresh generation at every step
+    assert all(c["model"] is student and c["teacher"] is None for c in calls)
+    written = {tuple(t) for c in calls for t in c["tokens"]}
+    assert all(tuple(r) in written for _, rows in seen for r in rows)
+    log = (tmp_path / "imitkd" / "train_log.jsonl").read_text()
+    assert '"replayed": 4.0' in log                 # later batches mix in the replay buffer
+
+
+def test_gkd_samples_about_half_of_its_batches(setup, tmp_path, monkeypatch):
+    *_, calls, seen, result = _train("gkd", setup, tmp_path, monkeypatch, epochs=8.0)
+    share = len({c["step"] for c in calls}) / result.steps
+    assert result.steps == 24 and 0.25 <= share <= 0.75
+
+
+def test_minillm_samples_the_mixture_with_the_teacher(setup, tmp_path, monkeypatch):
+    student, teacher, calls, seen, result = _train("minillm", setup, tmp_path, monkeypatch)
+    assert len(calls) == result.steps
+    assert all(c["model"] is student and c["teacher"] is teacher and c["mix"] == 0.2
+               for c in calls)
+
+
+def test_distillm_schedule_follows_the_validation_loss(setup, tmp_path, monkeypatch):
+    # a start probability of 1 makes every batch student-written; the log shows the losses
+    *_, calls, seen, result = _train("distillm", setup, tmp_path, monkeypatch,
+                                     distillm_init_prob=1.0)
+    import json
+
+    log = [json.loads(x) for x in (tmp_path / "distillm" / "train_log.jsonl").open()]
+    evals = [r for r in log if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2]
+    assert len({c["step"] for c in calls}) == result.steps
+
+
+def test_on_policy_training_resumes_to_the_same_weights(setup, tmp_path):
+    tok, examples, _ = setup
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=3e-3, checkpoint_every=2)
+    teacher = build_zoo_model("gpt2-smoke-teacher", tok, seed=1).eval()
+    kw = dict(seed=0, pad_id=tok.pad_token_id, teacher=teacher, run_key="k", desc=None,
+              params=_params("imitkd"), max_length=80)
+
+    def fresh():
+        return build_zoo_model("gpt2-smoke-student", tok, seed=0)
+
+    loop.train(fresh(), examples, METHODS["imitkd"], cfg, out_dir=tmp_path / "a", **kw)
+
+    def crash(step, record):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(fresh(), examples, METHODS["imitkd"], cfg, out_dir=tmp_path / "b",
+                   callbacks=[crash], **kw)
+    resumed = loop.train(fresh(), examples, METHODS["imitkd"], cfg, out_dir=tmp_path / "b",
+                         **kw)
+    assert resumed.resumed_from == 4
+    a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_adaptive_method_needs_validation(setup):
+    tok, examples, _ = setup
+    with pytest.raises(ValueError, match="validation"):
+        BatchSource(METHODS["distillm"], examples, _params("distillm"), pad_id=0, eos_id=1,
+                    seed=0, max_length=80)

@@ -175,6 +175,11 @@ SIGNALS: dict[str, Signal] = {
                        ("token_stats", "reference:ref_base"),
                        "token log-probabilities of the target and of its base model",
                        "−(NLL_target − NLL_base): calibrated by the pre-fine-tuning base"),
+    "ref_ext": Signal("ref_ext", reference_signal("ref_ext"),
+                      ("token_stats", "reference:ref_ext"),
+                      "token log-probabilities of the target and of an independent model",
+                      "−(NLL_target − NLL_external): calibrated by a model trained "
+                      "independently (per UTF-8 byte when the tokenizers differ)"),
     "lowercase": Signal("lowercase", lowercase_signal, ("token_stats", "lowercase_pass"),
                         "token log-probabilities (two passes)",
                         "−NLL(text) / NLL(lowercased text) (Carlini et al. 2021)"),

@@ -49,7 +49,7 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
                  signals: Sequence[str] | None = None, config: AuditConfig | None = None,
                  references: Mapping[str, Sequence[tuple[object, set[str]]]] | None = None,
                  population: Sequence[Record] | str | Path | None = None,
-                 canaries: str | Path | None = None,
+                 canaries: str | Path | None = None, external: str | Path | None = None,
                  max_length: int = 512, seed: int = 0) -> AuditResult:
     """Attack every model in `models` ({id: HF folder, hub name or loaded model}).
 
@@ -57,7 +57,8 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
     audited too (a base never saw the members: its AUC should sit near 0.5). `references`
     maps a model id to its LiRA/RMIA reference models, each with the set of record ids it was
     trained on; `population` (other records of the same distribution) enables RMIA;
-    `canaries` (a run's data/canaries.jsonl) adds canary exposure and the one-run ε bound.
+    `canaries` (a run's data/canaries.jsonl) adds canary exposure and the one-run ε bound;
+    `external` (a model folder or hub name, with its own tokenizer) enables `ref_ext`.
     All models must share one tokenizer (`tokenizer`, or the first model's folder's).
     """
     from kdaudit.models import load_model, load_tokenizer
@@ -65,9 +66,13 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
     cfg = config or AuditConfig()
     if signals is not None:
         cfg = AuditConfig(**{**cfg.__dict__, "signals": list(signals)})
+    if external is not None and signals is None and "ref_ext" not in cfg.signals:
+        cfg = AuditConfig(**{**cfg.__dict__, "signals": [*cfg.signals, "ref_ext"]})
     unknown = [s for s in cfg.signals if s not in SIGNALS]
     if unknown:
         raise ValueError(f"unknown signal(s) {unknown}; available: {sorted(SIGNALS)}")
+    if "ref_ext" in cfg.signals and external is None and signals is not None:
+        raise ValueError("signal 'ref_ext' needs an independent model: pass external=PATH")
     aset = AuditSet(_records(members, "members"), _records(nonmembers, "nonmembers"))
     # one audited base per distinct base model, however many models share it
     base_ids: dict[str, str] = {}
@@ -114,12 +119,19 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
                                        seed=seed)
             privacy.append(heuristic_row(info.id, -passes[info.id].stats.nll(), aset.labels,
                                          seed, "loss"))
+    ext_stats, ext_per_byte = None, False
+    if external is not None:
+        ext_tok = load_tokenizer(external)
+        ext_stats = compute_pass(load_model(external), ext_tok, aset.records, _plain(cfg),
+                                 max_length=max_length, desc="external").stats
+        ext_per_byte = ext_tok.get_vocab() != tokenizer.get_vocab()
     pop = _records(population, "population") if population is not None else None
     ref_models = {mid: _reference_models(refs, passes[mid], aset, pop, sources[mid], tokenizer,
                                          cfg, max_length)
                   for mid, refs in (references or {}).items() if refs}
     result = assemble(infos, aset, passes, gens, tokenizer, cfg, references=ref_models,
                       extraction=extraction, max_length=max_length, seed=seed,
+                      external=ext_stats, external_per_byte=ext_per_byte,
                       config={"audit": cfg.__dict__, "models": {k: str(v) for k, v in
                                                                 sources.items()}})
     result.privacy = pd.DataFrame(privacy, columns=["model", "metric", "value", "note"])

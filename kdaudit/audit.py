@@ -242,10 +242,13 @@ def assemble(models: Sequence[ModelInfo], audit_set: AuditSet, passes: Mapping[s
              per_byte: Mapping[str, bool] | None = None, max_length: int,
              references: Mapping[str, ReferenceModels] | None = None,
              extraction: Mapping[str, pd.DataFrame] | None = None,
+             external: TokenStats | None = None, external_per_byte: bool = False,
              seed: int = 0, config: dict[str, Any] | None = None) -> AuditResult:
     """Signals, metrics, memorization and utility from per-model passes and generations.
 
-    `references` maps a model id to its LiRA/RMIA reference models, where there are any.
+    `references` maps a model id to its LiRA/RMIA reference models, where there are any;
+    `external` is an independent model's pass (`ref_ext`), per byte when its tokenizer
+    differs.
     Model-free signals (the blind baseline) are computed once and reported as model "data".
     """
     labels = audit_set.labels
@@ -270,6 +273,9 @@ def assemble(models: Sequence[ModelInfo], audit_set: AuditSet, passes: Mapping[s
         if info.base is not None and info.base in stats:
             inputs.references["ref_base"] = stats[info.base]
             inputs.reference_per_byte["ref_base"] = per_byte.get(info.id, False)
+        if external is not None and info.id != "data":
+            inputs.references["ref_ext"] = external
+            inputs.reference_per_byte["ref_ext"] = external_per_byte
         frame = pd.DataFrame({"record_id": [r.id for r in records], "label": labels,
                               "category": [r.category for r in records]})
         roc[info.id] = {}

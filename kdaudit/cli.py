@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kdaudit.config import ConfigError, load_config, presets
+from kdaudit.config import AuditConfig, ConfigError, load_config, presets
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -14,7 +14,13 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {"seed": args.seed, "out_dir": args.out, "name": args.name}
     cfg = load_config(args.preset, args.config, **overrides)
     result = run(cfg)
-    _print_summary(result.audit, result.report)
+    if hasattr(result, "families"):
+        for family, r in result.families.items():
+            print(f"\n== {family}")
+            _print_summary(r.audit, r.report)
+        print(f"\nSuite report: {result.report['html']}\n              {result.report['md']}")
+    else:
+        _print_summary(result.audit, result.report)
     return 0
 
 
@@ -53,7 +59,6 @@ def _audit(args: argparse.Namespace) -> int:
     from attacks.mia import SIGNALS
     from kdaudit import audit_models, load_records
     from kdaudit.api import read_inclusion
-    from kdaudit.config import AuditConfig
 
     models = {"teacher": args.teacher} if args.teacher else {}
     students = _named(args.student, "--student")
@@ -72,9 +77,11 @@ def _audit(args: argparse.Namespace) -> int:
         bases["teacher"] = args.teacher_base
     if args.student_base:
         bases.update({name: args.student_base for name in students})
-    cfg = AuditConfig(redact=not args.show_secrets)
+    cfg = AuditConfig(redact=not args.show_secrets, canary_candidates=args.canary_candidates)
     if args.signals:
         cfg.signals = [s.strip() for s in args.signals.split(",") if s.strip()]
+    elif args.external:
+        cfg.signals = [*cfg.signals, "ref_ext"]
     references: dict[str, list] = {}
     for v in args.reference or []:
         name, sep, rest = v.partition("=")
@@ -89,10 +96,29 @@ def _audit(args: argparse.Namespace) -> int:
     population = load_records(args.population, mapping=args.mapping) if args.population else None
     result = audit_models(models, members, nonmembers, bases=bases, signals=cfg.signals,
                           config=cfg, references=references, population=population,
-                          canaries=args.canaries, max_length=args.max_length, seed=args.seed)
+                          canaries=args.canaries, external=args.external,
+                          max_length=args.max_length, seed=args.seed)
     out = Path(args.out)
     result.write_tables(out / "tables")
     _print_summary(result, result.write_report(out / "report", redact=cfg.redact))
+    return 0
+
+
+def _student(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from kdaudit.distil import train_student
+
+    cfg = load_config(args.preset, args.config)
+    train = dataclasses.replace(cfg.student, **{k: v for k, v in (
+        ("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v})
+    result = train_student(args.method, student_base=args.student_base, teacher=args.teacher,
+                           data=args.data, validation=args.validation, out=args.out,
+                           tokenizer=args.tokenizer, train=train, kd=cfg.kd,
+                           max_length=args.max_length or cfg.data.max_length, seed=args.seed,
+                           mapping=args.mapping, mixed_precision=cfg.mixed_precision)
+    print(f"{args.method}: {result.steps} steps in {result.seconds:.0f} s, loss "
+          f"{result.first_loss:.3f} → {result.last_loss:.3f}; saved to {args.out}")
     return 0
 
 
@@ -141,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--population", help="other records of the same distribution (RMIA)")
     p.add_argument("--canaries", help="canaries planted in the teacher's training data (a "
                    "run's data/canaries.jsonl): exposure and the one-run ε lower bound")
+    p.add_argument("--canary-candidates", type=int, default=AuditConfig.canary_candidates,
+                   help="random secrets each repeated canary is ranked against for exposure "
+                        "(default %(default)s; match the run's audit.canary_candidates to "
+                        "reproduce its numbers)")
+    p.add_argument("--external", metavar="PATH",
+                   help="an independently trained model (its own tokenizer): enables ref_ext")
     p.add_argument("--mapping", choices=["dolly", "alpaca", "kdaudit"],
                    help="column schema of the data files (guessed when omitted)")
     p.add_argument("--signals", help="comma-separated signal names (default: all that apply)")
@@ -150,6 +182,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-secrets", action="store_true",
                    help="do not redact private details in example text")
     p.set_defaults(fn=_audit)
+
+    from kdaudit.distil import student_methods
+
+    p = sub.add_parser("student", help="distil one student from a teacher with one KD method",
+                       description="Train STUDENT_BASE on DATA (public records) with a KD "
+                                   "method and save it to OUT. Hyperparameters come from the "
+                                   "preset's [student] and [kd] sections, a --config file, "
+                                   "then the flags.")
+    p.add_argument("--method", required=True, choices=student_methods())
+    p.add_argument("--student-base", required=True, metavar="PATH",
+                   help="the student's starting point: a model folder or hub name")
+    p.add_argument("--teacher", metavar="PATH", help="the teacher (every method but nokd)")
+    p.add_argument("--data", required=True, help="training records (.jsonl/.csv/.parquet, "
+                   "HF dataset folder or hub name)")
+    p.add_argument("--validation", help="validation records for DistiLLM's schedule "
+                   "(default: 10%% of --data, at most 100)")
+    p.add_argument("--tokenizer", metavar="PATH", help="default: the student base's")
+    p.add_argument("--mapping", choices=["dolly", "alpaca", "kdaudit"],
+                   help="column schema of the data files (guessed when omitted)")
+    p.add_argument("--preset", default="tiny", choices=presets())
+    p.add_argument("--config", type=Path, help="TOML file overriding preset fields")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int, help="tokens per record (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for the trained student")
+    p.set_defaults(fn=_student)
 
     p = sub.add_parser("report", help="(re)write the report of a finished run directory",
                        description="Rebuild report.html and report.md from the tables and "

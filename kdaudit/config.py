@@ -48,6 +48,10 @@ class ModelsConfig:
     teacher: str = "gpt2-tiny-teacher"  # a zoo preset, or any from_pretrained name / path
     student: str = "gpt2-tiny-student"
     vocab_size: int = 2048              # offline BPE tokenizer (zoo presets only)
+    # the `ref_ext` signal's independent model: "" (none), "builtin" (the student preset
+    # pretrained on an independently seeded corpus with its own tokenizer), or a model
+    # folder / hub name (its own tokenizer is used; NLL is compared per byte if it differs)
+    external: str = ""
     cache_dir: str | None = None        # pretrained tiny bases; default ~/.cache/kdaudit
 
 
@@ -116,6 +120,9 @@ class RunConfig:
     mixed_precision: str = "no"         # "no" | "bf16" | "fp16" (Accelerate)
     methods: list[str] = field(default_factory=lambda: ["nokd", "kd"])
     reference_models: int = 0           # K ≥ 4 reference teachers (and students): LiRA / RMIA
+    # model families run side by side (e.g. ["gpt2", "opt", "llama"]); `models.teacher` and
+    # `models.student` then name presets with a "{family}" placeholder. Empty: one family.
+    families: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, lr=2e-3))
@@ -130,6 +137,15 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+    def for_family(self, family: str) -> "RunConfig":
+        """The single-family run of a multi-family config: models named for `family`, run
+        directory `<run_dir>/<family>`."""
+        models = dataclasses.replace(self.models,
+                                     teacher=self.models.teacher.format(family=family),
+                                     student=self.models.student.format(family=family))
+        return dataclasses.replace(self, families=[], name=family, out_dir=str(self.run_dir),
+                                   models=models)
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
@@ -229,6 +245,9 @@ def validate(cfg: RunConfig) -> None:
     if unknown:
         raise ConfigError(f"methods: unknown method(s) {unknown}; implemented: "
                           f"{sorted(k for k in METHODS if METHODS[k].student)}")
+    if "ref_ext" in cfg.audit.signals and not cfg.models.external:
+        raise ConfigError("audit.signals: 'ref_ext' needs an independent model: set "
+                          "models.external = \"builtin\" or a model folder / hub name")
     unknown = [s for s in cfg.audit.signals if s not in SIGNALS]
     if unknown:
         raise ConfigError(f"audit.signals: unknown signal(s) {unknown}; available: "
@@ -236,6 +255,15 @@ def validate(cfg: RunConfig) -> None:
     if not 0 < cfg.audit.mink_k <= 1:
         raise ConfigError(f"audit.mink_k: expected 0 < k ≤ 1, got {cfg.audit.mink_k}")
     validate_kd(cfg.kd)
+    if cfg.families:
+        if len(set(cfg.families)) != len(cfg.families):
+            raise ConfigError(f"families: a family is listed twice in {cfg.families}")
+        for role in ("teacher", "student"):
+            name = getattr(cfg.models, role)
+            if "{family}" not in name:
+                raise ConfigError(f"models.{role}: with several families it must contain "
+                                  f"the placeholder '{{family}}', e.g. '{{family}}-tiny-{role}'; "
+                                  f"got {name!r}")
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"mixed_precision: expected 'no', 'bf16' or 'fp16', got "
                           f"{cfg.mixed_precision!r}")

@@ -33,7 +33,8 @@ from kdaudit.data.corpus import generate_records, person_name
 from kdaudit.data.splits import split_records
 from kdaudit.data.template import encode_record
 from kdaudit.models import is_zoo, load_model, load_tokenizer
-from kdaudit.models.bases import cached_base, cached_tokenizer, pretraining_records
+from kdaudit.models.bases import cached_base, cached_tokenizer, external_config, \
+    pretraining_records
 from kdaudit.privacy_audit import canary_rows, heuristic_row
 from kdaudit.store import Manifest, RunDir, atomic_write_json, publish_dir, stable_hash
 from kdaudit.train import loop
@@ -189,6 +190,43 @@ class Pipeline:
                               "pretrain": self.cfg.pretrain.__dict__, "seed": self.cfg.seed},
                    [out / "config.json"], fn)
 
+    def external_stage(self) -> None:
+        """`ref_ext`'s independent model, with its own tokenizer, in models/ref_ext."""
+        source = self.cfg.models.external
+        out = self.dir.model("ref_ext")
+
+        def fn():
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            if source == "builtin":
+                ext = external_config(self.cfg)
+                texts = _pretraining_texts(ext)
+                tok = cached_tokenizer(ext, texts)
+                student = self.cfg.models.student
+                preset = student if is_zoo(student) else "gpt2-tiny-student"
+                shutil.copytree(cached_base(ext, preset, tok, texts), tmp)
+            elif Path(source).exists():
+                shutil.copytree(source, tmp)
+            else:
+                load_model(source).save_pretrained(str(tmp), safe_serialization=True)
+                load_tokenizer(source).save_pretrained(str(tmp))
+            publish_dir(tmp, out)
+            return {"source": source}
+
+        self.stage("ref_ext", {"external": source, "pretrain": self.cfg.pretrain.__dict__,
+                               "student": self.cfg.models.student, "seed": self.cfg.seed,
+                               "data": [self.cfg.data.pretrain_records,
+                                        self.cfg.data.pretrain_seed, self.cfg.models.vocab_size]},
+                   [out / "config.json"], fn)
+
+    def external_pass(self) -> tuple[Any, bool]:
+        """(token statistics of ref_ext, whether its tokenizer differs from the run's)."""
+        if not self.cfg.models.external:
+            return None, False
+        other = load_tokenizer(self.dir.model("ref_ext"))
+        return (ModelPass.load(self.dir.stats("ref_ext")).stats,
+                other.get_vocab() != self.tokenizer.get_vocab())
+
     def train_stage(self, model_id: str, method: str, base_id: str, split: str,
                     teacher_id: str | None = None, seed_offset: int = 0) -> None:
         cfg = self.cfg
@@ -235,9 +273,11 @@ class Pipeline:
 
         def fn():
             model = load_model(self.dir.model(model_id))
+            tokenizer = load_tokenizer(self.dir.model(model_id)) if model_id == "ref_ext" \
+                else self.tokenizer
             records = (self.split("validation") if population else
                        self.split("members") + self.split("nonmembers"))
-            result = compute_pass(model, self.tokenizer, records, audit_cfg,
+            result = compute_pass(model, tokenizer, records, audit_cfg,
                                   max_length=cfg.data.max_length, desc=model_id)
             self.dir.stats(model_id, which).parent.mkdir(parents=True, exist_ok=True)
             result.save(self.dir.stats(model_id, which))
@@ -359,9 +399,11 @@ class Pipeline:
                 frame = pd.read_parquet(path)
                 gens[m.id] = [list(map(int, t)) for t in frame.tokens]
                 extraction[m.id] = frame[["record_id", "targeted", "sampled"]]
+        external, per_byte = self.external_pass()
         result = assemble(models, self.audit_set(), passes, gens, self.tokenizer,
                           self.cfg.audit, max_length=self.cfg.data.max_length,
                           references=self.reference_models(),
+                          external=external, external_per_byte=per_byte,
                           extraction=extraction, seed=self.cfg.seed,
                           config=self.cfg.to_dict())
         rows = [row for m in models if self.dir.privacy(m.id).exists()
@@ -411,6 +453,9 @@ class Pipeline:
         self.tokenizer_stage()
         self.base_stage("base_teacher", cfg.models.teacher)
         self.base_stage("base_student", cfg.models.student)
+        if cfg.models.external:
+            self.external_stage()
+            self.stats_stage("ref_ext", plain=True)
         self.train_stage("teacher", "sft", "base_teacher", "members")
         for method in cfg.methods:
             needs = METHODS[method].needs_teacher
@@ -447,6 +492,32 @@ def _pretraining_texts(cfg: RunConfig) -> list[str]:
     return [format_text(r) for r in pretraining_records(cfg)]
 
 
-def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
-    """Run (or resume) the whole pipeline for `cfg`; see the module docstring."""
-    return Pipeline(cfg, log=log).run()
+@dataclass
+class SuiteResult:
+    """A run over several model families: one RunResult per family and a suite report."""
+
+    run_dir: Path
+    families: dict[str, RunResult]
+    report: dict[str, Path]
+
+
+def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult | SuiteResult:
+    """Run (or resume) the whole pipeline for `cfg`; see the module docstring. A config with
+    `families` runs each family in `<run_dir>/<family>` and adds a suite report."""
+    if not cfg.families:
+        return Pipeline(cfg, log=log).run()
+    results = {}
+    for family in cfg.families:
+        log(f"== family {family}")
+        results[family] = Pipeline(cfg.for_family(family), log=log).run()
+    return SuiteResult(cfg.run_dir, results, write_suite(cfg, results))
+
+
+def write_suite(cfg: RunConfig, results: dict[str, RunResult]) -> dict[str, Path]:
+    """The suite report: per family, the leakage heatmaps and a link to its own report."""
+    from kdaudit.report import write_suite_report
+
+    families = {f: {"mia": r.audit.mia, "models": r.audit.models, "utility": r.audit.utility,
+                    "report": f"../{f}/report/report.html"} for f, r in results.items()}
+    return write_suite_report(cfg.run_dir / "report", families,
+                              title=f"kdaudit suite report: {cfg.name}")

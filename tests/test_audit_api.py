@@ -151,3 +151,31 @@ def test_blind_baseline_flags_a_shifted_split(tmp_path):
     random.Random(0).shuffle(mixed)           # one random split of one pool: no shift
     sound = assemble([], AuditSet(mixed[:300], mixed[300:]), {}, {}, None, cfg, max_length=64)
     assert 0.42 <= sound.split_check["blind"] <= 0.58
+
+
+def test_ref_ext_compares_nll_per_byte_with_an_independent_tokenizer(tiny_lm, tmp_path):
+    from kdaudit.data.template import format_text
+    from kdaudit.models import train_tokenizer
+
+    model, tok, records, _ = tiny_lm
+    other = train_tokenizer([format_text(r) for r in generate_records(200, seed=77)], 350)
+    external = build_zoo_model("gpt2-smoke-student", other, seed=4)
+    external.save_pretrained(tmp_path / "ext")
+    other.save_pretrained(tmp_path / "ext")
+    members, nonmembers = records[:20], records[20:40]
+    cfg = AuditConfig(n_bootstrap=20, memorization_records=2, signals=["loss"])
+    result = audit_models({"teacher": model}, members, nonmembers, tokenizer=tok, config=cfg,
+                          external=tmp_path / "ext", max_length=160)
+    assert "ref_ext" in set(result.mia.signal)
+
+    def total_nll(m, t):
+        enc = [encode_record(r, t, 160) for r in members + nonmembers]
+        return token_stats(m, [e.input_ids for e in enc], [e.response_start for e in enc],
+                           pad_id=t.pad_token_id).total_nll()
+
+    nbytes = np.array([len(r.response.encode("utf-8")) for r in members + nonmembers])
+    want = -(total_nll(model, tok) - total_nll(external.eval(), other)) / nbytes
+    np.testing.assert_allclose(result.scores["teacher"]["ref_ext"], want, rtol=1e-5)
+    with pytest.raises(ValueError, match="external"):
+        audit_models({"teacher": model}, members, nonmembers, tokenizer=tok,
+                     signals=["loss", "ref_ext"])

@@ -29,3 +29,33 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     assert main(["run", "--preset", "smoke", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "bad.toml.teacher: unknown field 'epoch'" in err
+
+
+def test_student_command_trains_one_student(tiny_lm, tmp_path, capsys):
+    import json
+
+    from kdaudit.data.records import write_jsonl
+    from kdaudit.models import build_zoo_model
+
+    model, tok, records, teacher_path = tiny_lm
+    base = tmp_path / "base"
+    build_zoo_model("gpt2-smoke-student", tok, seed=0).save_pretrained(base)
+    tok.save_pretrained(base)
+    data = tmp_path / "public.jsonl"
+    write_jsonl(records[:24], data)
+    cfg = tmp_path / "kd.toml"
+    cfg.write_text("[kd]\nmax_new_tokens = 8\n[student]\nbatch_size = 8\n")
+    out = tmp_path / "imitkd"
+    assert main(["student", "--method", "imitkd", "--student-base", str(base), "--teacher",
+                 str(teacher_path), "--data", str(data), "--preset", "smoke", "--config",
+                 str(cfg), "--epochs", "1", "--out", str(out)]) == 0
+    assert "imitkd: 3 steps" in capsys.readouterr().out
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    log = [json.loads(x) for x in (out / "train_log.jsonl").open()]
+    assert all(r["generated"] > 0 for r in log)        # the student wrote its own batches
+    assert main(["student", "--method", "gkd", "--student-base", str(base), "--data",
+                 str(data), "--out", str(tmp_path / "x")]) == 2
+    assert "give --teacher PATH" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["student", "--method", "tarot", "--student-base", str(base), "--data",
+              str(data), "--out", str(tmp_path / "x")])

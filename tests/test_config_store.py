@@ -62,3 +62,27 @@ def test_manifest_done_depends_on_input_hash(tmp_path):
     (tmp_path / "manifest.json").write_text("{broken")
     with pytest.raises(ValueError, match="manifest.json: manifest is not valid JSON"):
         Manifest(tmp_path / "manifest.json")
+
+
+def test_families_name_models_by_placeholder(tmp_path):
+    cfg = load_config("smoke", families=["opt", "llama"],
+                      models={"teacher": "{family}-smoke-teacher",
+                              "student": "{family}-smoke-student"})
+    opt = cfg.for_family("opt")
+    assert (opt.models.teacher, opt.models.student) == ("opt-smoke-teacher", "opt-smoke-student")
+    assert opt.families == [] and opt.run_dir == cfg.run_dir / "opt"
+    with pytest.raises(ConfigError, match=r"models.teacher: .*placeholder '\{family\}'"):
+        load_config("smoke", families=["opt", "llama"])
+    with pytest.raises(ConfigError, match="listed twice"):
+        load_config("smoke", families=["opt", "opt"],
+                    models={"teacher": "{family}-smoke-teacher",
+                            "student": "{family}-smoke-student"})
+
+
+def test_kd_hyperparameters_are_range_checked(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[kd]\njsd_beta = 1.0\n")
+    with pytest.raises(ConfigError, match=r"kd.jsd_beta: expected 0 < β < 1"):
+        load_config("smoke", bad)
+    with pytest.raises(ConfigError, match="ref_ext' needs an independent model"):
+        load_config("smoke", audit={"signals": ["loss", "ref_ext"]})

@@ -77,3 +77,16 @@ def cached_base(cfg: RunConfig, preset: str, tokenizer, texts: list[str]) -> Pat
     atomic_write_json(path / "kdaudit_base.json", {"preset": preset, "key": path.name,
                                                    "pretrain_texts": len(texts)})
     return path
+
+
+EXTERNAL_SEED_OFFSET = 7_777_777
+
+
+def external_config(cfg: RunConfig) -> RunConfig:
+    """The settings of the builtin external model (`ref_ext`): the same recipe as the bases but
+    its own corpus seed, hence its own corpus, tokenizer and weights."""
+    import dataclasses
+
+    data = dataclasses.replace(cfg.data, pretrain_seed=cfg.data.pretrain_seed
+                               + EXTERNAL_SEED_OFFSET)
+    return dataclasses.replace(cfg, data=data, seed=cfg.seed + EXTERNAL_SEED_OFFSET)

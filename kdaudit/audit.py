@@ -182,13 +182,15 @@ class AuditResult:
     blocks: pd.DataFrame = field(default_factory=pd.DataFrame)
     privacy: pd.DataFrame = field(default_factory=pd.DataFrame)
     riskiest: pd.DataFrame = field(default_factory=pd.DataFrame)
+    training: pd.DataFrame = field(default_factory=pd.DataFrame)  # per model: step, loss, parts
     config: dict[str, Any] = field(default_factory=dict)
 
     def write_tables(self, out_dir: str | Path) -> None:
         from kdaudit.store import atomic_write_frame
 
         out_dir = Path(out_dir)
-        for name in ("mia", "memorization", "utility", "signals", "blocks", "privacy"):
+        for name in ("mia", "memorization", "utility", "signals", "blocks", "privacy",
+                     "training"):
             atomic_write_frame(out_dir / f"{name}.csv", getattr(self, name))
 
     def write_report(self, out_dir: str | Path, *, title: str = "kdaudit risk report",

@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "then the flags.")
     p.add_argument("--method", required=True, choices=student_methods())
     p.add_argument("--student-base", required=True, metavar="PATH",
-                   help="the student's starting point: a model folder or hub name")
+                   help="the student's starting point: a model folder or hub name (for "
+                        "minillm, a student already fine-tuned on the data, e.g. a nokd one)")
     p.add_argument("--teacher", metavar="PATH", help="the teacher (every method but nokd)")
     p.add_argument("--data", required=True, help="training records (.jsonl/.csv/.parquet, "
                    "HF dataset folder or hub name)")

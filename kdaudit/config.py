@@ -109,6 +109,8 @@ class AuditConfig:
     memorization_records: int = 1000    # per side (members, non-members)
     teacher_threshold: float = 0.5      # r of the teacher-conditional rate
     extraction_samples: int = 0         # top-k samples per prompt for sampled extraction
+    utility_records: int = 200          # non-members answered greedily for ROUGE-L (0 = off)
+    utility_tokens: int = 64            # longest greedy answer
     redact: bool = True                 # redact secrets in report examples
 
 

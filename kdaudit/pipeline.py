@@ -320,6 +320,43 @@ class Pipeline:
                     "max_length": cfg.data.max_length},
                    [self.dir.generations(model_id)], fn)
 
+    def responses_stage(self, model_id: str) -> None:
+        """Greedy answers to the first `audit.utility_records` non-member prompts (ROUGE-L)."""
+        from kdaudit.store import atomic_write_frame
+        from kdaudit.utility import greedy_responses
+
+        a = self.cfg.audit
+
+        def fn():
+            records = self.split("nonmembers")[:a.utility_records]
+            answers = greedy_responses(load_model(self.dir.model(model_id)), self.tokenizer,
+                                       records, max_new_tokens=a.utility_tokens,
+                                       batch_size=a.batch_size,
+                                       max_length=self.cfg.data.max_length)
+            atomic_write_frame(self.dir.responses(model_id), pd.DataFrame(
+                {"record_id": [r.id for r in records], "response": answers,
+                 "reference": [r.response for r in records]}))
+            return {"records": len(records)}
+
+        self.stage(f"responses:{model_id}", {"model": self.hashes[model_id],
+                                             "data": self.hashes["data"],
+                                             "n": a.utility_records, "tokens": a.utility_tokens,
+                                             "max_length": self.cfg.data.max_length},
+                   [self.dir.responses(model_id)], fn)
+
+    def training_table(self) -> pd.DataFrame:
+        """Every trained model's training log (loss and the method's parts per step)."""
+        frames = []
+        for m in self.models():
+            log = self.dir.model(m.id) / "train_log.jsonl"
+            if m.role != "base" and log.exists():
+                rows = [json.loads(line) for line in log.read_text().splitlines() if line]
+                frames.append(pd.DataFrame(rows).assign(model=m.id))
+        if not frames:
+            return pd.DataFrame(columns=["model", "step", "loss"])
+        table = pd.concat(frames, ignore_index=True)
+        return table[["model", *[c for c in table.columns if c != "model"]]]
+
     def privacy_stage(self, model_id: str) -> None:
         """Canary exposure, the one-run ε bound and the heuristic ε estimate of one model."""
         cfg, a = self.cfg, self.cfg.audit
@@ -409,6 +446,17 @@ class Pipeline:
         rows = [row for m in models if self.dir.privacy(m.id).exists()
                 for row in json.loads(self.dir.privacy(m.id).read_text())]
         result.privacy = pd.DataFrame(rows, columns=["model", "metric", "value", "note"])
+        result.training = self.training_table()
+        from kdaudit.utility import utility_rows
+
+        utility = [result.utility]
+        for m in models:
+            path = self.dir.responses(m.id)
+            if m.role != "base" and path.exists():
+                frame = pd.read_parquet(path)
+                utility.append(pd.DataFrame(utility_rows(m.id, list(frame.response),
+                                                         list(frame.reference))))
+        result.utility = pd.concat(utility, ignore_index=True)
         return result
 
     def audit_stage(self) -> AuditResult:
@@ -457,18 +505,20 @@ class Pipeline:
             self.external_stage()
             self.stats_stage("ref_ext", plain=True)
         self.train_stage("teacher", "sft", "base_teacher", "members")
-        for method in cfg.methods:
-            needs = METHODS[method].needs_teacher
-            self.train_stage(method, method, "base_student", "public",
-                             teacher_id="teacher" if needs else None)
+        for method in student_order(cfg.methods):
+            spec = METHODS[method]
+            self.train_stage(method, method, spec.init_from or "base_student", "public",
+                             teacher_id="teacher" if spec.needs_teacher else None)
         references = self.reference_ids()
         for k in range(cfg.reference_models):
             ref_data = f"reference_{k}"
             self.train_stage(f"ref_teacher_{k}", "sft", "base_teacher", ref_data,
                              seed_offset=k + 1)
             for method in cfg.methods:
-                if METHODS[method].needs_teacher:
-                    self.train_stage(f"ref_{method}_{k}", method, "base_student", "public",
+                spec = METHODS[method]
+                if spec.needs_teacher:
+                    self.train_stage(f"ref_{method}_{k}", method,
+                                     spec.init_from or "base_student", "public",
                                      teacher_id=f"ref_teacher_{k}", seed_offset=k + 1)
         for m in self.models():
             self.stats_stage(m.id)
@@ -481,9 +531,18 @@ class Pipeline:
             if m.role != "base":
                 self.generations_stage(m.id)
                 self.privacy_stage(m.id)
+                if cfg.audit.utility_records:
+                    self.responses_stage(m.id)
         result = self.audit_stage()
         report = self.report_stage(result)
         return RunResult(self.dir.root, result, report, dict(self.manifest.data["stages"]))
+
+
+def student_order(methods: list[str]) -> list[str]:
+    """The students to train, the ones others start from first (MiniLLM starts from nokd,
+    which is trained even when not audited)."""
+    deps = [METHODS[m].init_from for m in methods if METHODS[m].init_from]
+    return list(dict.fromkeys([*deps, *methods]))
 
 
 def _pretraining_texts(cfg: RunConfig) -> list[str]:

@@ -102,6 +102,9 @@ class RunDir:
     def generations(self, model_id: str) -> Path:
         return self.root / "scores" / f"{model_id}.generations.parquet"
 
+    def responses(self, model_id: str) -> Path:
+        return self.root / "scores" / f"{model_id}.responses.parquet"
+
     def privacy(self, model_id: str) -> Path:
         return self.root / "scores" / f"{model_id}.privacy.json"
 

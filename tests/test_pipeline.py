@@ -223,3 +223,37 @@ def test_reference_models_enable_lira_and_rmia(tmp_path):
     for signal in ("lira", "rmia"):     # every record had IN and OUT references
         assert set(re.findall(r"(\S+) \(", reasons[signal])) == {"nokd", "base_teacher",
                                                                  "base_student"}
+
+
+KD_METHODS = ["kd", "seqkd", "imitkd", "gkd", "minillm", "distillm"]
+
+
+def test_opt_and_llama_families_run_every_method(tmp_path):
+    cfg = load_config("smoke", out_dir=str(tmp_path), families=["opt", "llama"],
+                      methods=["nokd", *KD_METHODS],
+                      models={"teacher": "{family}-smoke-teacher",
+                              "student": "{family}-smoke-student", "external": "builtin"},
+                      kd={"max_new_tokens": 16, "eval_every": 4},
+                      data={"canaries_repeated": 0, "canaries_once": 0},
+                      audit={"signals": ["loss", "mink", "ref_base", "ref_ext", "blind"],
+                             "memorization_records": 20})
+    from kdaudit.pipeline import run
+
+    suite = run(cfg, log=lambda _: None)
+    assert set(suite.families) == {"opt", "llama"}
+    for family, result in suite.families.items():
+        run_dir = tmp_path / "smoke" / family
+        config = json.loads((run_dir / "models" / "teacher" / "config.json").read_text())
+        assert config["model_type"] == family
+        auc = result.audit.mia.query("metric == 'auc'").set_index(["model", "signal"]).value
+        for model in ("teacher", "nokd", *KD_METHODS):
+            for signal in ("loss", "mink", "ref_ext"):
+                assert 0.0 <= auc[(model, signal)] <= 1.0
+        for method in KD_METHODS:     # every objective went down over training
+            log = [json.loads(x) for x in (run_dir / "models" / method / "train_log.jsonl")
+                   .read_text().splitlines()]
+            assert log[-1]["objective"] < log[0]["objective"], (family, method)
+        assert (run_dir / "report" / "report.html").exists()
+    html = suite.report["html"].read_text()
+    for family in ("opt", "llama"):
+        assert f"../{family}/report/report.html" in html

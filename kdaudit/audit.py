@@ -202,7 +202,7 @@ class AuditResult:
                             utility=self.utility, examples=self.examples, models=self.models,
                             config=self.config, title=title, run_info=run_info, redact=redact,
                             signals=self.signals, blocks=self.blocks, privacy=self.privacy,
-                            riskiest=self.riskiest)
+                            riskiest=self.riskiest, training=self.training)
 
     def summary(self) -> pd.DataFrame:
         """Model × signal AUC, the short table printed at the end of a run (model-free checks

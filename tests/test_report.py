@@ -104,8 +104,14 @@ def _inputs() -> dict:
     config = {"seed": 1, "data": {"n_members": N, "source": "builtin"},
               "train": {"kd": {"method": "kd", "temperature": 1.0}}}
     run_info = {"run": "test", "seed": 1, "wall_time_s": {"train": 12.5, "audit": 3.25}}
+    utility = pd.concat([utility, pd.DataFrame([dict(model="kd", metric="rouge_l",
+                                                     split="nonmembers", value=0.4321)])])
+    steps = np.arange(1, 21)
+    training = pd.concat([pd.DataFrame({"model": m, "step": steps, "loss": 3.0 / steps,
+                                        "objective": 2.0 / steps}) for m in MODELS[1:]])
     return dict(mia=mia, roc=roc, memorization=memorization, utility=utility,
-                examples=examples, models=models, config=config, run_info=run_info)
+                examples=examples, models=models, config=config, run_info=run_info,
+                training=training)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +138,9 @@ def test_files_written(reports) -> None:
 
 def test_html_self_contained(reports) -> None:
     html = reports[True]["html"]
-    # three ROC plots, the bar chart and memorization against membership
-    assert html.count("data:image/png;base64,") == 5
+    # three ROC plots, the bar chart, two heatmaps, memorization against membership and the
+    # training curves
+    assert html.count("data:image/png;base64,") == 8
     assert 'src="http' not in html and "<link" not in html and "url(" not in html
     md = reports[True]["md"]
     assert "](roc_teacher.png)" in md and "](auc_bars.png)" in md
@@ -143,8 +150,8 @@ def test_html_self_contained(reports) -> None:
 def test_sections_in_order(reports) -> None:
     for text in (reports[True]["html"], reports[True]["md"]):
         heads = ["Verdict per model", "Membership inference results", "ROC curves",
-                 "AUC by model and signal", "Memorization", "Utility", "Example generations",
-                 "Configuration and run information"]
+                 "AUC by model and signal", "Leakage heatmaps", "Memorization", "Utility",
+                 "Training curves", "Example generations", "Configuration and run information"]
         positions = [text.index(h) for h in heads]
         assert positions == sorted(positions)
 
@@ -168,7 +175,7 @@ def test_unreachable_tpr_cell(reports) -> None:
 def test_memorization_utility_config_rendered(reports) -> None:
     md = reports[True]["md"]
     assert "| teacher | 0.610 | 0.120 | +0.490 | 7.5 | 0.100 | 0.200 |" in md
-    assert "| kd | 10.20 |" in md
+    assert "| kd | 10.20 | 0.43 |" in md and "ROUGE-L (non-members)" in md
     assert "[train.kd]" in md and 'method = "kd"' in md
     assert "| wall_time_s.train | 12.5 |" in md
 
@@ -255,3 +262,30 @@ def test_fence_and_config_helpers() -> None:
     assert fence("a ``` b").startswith("````text\n")
     expected = "a = 1\n\n[b]\nc = true\n# d = (unset)"
     assert config_text({"a": 1, "b": {"c": True, "d": None}}) == expected
+
+
+def test_heatmaps_show_the_table_numbers(reports) -> None:
+    paths, md = reports[True]["paths"], reports[True]["md"]
+    assert {"heatmap_auc", "heatmap_tpr_at_1pct", "training_curves"} <= set(paths)
+    mia = _synthetic()[0]
+    auc = mia[(mia.metric == "auc")].set_index(["model", "signal"]).value
+    section = md[md.index("## Leakage heatmaps"):md.index("## Memorization")]
+    row = next(line for line in section.splitlines() if line.startswith("| kd |"))
+    assert row == "| kd | " + " | ".join(f"{auc[('kd', s)]:.3f}" for s in SIGNALS) + " |"
+    assert "](heatmap_tpr_at_1pct.png)" in section
+
+
+def test_suite_report_links_every_family(tmp_path) -> None:
+    from kdaudit.report import write_suite_report
+
+    inputs = _inputs()
+    families = {f: {"mia": inputs["mia"], "models": inputs["models"],
+                    "report": f"../{f}/report/report.html"} for f in ("gpt2", "opt")}
+    paths = write_suite_report(tmp_path, families, title="suite")
+    html, md = paths["html"].read_text(), paths["md"].read_text()
+    for f in ("gpt2", "opt"):
+        assert f'href="../{f}/report/report.html"' in html and f"## {f}" in md
+        assert (tmp_path / f"{f}_heatmap_auc.png").exists()
+    auc = inputs["mia"].query("metric == 'auc'")
+    best = auc[auc.model == "teacher"].sort_values("value").iloc[-1]
+    assert f"| gpt2 | teacher | {best.signal} | {best.value:.2f} [" in md

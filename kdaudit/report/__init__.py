@@ -2,9 +2,10 @@
 
     write_report(out_dir, mia=..., roc=..., memorization=..., utility=..., examples=...,
                  models=..., config=..., title=..., run_info=..., redact=True)
+    write_suite_report(out_dir, {family: {"mia", "models", "report"}}, title=...)
     verdicts(mia, baseline="nokd")  # one plain-language verdict per model
 """
-from kdaudit.report.render import write_report
+from kdaudit.report.render import write_report, write_suite_report
 from kdaudit.report.verdicts import verdicts
 
-__all__ = ["write_report", "verdicts"]
+__all__ = ["write_report", "write_suite_report", "verdicts"]

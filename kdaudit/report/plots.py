@@ -162,3 +162,81 @@ def memorization_vs_auc_plot(points: Sequence[tuple[str, float, float]],
     ax.grid(True, alpha=0.3)
     _margins(fig)
     return _save(fig, path)
+
+
+def leakage_heatmap(mia: pd.DataFrame, metric: str, order: Sequence[str],
+                    signals: Sequence[str], path: Path, *, title: str) -> Path | None:
+    """Model × signal grid of `metric` ("auc" or "tpr_at_1pct"), every cell annotated: the
+    paper's view of which distillation technique leaks through which attack."""
+    rows = mia[(mia["metric"] == metric) & (mia["model"] != "data")]
+    if rows.empty:
+        return None
+    table = rows.pivot_table(index="model", columns="signal", values="value", aggfunc="first")
+    models = [m for m in order if m in table.index]
+    cols = [s for s in signals if s in table.columns]
+    if not models or not cols:
+        return None
+    values = table.loc[models, cols].to_numpy(dtype=float)
+    fig, ax = _new_figure(1.2 + 0.85 * len(cols), 0.9 + 0.38 * len(models))
+    if metric == "auc":
+        span = max(0.1, float(np.nanmax(np.abs(values - 0.5))) if np.isfinite(values).any()
+                   else 0.1)
+        image = ax.imshow(values, cmap="RdBu_r", vmin=0.5 - span, vmax=0.5 + span,
+                          aspect="auto")
+    else:
+        image = ax.imshow(values, cmap="Reds", vmin=0.0,
+                          vmax=max(0.05, float(np.nanmax(values)) if np.isfinite(values).any()
+                                   else 0.05), aspect="auto")
+    for i in range(len(models)):
+        for j in range(len(cols)):
+            v = values[i, j]
+            ax.text(j, i, "—" if math.isnan(v) else f"{v:.2f}", ha="center", va="center",
+                    fontsize="small")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(models)), models)
+    ax.set_title(title, fontsize="medium")
+    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize="x-small")
+    _margins(fig, left=1.2, right=0.2, bottom=0.9)
+    return _save(fig, path)
+
+
+def training_curves(training: pd.DataFrame, order: Sequence[str], path: Path) -> Path | None:
+    """Small multiples, one per trained model: the training loss and the method's own
+    objective against step, with DistiLLM's validation loss and student-data share where
+    they were logged."""
+    if training is None or training.empty or "step" not in training:
+        return None
+    models = [m for m in order if m in set(training["model"])]
+    if not models:
+        return None
+    cols = min(4, len(models))
+    nrows = math.ceil(len(models) / cols)
+    fig = Figure(figsize=(3.2 * cols, 2.4 * nrows), dpi=DPI)
+    FigureCanvasAgg(fig)
+    for k, model in enumerate(models):
+        ax = fig.add_subplot(nrows, cols, k + 1)
+        t = training[training["model"] == model].sort_values("step")
+        ax.plot(t["step"], t["loss"], lw=1.2, label="loss")
+        if "objective" in t and not t["objective"].isna().all() and \
+                not np.allclose(t["objective"], t["loss"], equal_nan=True):
+            ax.plot(t["step"], t["objective"], lw=1.2, label="objective")
+        if "val_loss" in t and t["val_loss"].notna().any():
+            v = t[t["val_loss"].notna()]
+            ax.plot(v["step"], v["val_loss"], "o-", ms=3, lw=1, label="validation loss")
+        if "student_data_prob" in t and t["student_data_prob"].notna().any():
+            p = t[t["student_data_prob"].notna()]
+            twin = ax.twinx()
+            twin.step(p["step"], p["student_data_prob"], where="post", color="0.4", lw=1,
+                      ls=":")
+            twin.set_ylim(-0.05, 1.05)
+            twin.set_ylabel("P(student batch), dotted", fontsize="x-small")
+            twin.tick_params(labelsize="x-small")
+        ax.set_title(model, fontsize="small")
+        ax.tick_params(labelsize="x-small")
+        ax.grid(True, alpha=0.3)
+        if k == 0 or len(ax.get_lines()) > 1:
+            ax.legend(fontsize="x-small")
+    fig.supxlabel("step", fontsize="small")
+    fig.subplots_adjust(left=0.07, right=0.95, bottom=0.12, top=0.92, wspace=0.35,
+                        hspace=0.5)
+    return _save(fig, path)

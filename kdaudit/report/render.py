@@ -19,8 +19,8 @@ from kdaudit.store import atomic_write_text
 
 from kdaudit.report import plots
 from kdaudit.report.redact import REDACTED, example_records, parse_secrets, redact
-from kdaudit.report.tables import (Table, md_cell, memorization_table, model_order, num,
-                                   ordered, results_table, utility_table)
+from kdaudit.report.tables import (Table, fmt_ci, md_cell, memorization_table, model_order,
+                                   num, ordered, results_table, utility_table)
 from kdaudit.report.verdicts import MODEL_FREE_SIGNALS, signal_checks, verdicts
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -241,6 +241,39 @@ def _privacy_table(privacy: pd.DataFrame | None, order: Sequence[str]) -> Table 
                         f"{r.value:.2f}", str(r.note)] for r in rows])
 
 
+HEATMAP_METRICS = (("auc", "AUC"), ("tpr_at_1pct", "TPR at 1% FPR"))
+
+
+def heatmap_table(mia: pd.DataFrame, metric: str, order: Sequence[str]) -> Table | None:
+    """The numbers of one heatmap: rows models, columns signals (model-free ones left out)."""
+    rows = mia[(mia["metric"] == metric) & (mia["model"] != "data")]
+    if rows.empty:
+        return None
+    signals = [s for s in ordered(rows["signal"]) if s not in MODEL_FREE_SIGNALS]
+    values = {(str(r.model), str(r.signal)): num(r.value) for r in rows.itertuples()}
+    body = [[m, *("—" if math.isnan(values.get((m, s), math.nan)) else
+                  f"{values[(m, s)]:.3f}" for s in signals)]
+            for m in order if any((m, s) in values for s in signals)]
+    return Table(["Model", *signals], body) if body else None
+
+
+def _heatmaps(mia: pd.DataFrame, order: Sequence[str], out: Path, paths: dict[str, Path],
+              prefix: str = "", title: str = "") -> list[dict[str, Any]]:
+    """AUC and TPR-at-1%-FPR heatmaps (model × signal) with the tables behind them."""
+    signals = [s for s in ordered(mia["signal"]) if s not in MODEL_FREE_SIGNALS]
+    found = []
+    for metric, label in HEATMAP_METRICS:
+        name = f"{prefix}heatmap_{metric}"
+        png = plots.leakage_heatmap(mia, metric, order, signals, out / f"{name}.png",
+                                    title=f"{title}{label}")
+        if png is None:
+            continue
+        paths[name] = png
+        found.append({"label": label, "file": png.name, "uri": _data_uri(png),
+                      "table": heatmap_table(mia, metric, order)})
+    return found
+
+
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -257,7 +290,8 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
                  redact: bool = True, signals: pd.DataFrame | None = None,
                  blocks: pd.DataFrame | None = None,
                  privacy: pd.DataFrame | None = None,
-                 riskiest: pd.DataFrame | None = None) -> dict[str, Path]:
+                 riskiest: pd.DataFrame | None = None,
+                 training: pd.DataFrame | None = None) -> dict[str, Path]:
     """Write out_dir/report.html, out_dir/report.md and the PNG figures; return their paths
     (keys "html", "md", "auc_bars" and "roc_<model>")."""
     out = Path(out_dir)
@@ -293,6 +327,11 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
     if block_png is not None:
         paths["block_risk"] = block_png
 
+    heatmaps = _heatmaps(mia, order, out, paths)
+    curves = plots.training_curves(training, order, out / "training_curves.png")
+    if curves is not None:
+        paths["training_curves"] = curves
+
     scatter = plots.memorization_vs_auc_plot(_memo_points(mia, memorization, order),
                                              out / "memorization_vs_auc.png")
     if scatter is not None:
@@ -318,6 +357,8 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
         "utility": utility_table(utility, order),
         "signals": _signals_table(signals),
         "privacy": _privacy_table(privacy, order),
+        "heatmaps": heatmaps,
+        "curves": None if curves is None else {"file": curves.name, "uri": _data_uri(curves)},
         "scatter": None if scatter is None else {"file": scatter.name,
                                                  "uri": _data_uri(scatter)},
         "riskiest": _riskiest_tables(riskiest, order, redact),
@@ -332,6 +373,46 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
     html = _environment(autoescape=True).get_template("report.html.j2").render(**context)
     md = _environment(autoescape=False).get_template("report.md.j2").render(**context)
     for key, text in (("html", html), ("md", md)):
+        paths[key] = out / f"report.{key}"
+        atomic_write_text(paths[key], text)
+    return paths
+
+
+def strongest_table(families: Mapping[str, Mapping[str, Any]]) -> Table:
+    """Per family and model: the model-based signal with the highest AUC, with its CI."""
+    rows = []
+    for family, d in families.items():
+        mia = d["mia"]
+        auc = mia[(mia["metric"] == "auc") & (mia["model"] != "data")]
+        for model in model_order(d.get("models"), auc):
+            m = auc[auc["model"] == model]
+            if m.empty:
+                continue
+            best = m.loc[m["value"].astype(float).idxmax()]
+            rows.append([family, model, str(best["signal"]),
+                         fmt_ci(best["value"], best.get("ci_low"), best.get("ci_high"))])
+    return Table(["Family", "Model", "Strongest signal", "AUC (95% CI)"], rows)
+
+
+def write_suite_report(out_dir: str | os.PathLike[str], families: Mapping[str, Mapping[str, Any]],
+                       *, title: str = "kdaudit suite report") -> dict[str, Path]:
+    """One page over several model families: per family the AUC and TPR-at-1%-FPR heatmaps
+    and a link to its own report, then each model's strongest signal.
+
+    `families` maps a family name to {"mia", "models", "report" (relative link)}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    sections = []
+    for family, d in families.items():
+        order = model_order(d.get("models"), d["mia"])
+        sections.append({"family": family, "report": d["report"],
+                         "heatmaps": _heatmaps(d["mia"], order, out, paths,
+                                               prefix=f"{_slug(family, set())}_",
+                                               title=f"{family}: ")})
+    context = {"title": title, "families": sections, "strongest": strongest_table(families)}
+    for key, autoescape in (("html", True), ("md", False)):
+        text = _environment(autoescape).get_template(f"suite.{key}.j2").render(**context)
         paths[key] = out / f"report.{key}"
         atomic_write_text(paths[key], text)
     return paths

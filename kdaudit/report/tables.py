@@ -212,6 +212,7 @@ def utility_table(utility: pd.DataFrame | None, order: Sequence[str]) -> Table |
             v = values.get((model, metric, split), math.nan)
             cells.append("—" if math.isnan(v) else f"{v:.2f}")
         rows.append(cells)
-    titles = [f"{m.replace('_', ' ').capitalize()} ({s.replace('nonmembers', 'non-members')})"
-              for m, s in keys]
+    names = {"perplexity": "Perplexity", "rouge_l": "ROUGE-L"}
+    titles = [f"{names.get(m, m.replace('_', ' ').capitalize())} "
+              f"({s.replace('nonmembers', 'non-members')})" for m, s in keys]
     return Table(["Model", *titles], rows)

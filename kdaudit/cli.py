@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the trained student")
     p.set_defaults(fn=_student)
 
+    from kdaudit.dp.cli import add_privacy_parser
+
+    add_privacy_parser(sub)
+
     p = sub.add_parser("report", help="(re)write the report of a finished run directory",
                        description="Rebuild report.html and report.md from the tables and "
                                    "scores of RUN_DIR without recomputing anything.")

@@ -1,0 +1,28 @@
+"""Differential privacy for kdaudit: DP-SGD accounting and the LMO-DP noise mechanism.
+
+`accounting` is the single source of the privacy numbers (ε by PRV, PLD and RDP; δ default;
+noise multiplier from a target ε); `lmo` samples LMO-DP noise and audits its claimed ε.
+"""
+from kdaudit.dp.accounting import (
+    ACCOUNTANTS,
+    PrivacySpent,
+    account,
+    default_delta,
+    epsilon,
+    solve_noise_multiplier,
+)
+from kdaudit.dp.lmo import (
+    LMOParams,
+    LMOReport,
+    claimed_epsilon,
+    lmo_report,
+    load_lmo_params,
+    pld_lower_bound,
+    sample_noise,
+)
+
+__all__ = [
+    "ACCOUNTANTS", "PrivacySpent", "account", "default_delta", "epsilon",
+    "solve_noise_multiplier", "LMOParams", "LMOReport", "claimed_epsilon", "lmo_report",
+    "load_lmo_params", "pld_lower_bound", "sample_noise",
+]

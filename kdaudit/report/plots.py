@@ -196,7 +196,7 @@ def leakage_heatmap(mia: pd.DataFrame, metric: str, order: Sequence[str],
     ax.set_yticks(range(len(models)), models)
     ax.set_title(title, fontsize="medium")
     fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize="x-small")
-    _margins(fig, left=1.2, right=0.2, bottom=0.9)
+    _margins(fig, left=1.2, right=0.55, bottom=0.9)
     return _save(fig, path)
 
 

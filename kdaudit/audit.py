@@ -169,7 +169,14 @@ def compute_extraction(model, tokenizer, records: Sequence[Record], cfg: AuditCo
 
 @dataclass
 class AuditResult:
-    """Tidy tables of one audit; `write_report` renders them."""
+    """Tidy tables of one audit; `write_report` renders them.
+
+    `models` has one row per audited model (model, role, base, description, and optionally
+    family, e.g. gpt2 / opt / llama, passed through unchanged). `training` has one row per
+    logged training step: model, step, loss, plus whatever numeric columns the method logs
+    (ce, forward_kl, objective, lr, val_loss, student_data_prob, ...); it is empty for models
+    audited without their training logs.
+    """
 
     mia: pd.DataFrame
     memorization: pd.DataFrame
@@ -182,10 +189,13 @@ class AuditResult:
     blocks: pd.DataFrame = field(default_factory=pd.DataFrame)
     privacy: pd.DataFrame = field(default_factory=pd.DataFrame)
     riskiest: pd.DataFrame = field(default_factory=pd.DataFrame)
-    training: pd.DataFrame = field(default_factory=pd.DataFrame)  # per model: step, loss, parts
+    training: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["model", "step", "loss"]))
     config: dict[str, Any] = field(default_factory=dict)
 
     def write_tables(self, out_dir: str | Path) -> None:
+        """The tidy tables as CSV files: mia, memorization, utility, signals, blocks, privacy
+        and training (the per-step training logs behind the report's training curves)."""
         from kdaudit.store import atomic_write_frame
 
         out_dir = Path(out_dir)

@@ -10,9 +10,12 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from kdaudit.report import verdicts, write_report
+from kdaudit.audit import AuditResult
+from kdaudit.report import verdicts, write_report, write_suite_report
+from kdaudit.report.plots import leakage_heatmap, training_curves
 from kdaudit.report.redact import REDACTED, redact
-from kdaudit.report.render import config_text, fence
+from kdaudit.report.render import config_text, fence, heatmap_table
+from kdaudit.report.tables import heatmap_order, signal_order
 
 MODELS = ["teacher", "nokd", "kd"]
 SIGNALS = ["loss", "zlib", "mink"]
@@ -100,7 +103,8 @@ def _inputs() -> dict:
              reference="A short note.", generation="A short note.", match_rate=0.5, secrets=[]),
     ])
     models = pd.DataFrame({"model": MODELS, "role": ["teacher", "baseline", "student"],
-                           "description": ["SFT on members", "student without KD", "forward KL"]})
+                           "description": ["SFT on members", "student without KD", "forward KL"],
+                           "family": "gpt2"})
     config = {"seed": 1, "data": {"n_members": N, "source": "builtin"},
               "train": {"kd": {"method": "kd", "temperature": 1.0}}}
     run_info = {"run": "test", "seed": 1, "wall_time_s": {"train": 12.5, "audit": 3.25}}
@@ -175,7 +179,8 @@ def test_unreachable_tpr_cell(reports) -> None:
 def test_memorization_utility_config_rendered(reports) -> None:
     md = reports[True]["md"]
     assert "| teacher | 0.610 | 0.120 | +0.490 | 7.5 | 0.100 | 0.200 |" in md
-    assert "| kd | 10.20 | 0.43 |" in md and "ROUGE-L (non-members)" in md
+    assert "| kd | 10.20 | 0.432 |" in md and "| teacher | 8.10 | — |" in md
+    assert "Perplexity (non-members)" in md and "ROUGE-L (non-members)" in md
     assert "[train.kd]" in md and 'method = "kd"' in md
     assert "| wall_time_s.train | 12.5 |" in md
 
@@ -268,24 +273,118 @@ def test_heatmaps_show_the_table_numbers(reports) -> None:
     paths, md = reports[True]["paths"], reports[True]["md"]
     assert {"heatmap_auc", "heatmap_tpr_at_1pct", "training_curves"} <= set(paths)
     mia = _synthetic()[0]
-    auc = mia[(mia.metric == "auc")].set_index(["model", "signal"]).value
     section = md[md.index("## Leakage heatmaps"):md.index("## Memorization")]
-    row = next(line for line in section.splitlines() if line.startswith("| kd |"))
-    assert row == "| kd | " + " | ".join(f"{auc[('kd', s)]:.3f}" for s in SIGNALS) + " |"
-    assert "](heatmap_tpr_at_1pct.png)" in section
+    assert "](heatmap_auc.png)" in section and "](heatmap_tpr_at_1pct.png)" in section
+    rows = [line for line in section.splitlines() if line.startswith("| kd |")]
+    assert len(rows) == 2  # one table per heatmap: AUC, then TPR at 1% FPR
+    for row, metric in zip(rows, ("auc", "tpr_at_1pct")):
+        value = mia[mia.metric == metric].set_index(["model", "signal"]).value
+        assert row == "| kd | " + " | ".join(f"{value[('kd', s)]:.3f}" for s in SIGNALS) + " |"
+    html = reports[True]["html"]
+    block = html[html.index('id="heatmaps"'):html.index('id="memorization"')]
+    assert block.count("<img ") == 2 and 'class="figures pair"' in block
+    assert 'alt="TPR at 1% FPR by model and signal"' in block
+    assert 'id="training"' in html and 'alt="Training curves"' in html
 
 
 def test_suite_report_links_every_family(tmp_path) -> None:
-    from kdaudit.report import write_suite_report
-
     inputs = _inputs()
     families = {f: {"mia": inputs["mia"], "models": inputs["models"],
-                    "report": f"../{f}/report/report.html"} for f in ("gpt2", "opt")}
+                    "utility": inputs["utility"] if f == "gpt2" else pd.DataFrame(),
+                    "report": f"../{f}/report/report.html"} for f in ("gpt2", "opt", "llama")}
     paths = write_suite_report(tmp_path, families, title="suite")
     html, md = paths["html"].read_text(), paths["md"].read_text()
-    for f in ("gpt2", "opt"):
+    for f in families:
         assert f'href="../{f}/report/report.html"' in html and f"## {f}" in md
-        assert (tmp_path / f"{f}_heatmap_auc.png").exists()
+        assert f"[The {f} report](../{f}/report/report.html)" in md
+        assert paths[f"{f}_heatmap_auc"] == tmp_path / f"{f}_heatmap_auc.png"
+        assert (tmp_path / f"{f}_heatmap_tpr_at_1pct.png").exists()
+    assert html.count("data:image/png;base64,") == 2 * len(families)
     auc = inputs["mia"].query("metric == 'auc'")
     best = auc[auc.model == "teacher"].sort_values("value").iloc[-1]
+    # the strongest signal's AUC beside the family's utility ("—" where it has none)
     assert f"| gpt2 | teacher | {best.signal} | {best.value:.2f} [" in md
+    assert "Perplexity (non-members) | ROUGE-L (non-members) |" in md
+    kd = auc[auc.model == "kd"].sort_values("value").iloc[-1]
+    assert re.search(rf"\| gpt2 \| kd \| {kd.signal} \| [^|]+ \| 10.20 \| 0.432 \|", md)
+    assert re.search(r"\| opt \| kd \| \w+ \| [^|]+ \| — \| — \|", md)
+
+
+def test_heatmap_rows_columns_and_missing_cells(tmp_path) -> None:
+    mia = _synthetic()[0]
+    blind = dict(mia.iloc[0], model="data", signal="blind", metric="auc", value=0.52)
+    # a signal known to the registry listed out of registry order, with one missing cell
+    ref = [dict(r, signal="ref_base", value=0.7) for r in mia[mia.signal == "loss"]
+           .to_dict("records") if r["model"] != "teacher"]
+    mia = pd.concat([pd.DataFrame(ref), mia, pd.DataFrame([blind])], ignore_index=True)
+    models = pd.DataFrame({"model": ["kd", "base_student", "nokd", "teacher"],
+                           "role": ["student", "base", "baseline", "teacher"]})
+    order = heatmap_order(models, list(models.model))
+    assert order == ["teacher", "nokd", "kd", "base_student"]
+    signals = signal_order(mia.signal)
+    assert signals == ["loss", "zlib", "mink", "ref_base", "blind"]  # registry order
+    table = heatmap_table(mia, "auc", order, signals)
+    assert table.columns == ["Model", "loss", "zlib", "mink", "ref_base"]  # no blind column
+    assert [r[0] for r in table.rows] == ["teacher", "nokd", "kd"]  # no data row
+    assert table.rows[0][1] == "0.931" and table.rows[0][-1] == "—"
+    png = leakage_heatmap(mia, "auc", order, signals, tmp_path / "auc.png", title="AUC")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_heatmap_none_when_nothing_to_draw(tmp_path) -> None:
+    mia = _synthetic()[0]
+    empty = mia.iloc[:0]
+    assert leakage_heatmap(empty, "auc", MODELS, SIGNALS, tmp_path / "a.png", title="") is None
+    # every TPR unreachable (too few non-members): no figure rather than a grid of dashes
+    assert leakage_heatmap(mia, "tpr_at_0_1pct", MODELS, SIGNALS, tmp_path / "b.png",
+                           title="") is None
+    assert leakage_heatmap(mia, "auc", ["absent"], SIGNALS, tmp_path / "c.png", title="") is None
+    assert not list(tmp_path.iterdir())
+
+
+def test_training_curves(tmp_path) -> None:
+    assert training_curves(pd.DataFrame(), MODELS, tmp_path / "a.png") is None
+    assert training_curves(None, MODELS, tmp_path / "a.png") is None
+    steps = np.arange(1, 11)
+    distillm = pd.DataFrame({"model": "distillm", "step": steps, "loss": 2.0 / steps,
+                             "objective": 1.5 / steps,
+                             "val_loss": np.where(steps % 5 == 0, 1.0, np.nan),
+                             "student_data_prob": np.where(steps % 5 == 0, 0.2, np.nan)})
+    png = training_curves(pd.concat([_inputs()["training"], distillm]), [*MODELS, "distillm"],
+                          tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_csv_and_family_pass_through(tmp_path) -> None:
+    inputs = _inputs()
+    result = AuditResult(mia=inputs["mia"], memorization=inputs["memorization"],
+                         utility=inputs["utility"], signals=pd.DataFrame(), scores={},
+                         roc={}, examples=inputs["examples"], models=inputs["models"],
+                         training=inputs["training"])
+    result.write_tables(tmp_path / "tables")
+    training = pd.read_csv(tmp_path / "tables" / "training.csv")
+    assert list(training.columns) == ["model", "step", "loss", "objective"]
+    assert len(training) == len(inputs["training"])
+    assert list(result.models["family"]) == ["gpt2"] * 3
+    paths = result.write_report(tmp_path / "report")
+    assert "training_curves" in paths and "## Training curves" in paths["md"].read_text()
+    # without training logs the table is still written, with its header
+    bare = AuditResult(mia=inputs["mia"], memorization=inputs["memorization"],
+                       utility=inputs["utility"], signals=pd.DataFrame(), scores={}, roc={},
+                       examples=inputs["examples"], models=inputs["models"])
+    bare.write_tables(tmp_path / "bare")
+    assert list(pd.read_csv(tmp_path / "bare" / "training.csv").columns) == [
+        "model", "step", "loss"]
+
+
+def test_unreachable_tpr_heatmap_is_a_note(tmp_path) -> None:
+    mia = _synthetic()[0]
+    mia.loc[mia.metric == "tpr_at_1pct", "value"] = math.nan  # too few non-members for 1%
+    paths = write_report(tmp_path / "one", mia=mia)
+    md, html = paths["md"].read_text(), paths["html"].read_text()
+    assert "heatmap_auc" in paths and "heatmap_tpr_at_1pct" not in paths
+    note = "No TPR at 1% FPR heatmap: no model has a value for it"
+    assert note in md and note in html
+    suite = write_suite_report(tmp_path / "suite", {"gpt2": {"mia": mia, "models": None,
+                                                             "report": "gpt2.html"}})
+    assert note in suite["md"].read_text() and "gpt2_heatmap_auc" in suite

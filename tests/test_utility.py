@@ -26,3 +26,18 @@ def test_greedy_answers_do_not_depend_on_batching(tiny_lm):
                               max_length=160)[0] for r in records[:6]]
     assert batched == alone and len(batched) == 6
     assert all(isinstance(a, str) for a in batched)
+    # deterministic (greedy), and in a different batching (3 + 3) the same again
+    assert greedy_responses(model, tok, records[:6], max_new_tokens=12, batch_size=3,
+                            max_length=160) == batched
+    # only the new tokens: no part of the prompt template comes back
+    assert not any("### Response:" in a or "Below is an instruction" in a for a in batched)
+
+
+def test_utility_rows_are_a_fraction_and_empty_input_gives_no_row():
+    rows = utility_rows("gkd", ["the cat sat", "a dog"], ["the cat sat down", "a dog"])
+    assert rows[0]["metric"] == "rouge_l" and rows[0]["split"] == "nonmembers"
+    # (2·1·0.75/1.75 + 1) / 2: the mean F-measure, as a fraction, not a percentage
+    assert rows[0]["value"] == pytest.approx((2 * 0.75 / 1.75 + 1.0) / 2)
+    assert utility_rows("gkd", [], []) == []
+    assert rouge_l([], []).shape == (0,)
+    assert rouge_l([""], ["some words"])[0] == 0.0

@@ -2,7 +2,7 @@
 
     write_report(out_dir, mia=..., roc=..., memorization=..., utility=..., examples=...,
                  models=..., config=..., title=..., run_info=..., redact=True)
-    write_suite_report(out_dir, {family: {"mia", "models", "report"}}, title=...)
+    write_suite_report(out_dir, {family: {"mia", "models", "utility", "report"}}, title=...)
     verdicts(mia, baseline="nokd")  # one plain-language verdict per model
 """
 from kdaudit.report.render import write_report, write_suite_report

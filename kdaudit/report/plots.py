@@ -1,4 +1,5 @@
-"""The report's figures: log-log ROC curves per model and an AUC bar chart.
+"""The report's figures: log-log ROC curves per model, an AUC bar chart, per-block risk,
+memorization against membership, model × signal leakage heatmaps and training curves.
 
 Figures are built with matplotlib's object API on the Agg canvas (no pyplot, no GUI and
 no global figure registry), so this works headless and never changes the backend of an
@@ -14,6 +15,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from kdaudit.report.tables import heatmap_grid
 
 DEFAULT_MIN_FPR = 1e-3
 DPI = 110
@@ -167,31 +170,36 @@ def memorization_vs_auc_plot(points: Sequence[tuple[str, float, float]],
 def leakage_heatmap(mia: pd.DataFrame, metric: str, order: Sequence[str],
                     signals: Sequence[str], path: Path, *, title: str) -> Path | None:
     """Model × signal grid of `metric` ("auc" or "tpr_at_1pct"), every cell annotated: the
-    paper's view of which distillation technique leaks through which attack."""
-    rows = mia[(mia["metric"] == metric) & (mia["model"] != "data")]
-    if rows.empty:
+    paper's view of which distillation technique leaks through which attack.
+
+    Rows follow `order`, columns `signals` (model-free signals and the "data" row left out);
+    a missing or unreachable value is a blank cell marked "—". AUC uses a diverging map
+    centred at chance (0.5), TPR a sequential one from 0. None when no cell has a number.
+    """
+    grid = heatmap_grid(mia, metric, order, signals)
+    values = grid.to_numpy(dtype=float)
+    if values.size == 0 or not np.isfinite(values).any():
         return None
-    table = rows.pivot_table(index="model", columns="signal", values="value", aggfunc="first")
-    models = [m for m in order if m in table.index]
-    cols = [s for s in signals if s in table.columns]
-    if not models or not cols:
-        return None
-    values = table.loc[models, cols].to_numpy(dtype=float)
-    fig, ax = _new_figure(1.2 + 0.85 * len(cols), 0.9 + 0.38 * len(models))
+    models, cols = list(grid.index), list(grid.columns)
     if metric == "auc":
-        span = max(0.1, float(np.nanmax(np.abs(values - 0.5))) if np.isfinite(values).any()
-                   else 0.1)
-        image = ax.imshow(values, cmap="RdBu_r", vmin=0.5 - span, vmax=0.5 + span,
-                          aspect="auto")
+        span = max(0.1, float(np.nanmax(np.abs(values - 0.5))))
+        cmap, vmin, vmax = "RdBu_r", 0.5 - span, 0.5 + span
     else:
-        image = ax.imshow(values, cmap="Reds", vmin=0.0,
-                          vmax=max(0.05, float(np.nanmax(values)) if np.isfinite(values).any()
-                                   else 0.05), aspect="auto")
+        cmap, vmin, vmax = "Reds", 0.0, max(0.05, float(np.nanmax(values)))
+    fig, ax = _new_figure(1.2 + 0.85 * len(cols), 0.9 + 0.38 * len(models))
+    image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     for i in range(len(models)):
         for j in range(len(cols)):
             v = values[i, j]
+            # white text where the cell colour is dark (far from the map's light end/centre)
+            if math.isnan(v):
+                dark = False
+            elif metric == "auc":
+                dark = abs(v - 0.5) > 0.6 * span
+            else:
+                dark = (v - vmin) / (vmax - vmin) > 0.6
             ax.text(j, i, "—" if math.isnan(v) else f"{v:.2f}", ha="center", va="center",
-                    fontsize="small")
+                    fontsize="small", color="white" if dark else "black")
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
     ax.set_yticks(range(len(models)), models)
     ax.set_title(title, fontsize="medium")
@@ -200,34 +208,46 @@ def leakage_heatmap(mia: pd.DataFrame, metric: str, order: Sequence[str],
     return _save(fig, path)
 
 
-def training_curves(training: pd.DataFrame, order: Sequence[str], path: Path) -> Path | None:
-    """Small multiples, one per trained model: the training loss and the method's own
-    objective against step, with DistiLLM's validation loss and student-data share where
-    they were logged."""
-    if training is None or training.empty or "step" not in training:
+# Columns of a training log drawn as extra lines beside the loss, and the share of
+# student-generated batches (DistiLLM's adaptive schedule) drawn as a step plot; the
+# training loop logs it as `student_data_prob`, `off_policy_prob` is accepted too.
+CURVE_LINES = (("objective", "objective"), ("val_loss", "validation loss"))
+OFF_POLICY_COLUMNS = ("student_data_prob", "off_policy_prob")
+
+
+def training_curves(training: pd.DataFrame | None, order: Sequence[str],
+                    path: Path) -> Path | None:
+    """Small multiples, one panel per trained model: the training loss against step, the
+    method's own objective where it differs from the loss, the validation loss where one
+    was logged, and the probability of a student-generated batch on a second axis.
+    None when there is no log to draw."""
+    if training is None or training.empty or not {"model", "step", "loss"} <= set(training):
         return None
-    models = [m for m in order if m in set(training["model"])]
-    if not models:
-        return None
+    known = set(training["model"].astype(str))
+    models = [m for m in order if m in known] + sorted(known - set(order))
     cols = min(4, len(models))
     nrows = math.ceil(len(models) / cols)
     fig = Figure(figsize=(3.2 * cols, 2.4 * nrows), dpi=DPI)
     FigureCanvasAgg(fig)
     for k, model in enumerate(models):
         ax = fig.add_subplot(nrows, cols, k + 1)
-        t = training[training["model"] == model].sort_values("step")
+        # a resumed run may log a step twice: keep the last record of each step
+        t = (training[training["model"].astype(str) == model]
+             .drop_duplicates("step", keep="last").sort_values("step"))
         ax.plot(t["step"], t["loss"], lw=1.2, label="loss")
-        if "objective" in t and not t["objective"].isna().all() and \
-                not np.allclose(t["objective"], t["loss"], equal_nan=True):
-            ax.plot(t["step"], t["objective"], lw=1.2, label="objective")
-        if "val_loss" in t and t["val_loss"].notna().any():
-            v = t[t["val_loss"].notna()]
-            ax.plot(v["step"], v["val_loss"], "o-", ms=3, lw=1, label="validation loss")
-        if "student_data_prob" in t and t["student_data_prob"].notna().any():
-            p = t[t["student_data_prob"].notna()]
+        for column, label in CURVE_LINES:
+            if column not in t or t[column].isna().all():
+                continue
+            v = t[t[column].notna()]
+            if column == "objective" and np.allclose(v[column], v["loss"]):
+                continue  # the loss is the objective (SFT, plain KD without a CE term)
+            ax.plot(v["step"], v[column], "o-" if len(v) < len(t) else "-", ms=3, lw=1,
+                    label=label)
+        prob = next((c for c in OFF_POLICY_COLUMNS if c in t and t[c].notna().any()), None)
+        if prob is not None:
+            p = t[t[prob].notna()]
             twin = ax.twinx()
-            twin.step(p["step"], p["student_data_prob"], where="post", color="0.4", lw=1,
-                      ls=":")
+            twin.step(p["step"], p[prob], where="post", color="0.4", lw=1, ls=":")
             twin.set_ylim(-0.05, 1.05)
             twin.set_ylabel("P(student batch), dotted", fontsize="x-small")
             twin.tick_params(labelsize="x-small")
@@ -236,7 +256,8 @@ def training_curves(training: pd.DataFrame, order: Sequence[str], path: Path) ->
         ax.grid(True, alpha=0.3)
         if k == 0 or len(ax.get_lines()) > 1:
             ax.legend(fontsize="x-small")
-    fig.supxlabel("step", fontsize="small")
-    fig.subplots_adjust(left=0.07, right=0.95, bottom=0.12, top=0.92, wspace=0.35,
-                        hspace=0.5)
+    fig.supxlabel("step", fontsize="small", y=0.15 / fig.get_figheight())
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=0.5 / width, right=1 - 0.6 / width, bottom=0.6 / height,
+                        top=1 - 0.3 / height, wspace=0.45, hspace=0.55)
     return _save(fig, path)

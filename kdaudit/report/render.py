@@ -19,8 +19,10 @@ from kdaudit.store import atomic_write_text
 
 from kdaudit.report import plots
 from kdaudit.report.redact import REDACTED, example_records, parse_secrets, redact
-from kdaudit.report.tables import (Table, fmt_ci, md_cell, memorization_table, model_order,
-                                   num, ordered, results_table, utility_table)
+from kdaudit.report.tables import (UTILITY_FORMATS, Table, fmt_ci, heatmap_grid,
+                                   heatmap_order, md_cell, memorization_table, model_order,
+                                   num, ordered, results_table, signal_order, utility_table,
+                                   utility_title)
 from kdaudit.report.verdicts import MODEL_FREE_SIGNALS, signal_checks, verdicts
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -244,34 +246,40 @@ def _privacy_table(privacy: pd.DataFrame | None, order: Sequence[str]) -> Table 
 HEATMAP_METRICS = (("auc", "AUC"), ("tpr_at_1pct", "TPR at 1% FPR"))
 
 
-def heatmap_table(mia: pd.DataFrame, metric: str, order: Sequence[str]) -> Table | None:
-    """The numbers of one heatmap: rows models, columns signals (model-free ones left out)."""
-    rows = mia[(mia["metric"] == metric) & (mia["model"] != "data")]
-    if rows.empty:
+def heatmap_table(mia: pd.DataFrame, metric: str, order: Sequence[str],
+                  signals: Sequence[str] | None = None) -> Table | None:
+    """The numbers of one heatmap (rows models, columns signals, model-free ones left out),
+    so report.md reads without its images; "—" where a value is missing or unreachable."""
+    signals = signal_order(mia["signal"]) if signals is None else signals
+    grid = heatmap_grid(mia, metric, order, signals)
+    if grid.empty:
         return None
-    signals = [s for s in ordered(rows["signal"]) if s not in MODEL_FREE_SIGNALS]
-    values = {(str(r.model), str(r.signal)): num(r.value) for r in rows.itertuples()}
-    body = [[m, *("—" if math.isnan(values.get((m, s), math.nan)) else
-                  f"{values[(m, s)]:.3f}" for s in signals)]
-            for m in order if any((m, s) in values for s in signals)]
-    return Table(["Model", *signals], body) if body else None
+    body = [[str(m), *("—" if math.isnan(v) else f"{v:.3f}" for v in row)]
+            for m, row in zip(grid.index, grid.to_numpy(dtype=float))]
+    return Table(["Model", *map(str, grid.columns)], body)
 
 
 def _heatmaps(mia: pd.DataFrame, order: Sequence[str], out: Path, paths: dict[str, Path],
-              prefix: str = "", title: str = "") -> list[dict[str, Any]]:
-    """AUC and TPR-at-1%-FPR heatmaps (model × signal) with the tables behind them."""
-    signals = [s for s in ordered(mia["signal"]) if s not in MODEL_FREE_SIGNALS]
-    found = []
+              prefix: str = "", title: str = "") -> tuple[list[dict[str, Any]], list[str]]:
+    """AUC and TPR-at-1%-FPR heatmaps (model × signal) with the tables behind them, and a
+    note for each metric that was computed but has no value to draw (a TPR at 1% FPR needs
+    at least 100 non-members). `order` is the row order (see `heatmap_order`); columns are
+    the signals in registry order."""
+    signals = signal_order(mia["signal"])
+    found, notes = [], []
     for metric, label in HEATMAP_METRICS:
         name = f"{prefix}heatmap_{metric}"
         png = plots.leakage_heatmap(mia, metric, order, signals, out / f"{name}.png",
                                     title=f"{title}{label}")
         if png is None:
+            if (mia["metric"] == metric).any():
+                notes.append(f"No {label} heatmap: no model has a value for it (see the notes "
+                             f"of the membership-inference results).")
             continue
         paths[name] = png
         found.append({"label": label, "file": png.name, "uri": _data_uri(png),
-                      "table": heatmap_table(mia, metric, order)})
-    return found
+                      "table": heatmap_table(mia, metric, order, signals)})
+    return found, notes
 
 
 def _data_uri(path: Path) -> str:
@@ -327,7 +335,7 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
     if block_png is not None:
         paths["block_risk"] = block_png
 
-    heatmaps = _heatmaps(mia, order, out, paths)
+    heatmaps, heatmap_notes = _heatmaps(mia, heatmap_order(models, order), out, paths)
     curves = plots.training_curves(training, order, out / "training_curves.png")
     if curves is not None:
         paths["training_curves"] = curves
@@ -358,6 +366,7 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
         "signals": _signals_table(signals),
         "privacy": _privacy_table(privacy, order),
         "heatmaps": heatmaps,
+        "heatmap_notes": heatmap_notes,
         "curves": None if curves is None else {"file": curves.name, "uri": _data_uri(curves)},
         "scatter": None if scatter is None else {"file": scatter.name,
                                                  "uri": _data_uri(scatter)},
@@ -378,38 +387,72 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
     return paths
 
 
+SUITE_UTILITY = (("perplexity", "nonmembers"), ("rouge_l", "nonmembers"))
+
+
 def strongest_table(families: Mapping[str, Mapping[str, Any]]) -> Table:
-    """Per family and model: the model-based signal with the highest AUC, with its CI."""
+    """Per family and model: the model-based signal with the highest AUC, with its CI, and
+    the model's perplexity and ROUGE-L on non-members where the family reports them."""
+    shown = [(m, s) for m, s in SUITE_UTILITY
+             if any(_has_utility(d.get("utility"), m, s) for d in families.values())]
     rows = []
     for family, d in families.items():
         mia = d["mia"]
-        auc = mia[(mia["metric"] == "auc") & (mia["model"] != "data")]
-        for model in model_order(d.get("models"), auc):
+        auc = mia[(mia["metric"] == "auc") & (mia["model"] != "data")
+                  & ~mia["signal"].isin(MODEL_FREE_SIGNALS)]
+        auc = auc.assign(value=pd.to_numeric(auc["value"], errors="coerce")).dropna(
+            subset=["value"])
+        utility = d.get("utility")
+        for model in heatmap_order(d.get("models"), model_order(d.get("models"), auc)):
             m = auc[auc["model"] == model]
             if m.empty:
                 continue
-            best = m.loc[m["value"].astype(float).idxmax()]
-            rows.append([family, model, str(best["signal"]),
-                         fmt_ci(best["value"], best.get("ci_low"), best.get("ci_high"))])
-    return Table(["Family", "Model", "Strongest signal", "AUC (95% CI)"], rows)
+            best = m.loc[m["value"].idxmax()]
+            cells = [family, model, str(best["signal"]),
+                     fmt_ci(best["value"], best.get("ci_low"), best.get("ci_high"))]
+            for metric, split in shown:
+                v = _utility_value(utility, model, metric, split)
+                cells.append("—" if math.isnan(v)
+                             else UTILITY_FORMATS.get(metric, "{:.2f}").format(v))
+            rows.append(cells)
+    return Table(["Family", "Model", "Strongest signal", "AUC (95% CI)",
+                  *(utility_title(m, s) for m, s in shown)], rows)
+
+
+def _has_utility(utility: pd.DataFrame | None, metric: str, split: str) -> bool:
+    return (utility is not None and not utility.empty
+            and bool(((utility["metric"] == metric) & (utility["split"] == split)).any()))
+
+
+def _utility_value(utility: pd.DataFrame | None, model: str, metric: str, split: str) -> float:
+    if not _has_utility(utility, metric, split):
+        return math.nan
+    v = utility[(utility["model"] == model) & (utility["metric"] == metric)
+                & (utility["split"] == split)]["value"]
+    return num(v.iloc[0]) if len(v) else math.nan
 
 
 def write_suite_report(out_dir: str | os.PathLike[str], families: Mapping[str, Mapping[str, Any]],
                        *, title: str = "kdaudit suite report") -> dict[str, Path]:
     """One page over several model families: per family the AUC and TPR-at-1%-FPR heatmaps
-    and a link to its own report, then each model's strongest signal.
+    and a link to its own report, then each model's strongest signal beside its utility.
 
-    `families` maps a family name to {"mia", "models", "report" (relative link)}."""
+    `families` maps a family name to {"mia": DataFrame, "models": DataFrame, "utility":
+    DataFrame (optional), "report": link to the family's report.html, relative to out_dir}.
+    Returns the paths of report.html, report.md and the heatmaps ("<family>_heatmap_auc", …).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     sections = []
+    taken: set[str] = set()
     for family, d in families.items():
-        order = model_order(d.get("models"), d["mia"])
-        sections.append({"family": family, "report": d["report"],
-                         "heatmaps": _heatmaps(d["mia"], order, out, paths,
-                                               prefix=f"{_slug(family, set())}_",
-                                               title=f"{family}: ")})
+        slug = _slug(family, taken)
+        order = heatmap_order(d.get("models"), model_order(d.get("models"), d["mia"]))
+        heatmaps, notes = _heatmaps(d["mia"], order, out, paths, prefix=f"{slug}_",
+                                    title=f"{family}: ")
+        sections.append({"family": family, "anchor": slug, "report": d["report"],
+                         "heatmaps": heatmaps, "heatmap_notes": notes})
     context = {"title": title, "families": sections, "strongest": strongest_table(families)}
     for key, autoescape in (("html", True), ("md", False)):
         text = _environment(autoescape).get_template(f"suite.{key}.j2").render(**context)

@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
+from attacks.mia import SIGNALS
 from kdaudit.report.verdicts import MODEL_FREE_SIGNALS, SignalCheck
 
 TPR_METRICS = {"tpr_at_1pct": "TPR @ 1% FPR", "tpr_at_0_1pct": "TPR @ 0.1% FPR"}
@@ -27,6 +28,7 @@ SIGNAL_ACCESS = {
     "ref_ext": "token log-probs + reference model",
     "mope": "weights",
     "lira": "reference models",
+    "lira_offline": "reference models",
     "rmia": "reference models",
     "blind": "text only (no model)",
 }
@@ -120,6 +122,49 @@ def model_order(models: pd.DataFrame | None, *frames: pd.DataFrame | None) -> li
     return names
 
 
+def signal_order(names: Iterable[object]) -> list[str]:
+    """Signal names in registry order (`attacks.mia.SIGNALS`), unknown names after them in
+    order of first appearance, so every report lists signals the same way."""
+    names = ordered(names)
+    rank = {s: i for i, s in enumerate(SIGNALS)}
+    return sorted(names, key=lambda s: (rank.get(s, len(rank)), names.index(s)))
+
+
+# Heatmap rows: the teacher, then the no-KD baseline, then the students; anything else
+# (base models, reference models) after them, each group in the given order.
+ROLE_RANK = {"teacher": 0, "baseline": 1, "student": 2}
+
+
+def heatmap_order(models: pd.DataFrame | None, order: Sequence[str]) -> list[str]:
+    """`order` regrouped by role (teacher, baseline, students, others); unchanged without a
+    role column."""
+    if models is None or models.empty or "role" not in models:
+        return list(order)
+    roles = {str(m): str(r) for m, r in zip(models["model"], models["role"])}
+    return sorted(order, key=lambda m: ROLE_RANK.get(roles.get(m, ""), len(ROLE_RANK)))
+
+
+def heatmap_grid(mia: pd.DataFrame, metric: str, order: Sequence[str],
+                 signals: Sequence[str]) -> pd.DataFrame:
+    """Model × signal values of one metric, the numbers behind a leakage heatmap.
+
+    Rows: the models of `order` that have any row for `metric` (the model-free "data"
+    pseudo-model left out); columns: the `signals` that appear, model-free ones left out.
+    A missing or unreachable value stays NaN, so a figure and its table show the same grid.
+    """
+    rows = mia[(mia["metric"] == metric) & (mia["model"].astype(str) != "data")]
+    rows = rows.assign(model=rows["model"].astype(str), signal=rows["signal"].astype(str))
+    present = set(rows["signal"])
+    cols = [s for s in signals if s in present and s not in MODEL_FREE_SIGNALS]
+    models = [m for m in order if m in set(rows["model"])]
+    if not cols or not models:
+        return pd.DataFrame(index=pd.Index(models, name="model"),
+                            columns=pd.Index(cols, name="signal"), dtype=float)
+    values = rows.drop_duplicates(["model", "signal"]).pivot(index="model", columns="signal",
+                                                             values="value")
+    return values.reindex(index=models, columns=cols).apply(pd.to_numeric, errors="coerce")
+
+
 def results_table(mia: pd.DataFrame, checks: Sequence[SignalCheck],
                   order: Sequence[str]) -> Table:
     """Model × signal: AUC with CI, TPR at 1% and 0.1% FPR, sample sizes, elevated or not."""
@@ -196,8 +241,20 @@ def memorization_table(memorization: pd.DataFrame | None,
     return Table(["Model", *(title for *_, title, _ in columns)], rows)
 
 
+UTILITY_NAMES = {"perplexity": "Perplexity", "rouge_l": "ROUGE-L"}
+# ROUGE-L is a fraction in [0, 1]: three decimals, as methods often differ by less than 0.01.
+UTILITY_FORMATS = {"perplexity": "{:.2f}", "rouge_l": "{:.3f}"}
+
+
+def utility_title(metric: str, split: str) -> str:
+    """"Perplexity (non-members)", "ROUGE-L (non-members)", "Other metric (split)"."""
+    name = UTILITY_NAMES.get(metric, metric.replace("_", " ").capitalize())
+    return f"{name} ({split.replace('nonmembers', 'non-members')})"
+
+
 def utility_table(utility: pd.DataFrame | None, order: Sequence[str]) -> Table | None:
-    """Rows: models. One column per (metric, split), e.g. "Perplexity (nonmembers)"."""
+    """Rows: models. One column per (metric, split), e.g. "Perplexity (non-members)" and
+    "ROUGE-L (non-members)", so each model's quality sits on one line."""
     if utility is None or utility.empty:
         return None
     keys = list(dict.fromkeys(zip(utility["metric"].astype(str), utility["split"].astype(str))))
@@ -210,9 +267,7 @@ def utility_table(utility: pd.DataFrame | None, order: Sequence[str]) -> Table |
         cells = [model]
         for metric, split in keys:
             v = values.get((model, metric, split), math.nan)
-            cells.append("—" if math.isnan(v) else f"{v:.2f}")
+            fmt = UTILITY_FORMATS.get(metric, "{:.2f}")
+            cells.append("—" if math.isnan(v) else fmt.format(v))
         rows.append(cells)
-    names = {"perplexity": "Perplexity", "rouge_l": "ROUGE-L"}
-    titles = [f"{names.get(m, m.replace('_', ' ').capitalize())} "
-              f"({s.replace('nonmembers', 'non-members')})" for m, s in keys]
-    return Table(["Model", *titles], rows)
+    return Table(["Model", *(utility_title(m, s) for m, s in keys)], rows)

@@ -122,6 +122,32 @@ def _student(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teacher(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from kdaudit.config import DPConfig
+    from kdaudit.distil import train_teacher
+
+    cfg = load_config(args.preset, args.config)
+    train = dataclasses.replace(cfg.teacher, **{k: v for k, v in (
+        ("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v})
+    dp = DPConfig(epsilon=args.epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm) \
+        if args.dp else None
+    result = train_teacher(base=args.base, data=args.data, out=args.out, dp=dp,
+                           tokenizer=args.tokenizer, train=train,
+                           max_length=args.max_length or cfg.data.max_length, seed=args.seed,
+                           mapping=args.mapping)
+    print(f"teacher: {result.steps} steps in {result.seconds:.0f} s, loss "
+          f"{result.first_loss:.3f} → {result.last_loss:.3f}; saved to {args.out}")
+    if result.privacy:
+        p = result.privacy
+        print(f"DP-SGD: noise multiplier {p['noise_multiplier']:.4f}, sample rate "
+              f"{p['sample_rate']:.4g}, {p['steps']} steps, delta {p['delta']:.3g}: epsilon "
+              f"{p['epsilon']:.4f} (PRV), {p['epsilon_pld']:.4f} (PLD), "
+              f"{p['epsilon_rdp']:.4f} (RDP)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdaudit",
@@ -182,6 +208,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-secrets", action="store_true",
                    help="do not redact private details in example text")
     p.set_defaults(fn=_audit)
+
+    p = sub.add_parser("teacher", help="fine-tune a teacher on private records, optionally "
+                                       "with DP-SGD",
+                       description="Fine-tune BASE on DATA (the private records) and save it to "
+                                   "OUT. With --dp the fine-tuning is DP-SGD (Opacus, Poisson "
+                                   "sampling, noise solved from --epsilon) and OUT/privacy.json "
+                                   "records the ε spent.")
+    p.add_argument("--base", required=True, metavar="PATH",
+                   help="the teacher's starting point: a model folder or hub name")
+    p.add_argument("--data", required=True, help="training records (.jsonl/.csv/.parquet, "
+                   "HF dataset folder or hub name)")
+    p.add_argument("--dp", action="store_true", help="train with DP-SGD")
+    p.add_argument("--epsilon", type=float, default=8.0, help="DP target ε (default 8)")
+    p.add_argument("--delta", type=float, help="DP δ (default 1/(10·N))")
+    p.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="per-sample clipping norm C (default 1)")
+    p.add_argument("--tokenizer", metavar="PATH", help="default: the base's")
+    p.add_argument("--mapping", choices=["dolly", "alpaca", "kdaudit"])
+    p.add_argument("--preset", default="tiny", choices=presets())
+    p.add_argument("--config", type=Path, help="TOML file overriding preset fields")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int, help="tokens per record (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for the trained teacher")
+    p.set_defaults(fn=_teacher)
 
     from kdaudit.distil import student_methods
 

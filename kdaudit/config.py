@@ -94,6 +94,26 @@ class KDConfig:
 
 
 @dataclass
+class DPConfig:
+    """DP-SGD (METHODS §4): Gaussian noise solved from a target (ε, δ)."""
+    epsilon: float = 8.0
+    delta: float | None = None          # None: 1 / (10 · number of training records)
+    max_grad_norm: float = 1.0          # per-sample clipping norm C
+    noise_multiplier: float | None = None  # None: solved from epsilon (0.1% in ε)
+
+    def __post_init__(self) -> None:
+        if self.epsilon <= 0:
+            raise ConfigError(f"dp.epsilon: expected > 0, got {self.epsilon}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError(f"dp.delta: expected 0 < δ < 1, got {self.delta}")
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"dp.max_grad_norm: expected > 0, got {self.max_grad_norm}")
+        if self.noise_multiplier is not None and self.noise_multiplier <= 0:
+            raise ConfigError(f"dp.noise_multiplier: expected > 0, got "
+                              f"{self.noise_multiplier}")
+
+
+@dataclass
 class AuditConfig:
     signals: list[str] = field(default_factory=lambda: ["loss", "zlib", "lowercase", "mink",
                                                         "minkpp", "ref_base", "blind"])

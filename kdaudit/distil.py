@@ -1,4 +1,5 @@
-"""Train one student outside a pipeline run: any KD method, your own teacher and data."""
+"""Train one model outside a pipeline run: a teacher (optionally with DP-SGD) or a student
+by any KD method, from your own bases and data."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +7,7 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-from kdaudit.config import ConfigError, KDConfig, TrainConfig, validate_kd
+from kdaudit.config import ConfigError, DPConfig, KDConfig, TrainConfig, validate_kd
 from kdaudit.data.records import Record, load_records
 from kdaudit.data.template import encode_record
 from kdaudit.models import load_model, load_tokenizer
@@ -74,3 +75,24 @@ def train_student(method: str, *, student_base: str | Path, data: Sequence[Recor
                       desc=f"{method}", validation=[encode_record(r, tok, max_length)
                                                     for r in held],
                       max_length=max_length)
+
+
+def train_teacher(*, base: str | Path, data: Sequence[Record] | str | Path, out: str | Path,
+                  dp: DPConfig | None = None, tokenizer: str | Path | None = None,
+                  train: TrainConfig | None = None, max_length: int = 512, seed: int = 0,
+                  mapping: str | None = None) -> loop.TrainResult:
+    """Fine-tune `base` on `data` (the private records) and save it to `out`. With `dp` the
+    fine-tuning is DP-SGD and `out/privacy.json` records the ε spent (PRV, PLD and RDP)."""
+    records = load_records(data, mapping=mapping) if isinstance(data, (str, Path)) else list(data)
+    if not records:
+        raise ValueError(f"{data}: no training records")
+    tok = load_tokenizer(tokenizer or base)
+    model = load_model(base)
+    train = train or TrainConfig(epochs=3.0)
+    examples = [encode_record(r, tok, max_length) for r in records]
+    return loop.train(model, examples, METHODS["sft"], train, out_dir=out, seed=seed,
+                      pad_id=tok.pad_token_id, tokenizer=tok, desc="teacher",
+                      run_key=stable_hash([str(base), [r.id for r in records],
+                                           dataclasses.asdict(train), max_length, seed,
+                                           dataclasses.asdict(dp) if dp else None]),
+                      max_length=max_length, dp=dp)

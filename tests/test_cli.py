@@ -59,3 +59,24 @@ def test_student_command_trains_one_student(tiny_lm, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["student", "--method", "tarot", "--student-base", str(base), "--data",
               str(data), "--out", str(tmp_path / "x")])
+
+
+def test_teacher_command_with_dp_records_the_epsilon_spent(tiny_lm, tmp_path, capsys):
+    import json
+
+    from kdaudit.data.records import write_jsonl
+    from kdaudit.models import build_zoo_model
+
+    _, tok, records, _ = tiny_lm
+    base = tmp_path / "base"
+    build_zoo_model("gpt2-smoke-student", tok, seed=0).save_pretrained(base)
+    tok.save_pretrained(base)
+    data = tmp_path / "members.jsonl"
+    write_jsonl(records[:40], data)
+    out = tmp_path / "dp_teacher"
+    assert main(["teacher", "--base", str(base), "--data", str(data), "--dp", "--epsilon", "2",
+                 "--preset", "smoke", "--epochs", "1", "--batch-size", "8", "--out",
+                 str(out)]) == 0
+    assert "epsilon 1.99" in capsys.readouterr().out   # the solver lands just under 2
+    spent = json.loads((out / "privacy.json").read_text())
+    assert spent["epsilon"] == pytest.approx(2.0, rel=1e-3) and spent["sampling"] == "poisson"

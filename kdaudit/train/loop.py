@@ -16,7 +16,8 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from kdaudit.config import TrainConfig
+from kdaudit.config import DPConfig, TrainConfig
+from kdaudit.dp import dpsgd
 from kdaudit.data.template import Encoded
 from kdaudit.store import atomic_write_json, publish_dir
 from kdaudit.train.batching import batch_order
@@ -33,6 +34,7 @@ class TrainResult:
     first_loss: float
     last_loss: float
     resumed_from: int
+    privacy: dict[str, Any] | None = None   # DP-SGD: the ε spent (kdaudit.dp.accounting)
 
 
 def _checkpoint_dir(out_dir: Path) -> Path:
@@ -43,14 +45,17 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
           out_dir: str | Path, seed: int, pad_id: int, tokenizer=None, teacher=None,
           params: dict[str, Any] | None = None, run_key: str = "", mixed_precision: str = "no",
           desc: str = "train", callbacks: Sequence[StepCallback] = (),
-          validation: Sequence[Encoded] = (), max_length: int | None = None) -> TrainResult:
+          validation: Sequence[Encoded] = (), max_length: int | None = None,
+          dp: DPConfig | None = None) -> TrainResult:
     """Train `model` on `examples` with `method`'s loss and data source; save it to `out_dir`
     (safetensors).
 
     `params` are the method's parameters (`methods.method_params`); `validation` feeds
     DistiLLM's schedule; `max_length` bounds prompt + sampled response. `run_key` identifies
     the inputs; a checkpoint left by an interrupted run with the same key is resumed, one with
-    another key is discarded.
+    another key is discarded. With `dp`, training is DP-SGD (`kdaudit.dp.dpsgd`): Poisson
+    batches, per-sample clipping, noise solved from `dp.epsilon`; it restarts rather than
+    resumes, and `privacy.json` beside the model records the ε spent.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -80,12 +85,29 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     total = len(order) // world if world > 1 else len(order)
 
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    plan = None
+    if dp is not None:
+        if method.name not in DP_METHODS:
+            raise ValueError(f"DP-SGD supports the methods {DP_METHODS}, not '{method.name}'")
+        plan = dpsgd.plan(len(examples), cfg.batch_size, cfg.epochs, epsilon=dp.epsilon,
+                          delta=dp.delta, max_grad_norm=dp.max_grad_norm,
+                          noise_multiplier=dp.noise_multiplier)
+        total = plan.steps
+        dpsgd.check_supported(model)
+        model.to(accelerator.device)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2]
+    no_decay = [p for n, p in trainable if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    if plan is not None:   # Opacus's Poisson loader is never handed to Accelerate
+        model, optimizer, poisson, _ = dpsgd.make_private(model, optimizer, len(examples),
+                                                          plan, seed)
+        order = _poisson_batches(poisson, total)
+        shutil.rmtree(ckpt, ignore_errors=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if plan is None:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if teacher is not None:
         teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
         teacher.eval()
@@ -105,7 +127,7 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     if start == 0:
         log_path.unlink(missing_ok=True)
 
-    student = accelerator.unwrap_model(model)
+    student = accelerator.unwrap_model(model) if plan is None else model._module
     plain_teacher = accelerator.unwrap_model(teacher) if teacher is not None else None
     source.prepare(student, plain_teacher)
     first_loss = last_loss = float("nan")
@@ -115,6 +137,11 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     with log_path.open("a") as log:
         for step in range(start, total):
             idx = order[step * world + rank] if world > 1 else order[step]
+            if plan is not None and not idx:   # an empty Poisson batch: the step is noise only
+                _noise_only_step(optimizer)
+                scheduler.step()
+                bar.update(1)
+                continue
             batch, origin = source.next_batch(idx, student, plain_teacher)
             batch = batch.to(accelerator.device)
             with accelerator.autocast():
@@ -126,9 +153,14 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
                         teacher_logits = teacher(input_ids=batch.input_ids,
                                                  attention_mask=batch.attention_mask,
                                                  position_ids=batch.position_ids).logits
-            loss, parts = method.loss(logits, teacher_logits, batch, params)
+            if plan is None:
+                loss, parts = method.loss(logits, teacher_logits, batch, params)
+            else:   # per-sequence means: one example's gradient ignores the others' lengths
+                loss = dpsgd.per_sequence_ce(logits, batch.input_ids, batch.target_mask)
+                parts = {"ce": loss.item(), "objective": loss.item(),
+                         "batch_size": float(len(idx))}
             accelerator.backward(loss)
-            if cfg.grad_clip:
+            if cfg.grad_clip and plan is None:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
@@ -149,7 +181,8 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
             bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
             for cb in callbacks:
                 cb(step + 1, record)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            if (cfg.checkpoint_every and plan is None and (step + 1) % cfg.checkpoint_every == 0
+                    and step + 1 < total):
                 accelerator.save_state(str(ckpt / "state"))
                 torch.save(source.state_dict(), ckpt / "source.pt")
                 atomic_write_json(state_file, {"step": step + 1, "run_key": run_key})
@@ -159,8 +192,11 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     if accelerator.is_main_process:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = student
         unwrapped.save_pretrained(str(tmp), safe_serialization=True)
+        if plan is not None:
+            privacy = dpsgd.spent(plan, total)
+            atomic_write_json(tmp / "privacy.json", privacy)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         shutil.copy(log_path, tmp / "train_log.jsonl")
@@ -168,4 +204,29 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
         shutil.rmtree(ckpt, ignore_errors=True)
     accelerator.free_memory()
     return TrainResult(steps=total, seconds=time.time() - t0, first_loss=first_loss,
-                       last_loss=last_loss, resumed_from=start)
+                       last_loss=last_loss, resumed_from=start,
+                       privacy=dpsgd.spent(plan, total) if plan is not None else None)
+
+
+DP_METHODS = ("sft", "nokd", "pretrain")   # DP-SGD with a cross-entropy objective
+
+
+def _poisson_batches(loader, steps: int) -> list[list[int]]:
+    """`steps` Poisson-sampled index batches from Opacus's loader (epochs as needed)."""
+    out: list[list[int]] = []
+    while len(out) < steps:
+        for (idx,) in loader:
+            out.append(idx.tolist())
+            if len(out) == steps:
+                break
+    return out
+
+
+def _noise_only_step(optimizer) -> None:
+    """An empty batch still takes a DP step: zero per-sample gradients plus the noise."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,110 @@
+"""DP-SGD in the one loop: Poisson batches, the solved noise, the ε spent, three families."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kdaudit.config import ConfigError, DPConfig, TrainConfig
+from kdaudit.data.corpus import generate_records
+from kdaudit.data.template import encode_record, format_text
+from kdaudit.dp import dpsgd
+from kdaudit.dp.accounting import account
+from kdaudit.models import build_zoo_model, train_tokenizer
+from kdaudit.train import loop
+from kdaudit.train.methods import METHODS
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = train_tokenizer([format_text(r) for r in generate_records(200, seed=31)], 300)
+    examples = [encode_record(r, tok, 64) for r in generate_records(48, seed=32)]
+    return tok, examples
+
+
+def _log(path):
+    return [json.loads(x) for x in (path / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_dp_teacher_fine_tunes_with_poisson_batches(setup, tmp_path, family):
+    tok, examples = setup
+    model = build_zoo_model(f"{family}-smoke-student", tok, seed=0)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, log_every=1)
+    result = loop.train(model, examples, METHODS["sft"], cfg, out_dir=tmp_path / "m", seed=0,
+                        pad_id=tok.pad_token_id, desc=None, tokenizer=tok,
+                        dp=DPConfig(epsilon=4.0, max_grad_norm=1.0))
+    sizes = [r["batch_size"] for r in _log(tmp_path / "m") if "batch_size" in r]
+    assert len(set(sizes)) > 1                       # Poisson: batch sizes vary
+    q = 8 / 48
+    assert result.steps == round(2 / q)
+    privacy = json.loads((tmp_path / "m" / "privacy.json").read_text())
+    assert privacy["epsilon"] == pytest.approx(4.0, rel=1e-3)
+    assert privacy["delta"] == pytest.approx(1 / 480)
+    direct = account(privacy["noise_multiplier"], q, result.steps, 1 / 480)
+    assert privacy["epsilon"] == pytest.approx(direct.epsilon, rel=1e-9)
+    assert (tmp_path / "m" / "model.safetensors").exists()
+
+
+def test_without_noise_and_clipping_a_dp_step_is_an_sgd_step(setup):
+    tok, examples = setup
+    batch_ids = list(range(6))
+    from kdaudit.train.batching import collate
+
+    b = collate([examples[i] for i in batch_ids], tok.pad_token_id)
+    ref = build_zoo_model("gpt2-smoke-student", tok, seed=0)
+    ref.train()
+    loss = dpsgd.per_sequence_ce(ref(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                     position_ids=b.position_ids).logits, b.input_ids,
+                                 b.target_mask)
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
+
+    model = build_zoo_model("gpt2-smoke-student", tok, seed=0)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    plan = dpsgd.DPPlan(noise_multiplier=0.0, sample_rate=6 / 48, steps=1, delta=1e-3,
+                        max_grad_norm=1e6)
+    module, dp_opt, _, _ = dpsgd.make_private(model, opt, 48, plan, seed=0)
+    loss = dpsgd.per_sequence_ce(module(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                        position_ids=b.position_ids).logits, b.input_ids,
+                                 b.target_mask)
+    loss.backward()
+    dp_opt.pre_step()   # clip (a no-op at this norm) and average over the expected batch
+    for name, p in module._module.named_parameters():
+        if name in want:   # Opacus averages by the expected batch size, 6 here
+            torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_opt_is_refused_with_the_reason(setup, tmp_path):
+    tok, examples = setup
+    with pytest.raises(ValueError, match="not available for opt models: its decoder layers"):
+        loop.train(build_zoo_model("opt-smoke-student", tok), examples, METHODS["sft"],
+                   TrainConfig(), out_dir=tmp_path / "x", seed=0, pad_id=tok.pad_token_id,
+                   desc=None, dp=DPConfig())
+
+
+def test_dp_config_is_checked_and_kd_methods_are_refused(setup, tmp_path):
+    with pytest.raises(ConfigError, match="dp.epsilon"):
+        DPConfig(epsilon=0)
+    tok, examples = setup
+    with pytest.raises(ValueError, match="DP-SGD supports"):
+        loop.train(build_zoo_model("gpt2-smoke-student", tok), examples, METHODS["kd"],
+                   TrainConfig(), out_dir=tmp_path / "x", seed=0, pad_id=tok.pad_token_id,
+                   teacher=build_zoo_model("gpt2-smoke-teacher", tok), desc=None,
+                   dp=DPConfig())
+
+
+def test_an_empty_poisson_batch_still_adds_noise(setup):
+    tok, _ = setup
+    for sigma, moves in ((0.0, False), (1.0, True)):
+        model = build_zoo_model("gpt2-smoke-student", tok, seed=0)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        plan = dpsgd.DPPlan(noise_multiplier=sigma, sample_rate=0.1, steps=1, delta=1e-3,
+                            max_grad_norm=1.0)
+        module, dp_opt, _, _ = dpsgd.make_private(model, opt, 40, plan, seed=0)
+        loop._noise_only_step(dp_opt)
+        changed = any(not torch.equal(a, b) for a, b in zip(before, module._module.parameters()))
+        assert changed == moves

@@ -1,0 +1,74 @@
+"""A DP-SGD training step against a non-DP step of the same model and batch, side by side.
+
+    .venv/bin/python benchmarks/perf/bench_dpsgd.py [--preset gpt2-tiny-teacher] [--repeats 10]
+
+Both steps: forward, per-sequence CE, backward, AdamW step, on the same 16 × 128-token batch.
+The DP step adds Opacus's per-sample gradients (hooks), per-sample clipping and noise.
+Prints the median seconds per step of each and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from kdaudit.data.corpus import generate_records
+from kdaudit.data.template import encode_record, format_text
+from kdaudit.dp import dpsgd
+from kdaudit.models import build_zoo_model, train_tokenizer
+from kdaudit.train.batching import collate
+
+
+def timed_steps(model, optimizer, batch, repeats: int) -> float:
+    times = []
+    for k in range(repeats + 2):   # two warm-up steps
+        t0 = time.perf_counter()
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids).logits
+        dpsgd.per_sequence_ce(logits, batch.input_ids, batch.target_mask).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if k >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="gpt2-tiny-teacher")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--length", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args()
+
+    records = generate_records(400 + args.batch_size, seed=1)
+    tok = train_tokenizer([format_text(r) for r in records[args.batch_size:]], 2048)
+    examples = []
+    for r in records[:args.batch_size]:
+        e = encode_record(r, tok, args.length)
+        pad = args.length - len(e.input_ids)      # every row exactly `length` tokens
+        e.input_ids = e.input_ids + [tok.eos_token_id] * pad
+        examples.append(e)
+    batch = collate(examples, tok.pad_token_id)
+
+    plain = build_zoo_model(args.preset, tok, seed=0).train()
+    t_plain = timed_steps(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4), batch,
+                          args.repeats)
+    model = build_zoo_model(args.preset, tok, seed=0).train()
+    plan = dpsgd.DPPlan(noise_multiplier=1.0, sample_rate=args.batch_size / 1000, steps=1,
+                        delta=1e-4, max_grad_norm=1.0)
+    module, optimizer, _, _ = dpsgd.make_private(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-4), 1000, plan, seed=0)
+    t_dp = timed_steps(module, optimizer, batch, args.repeats)
+    print(f"{args.preset}, batch {args.batch_size} × {args.length} tokens, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats} steps")
+    print(f"  non-DP step: {t_plain * 1000:7.1f} ms")
+    print(f"  DP-SGD step: {t_dp * 1000:7.1f} ms (Opacus hooks: per-sample gradients, "
+          f"clipping, noise)")
+    print(f"  ratio DP / non-DP: {t_dp / t_plain:.2f}×")
+
+
+if __name__ == "__main__":
+    main()

@@ -148,6 +148,17 @@ def _teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    """Where `teacher` and `student` take their hyperparameters from, then the overrides."""
+    p.add_argument("--preset", default="tiny", choices=presets())
+    p.add_argument("--config", type=Path, help="TOML file overriding preset fields")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int, help="tokens per record (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdaudit",
@@ -226,13 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-sample clipping norm C (default 1)")
     p.add_argument("--tokenizer", metavar="PATH", help="default: the base's")
     p.add_argument("--mapping", choices=["dolly", "alpaca", "kdaudit"])
-    p.add_argument("--preset", default="tiny", choices=presets())
-    p.add_argument("--config", type=Path, help="TOML file overriding preset fields")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-length", type=int, help="tokens per record (default: the preset's)")
-    p.add_argument("--seed", type=int, default=0)
+    _add_training_flags(p)
     p.add_argument("--out", required=True, help="folder for the trained teacher")
     p.set_defaults(fn=_teacher)
 
@@ -255,13 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="PATH", help="default: the student base's")
     p.add_argument("--mapping", choices=["dolly", "alpaca", "kdaudit"],
                    help="column schema of the data files (guessed when omitted)")
-    p.add_argument("--preset", default="tiny", choices=presets())
-    p.add_argument("--config", type=Path, help="TOML file overriding preset fields")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-length", type=int, help="tokens per record (default: the preset's)")
-    p.add_argument("--seed", type=int, default=0)
+    _add_training_flags(p)
     p.add_argument("--out", required=True, help="folder for the trained student")
     p.set_defaults(fn=_student)
 

@@ -15,7 +15,7 @@ from attacks.mia import SIGNALS, ReferenceModels
 from kdaudit.config import AuditConfig, config_from_dict
 from kdaudit.data.canaries import read_canaries
 from kdaudit.data.records import Record, load_records
-from kdaudit.privacy_audit import canary_rows, heuristic_row
+from kdaudit.privacy_audit import canary_rows, heuristic_row, spent_rows
 
 
 
@@ -104,6 +104,8 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
                              f"({len(tokenizer)}); all audited models must share a tokenizer")
         passes[info.id] = compute_pass(model, tokenizer, aset.records, cfg,
                                        max_length=max_length, desc=info.id)
+        if isinstance(src, (str, Path)) and Path(src).is_dir():
+            privacy += spent_rows(info.id, src)   # a kdaudit DP model's privacy.json
         if info.role != "base":
             gens[info.id] = compute_generations(model, tokenizer, mem_records, cfg,
                                                 max_length=max_length,

@@ -17,7 +17,7 @@ from kdaudit.audit import AuditResult, AuditSet, ModelInfo, ModelPass, assemble,
     compute_extraction, compute_generations, compute_pass
 from kdaudit.data.canaries import read_canaries
 from kdaudit.models import load_model, load_tokenizer
-from kdaudit.privacy_audit import canary_rows, heuristic_row
+from kdaudit.privacy_audit import canary_rows, heuristic_row, spent_rows
 from kdaudit.store import atomic_write_json
 from kdaudit.train.methods import METHODS
 
@@ -135,7 +135,7 @@ class AuditStages:
 
         def fn():
             canaries = read_canaries(self.dir.data("canaries"))
-            rows = []
+            rows = spent_rows(model_id, self.dir.model(model_id))
             if canaries:
                 model = load_model(self.dir.model(model_id))
                 rows += canary_rows(model_id, model, self.tokenizer, canaries,
@@ -161,7 +161,7 @@ class AuditStages:
         students distilled by the same method from the reference teachers)."""
         k = range(self.cfg.reference_models)
         out = {"teacher": [f"ref_teacher_{i}" for i in k]} if k else {}
-        for m in self.cfg.methods:
+        for m in self.public_methods():
             if k and METHODS[m].needs_teacher:
                 out[m] = [f"ref_{m}_{i}" for i in k]
         return out
@@ -189,9 +189,10 @@ class AuditStages:
     def models(self) -> list[ModelInfo]:
         out = [ModelInfo("teacher", "teacher", "base_teacher",
                          f"{self.cfg.models.teacher} fine-tuned on the members")]
-        for m in self.cfg.methods:
+        for m in self.public_methods():
             role = "baseline" if m == "nokd" else "student"
             out.append(ModelInfo(m, role, "base_student", METHODS[m].description))
+        out += self.dp_models()
         out += [ModelInfo("base_teacher", "base", None, f"{self.cfg.models.teacher} before "
                           f"fine-tuning (never saw members)"),
                 ModelInfo("base_student", "base", None, f"{self.cfg.models.student} before "

@@ -107,18 +107,45 @@ def _audit(args: argparse.Namespace) -> int:
 def _student(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from kdaudit.distil import train_student
+    from kdaudit.distil import train_private_student, train_student
+    from kdaudit.train.methods import METHODS
 
     cfg = load_config(args.preset, args.config)
-    train = dataclasses.replace(cfg.student, **{k: v for k, v in (
-        ("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v})
-    result = train_student(args.method, student_base=args.student_base, teacher=args.teacher,
-                           data=args.data, validation=args.validation, out=args.out,
-                           tokenizer=args.tokenizer, train=train, kd=cfg.kd,
-                           max_length=args.max_length or cfg.data.max_length, seed=args.seed,
-                           mapping=args.mapping, mixed_precision=cfg.mixed_precision)
+    flags = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr),
+                               ("batch_size", args.batch_size)) if v}
+    train = dataclasses.replace(cfg.student, **flags)
+    common = dict(student_base=args.student_base, data=args.data, out=args.out,
+                  tokenizer=args.tokenizer, kd=cfg.kd, seed=args.seed, mapping=args.mapping,
+                  max_length=args.max_length or cfg.data.max_length)
+    if METHODS[args.method].privacy:
+        if args.epsilon is None:
+            raise ConfigError(f"--method {args.method}: give the total budget --epsilon E "
+                              f"(inf trains the same recipe without noise)")
+        if args.validation:
+            raise ConfigError(f"--validation: method '{args.method}' has no validation schedule")
+        # the DP-SGD runs take [dp_train] (and the flags); a synthetic-data student [student]
+        dp_train = dataclasses.replace(cfg.dp_train, **flags)
+        result = train_private_student(
+            args.method, epsilon=args.epsilon, teacher=args.teacher,
+            teacher_base=args.teacher_base, delta=args.delta,
+            max_grad_norm=args.max_grad_norm or cfg.dp.max_grad_norm, train=train,
+            dp_train=dp_train, synthetic_records=cfg.dp.synthetic_records,
+            synthetic_tokens=cfg.dp.synthetic_tokens, no_repeat_ngram=cfg.dp.no_repeat_ngram,
+            **common)
+    else:
+        given = [f for f, v in (("--epsilon", args.epsilon), ("--teacher-base", args.teacher_base),
+                                ("--delta", args.delta)) if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only for the DP methods (distildp, "
+                              f"synthetic_only, dpsgd_student, dpkd)")
+        result = train_student(args.method, teacher=args.teacher, validation=args.validation,
+                               train=train, mixed_precision=cfg.mixed_precision, **common)
     print(f"{args.method}: {result.steps} steps in {result.seconds:.0f} s, loss "
           f"{result.first_loss:.3f} → {result.last_loss:.3f}; saved to {args.out}")
+    if result.privacy:
+        p = result.privacy
+        print(f"privacy spent: epsilon {p['epsilon']:.4f} at delta {p['delta']:.3g} "
+              f"({p['composition']}); details in {Path(args.out) / 'privacy.json'}")
     return 0
 
 
@@ -128,18 +155,44 @@ def _teacher(args: argparse.Namespace) -> int:
     from kdaudit.config import DPConfig
     from kdaudit.distil import train_teacher
 
+    use_lmo = args.mechanism == "lmo"
+    if use_lmo and not args.dp:
+        raise ConfigError("--mechanism lmo is a DP-SGD noise mechanism: add --dp")
+    if use_lmo and args.lmo_params is None:
+        raise ConfigError("--mechanism lmo needs --lmo-params FILE (an LMO-DP parameter file, "
+                          "e.g. kdaudit/dp/lmo_reference.toml)")
+    if args.lmo_params is not None and not use_lmo:
+        raise ConfigError("--lmo-params goes with --mechanism lmo")
+    if use_lmo and args.epsilon is not None:
+        raise ConfigError("--epsilon does not apply to --mechanism lmo: its noise is set by "
+                          "--lmo-params, and the epsilon it claims is reported after training")
     cfg = load_config(args.preset, args.config)
     train = dataclasses.replace(cfg.teacher, **{k: v for k, v in (
         ("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v})
-    dp = DPConfig(epsilon=args.epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm) \
-        if args.dp else None
+    dp = DPConfig(**({"epsilon": args.epsilon} if args.epsilon is not None else {}),
+                  delta=args.delta, max_grad_norm=args.max_grad_norm, mechanism=args.mechanism,
+                  lmo_params=str(args.lmo_params) if use_lmo else None) if args.dp else None
     result = train_teacher(base=args.base, data=args.data, out=args.out, dp=dp,
                            tokenizer=args.tokenizer, train=train,
                            max_length=args.max_length or cfg.data.max_length, seed=args.seed,
                            mapping=args.mapping)
     print(f"teacher: {result.steps} steps in {result.seconds:.0f} s, loss "
           f"{result.first_loss:.3f} → {result.last_loss:.3f}; saved to {args.out}")
-    if result.privacy:
+    if result.privacy and result.privacy.get("mechanism") == "lmo":
+        from kdaudit.dp.lmo import LMOReport
+
+        p = result.privacy
+        inf = lambda x: float("inf") if x is None else x  # noqa: E731  (null: infinite)
+        report = LMOReport(inf(p["epsilon_claimed"]), inf(p["epsilon_pld_lower_bound"]),
+                           delta=p["delta"])
+        print(f"DP-SGD with LMO-DP noise ({p['lmo_params_file']}): sample rate "
+              f"{p['sample_rate']:.4g}, {p['steps']} steps, clip {p['max_grad_norm']:g}")
+        for line in report.lines()[:2]:
+            print(f"  {line}")
+        if report.claim_fails:
+            print("The LMO-DP privacy claim does not hold: a lower bound on the true epsilon "
+                  "is larger than the claimed epsilon.")
+    elif result.privacy:
         p = result.privacy
         print(f"DP-SGD: noise multiplier {p['noise_multiplier']:.4f}, sample rate "
               f"{p['sample_rate']:.4g}, {p['steps']} steps, delta {p['delta']:.3g}: epsilon "
@@ -231,10 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="training records (.jsonl/.csv/.parquet, "
                    "HF dataset folder or hub name)")
     p.add_argument("--dp", action="store_true", help="train with DP-SGD")
-    p.add_argument("--epsilon", type=float, default=8.0, help="DP target ε (default 8)")
+    p.add_argument("--epsilon", type=float, help="DP target ε (default 8; Gaussian only)")
     p.add_argument("--delta", type=float, help="DP δ (default 1/(10·N))")
     p.add_argument("--max-grad-norm", type=float, default=1.0,
                    help="per-sample clipping norm C (default 1)")
+    p.add_argument("--mechanism", choices=["gaussian", "lmo"], default="gaussian",
+                   help="DP-SGD noise: gaussian (σ solved from --epsilon; default) or lmo "
+                        "(LMO-DP noise from --lmo-params; privacy.json then holds the ε the "
+                        "method claims, not a guarantee, beside a lower bound on the true ε)")
+    p.add_argument("--lmo-params", type=Path, metavar="FILE",
+                   help="with --mechanism lmo: the LMO-DP parameter file (TOML or JSON); its "
+                        "clip must equal --max-grad-norm")
     p.add_argument("--tokenizer", metavar="PATH", help="default: the base's")
     p.add_argument("--mapping", choices=["dolly", "alpaca", "kdaudit"])
     _add_training_flags(p)
@@ -257,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "HF dataset folder or hub name)")
     p.add_argument("--validation", help="validation records for DistiLLM's schedule "
                    "(default: 10%% of --data, at most 100)")
+    dp = p.add_argument_group(
+        "DP methods", "distildp, synthetic_only, dpsgd_student and dpkd train from the private "
+        "records (--data) at a total budget --epsilon; distildp/synthetic_only/dpkd train "
+        "their DP teacher from --teacher-base (into OUT-teacher) or reuse --teacher")
+    dp.add_argument("--epsilon", type=float, help="total ε of the student (inf: no noise)")
+    dp.add_argument("--delta", type=float, help="total δ (default 1/(10·N))")
+    dp.add_argument("--max-grad-norm", type=float, help="per-sample clipping norm C "
+                    "(default: the preset's dp.max_grad_norm)")
+    dp.add_argument("--teacher-base", metavar="PATH",
+                    help="the DP teacher's starting point (e.g. a pretrained base)")
     p.add_argument("--tokenizer", metavar="PATH", help="default: the student base's")
     p.add_argument("--mapping", choices=["dolly", "alpaca", "kdaudit"],
                    help="column schema of the data files (guessed when omitted)")

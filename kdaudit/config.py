@@ -7,6 +7,7 @@ errors that name the file and the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,15 +92,20 @@ class KDConfig:
     max_new_tokens: int = 64            # length of sampled responses
     sample_temperature: float = 1.0     # sampling temperature (SeqKD: teacher at 1, top-p 1)
     top_p: float = 1.0
+    soft_label_weight: float = 0.4      # DistilDP: weight of the teacher's soft labels
+    hidden_weight: float = 0.0          # DistilDP: weight of the hidden-state MSE
 
 
 @dataclass
 class DPConfig:
-    """DP-SGD (METHODS §4): Gaussian noise solved from a target (ε, δ)."""
+    """DP-SGD (METHODS §4): Gaussian noise solved from a target (ε, δ), or the LMO-DP
+    mechanism configured by a parameter file (its ε is then what the file's noise gives)."""
     epsilon: float = 8.0
     delta: float | None = None          # None: 1 / (10 · number of training records)
     max_grad_norm: float = 1.0          # per-sample clipping norm C
     noise_multiplier: float | None = None  # None: solved from epsilon (0.1% in ε)
+    mechanism: str = "gaussian"         # "gaussian" | "lmo"
+    lmo_params: str | None = None       # mechanism "lmo": the LMO-DP parameter file
 
     def __post_init__(self) -> None:
         if self.epsilon <= 0:
@@ -111,6 +117,28 @@ class DPConfig:
         if self.noise_multiplier is not None and self.noise_multiplier <= 0:
             raise ConfigError(f"dp.noise_multiplier: expected > 0, got "
                               f"{self.noise_multiplier}")
+        if self.mechanism not in ("gaussian", "lmo"):
+            raise ConfigError(f"dp.mechanism: expected 'gaussian' or 'lmo', got "
+                              f"{self.mechanism!r}")
+        if (self.mechanism == "lmo") != (self.lmo_params is not None):
+            raise ConfigError("dp.lmo_params: a parameter file goes with mechanism 'lmo', "
+                              "and mechanism 'lmo' needs one")
+
+
+@dataclass
+class DPRunConfig:
+    """The DP students of a run (METHODS §4): every method of `methods` that is a DP method
+    (distildp, synthetic_only, dpsgd_student, dpkd) is trained once per total ε here; `inf`
+    trains the same recipe without noise (the frontier's non-private point)."""
+    epsilons: list[float] = field(default_factory=lambda: [2.0, math.inf])
+    delta: float | None = None          # total δ; None: 1 / (10 · number of private records)
+    max_grad_norm: float = 1.0          # per-sample clipping norm C
+    synthetic_records: int = 1000       # records the DP teacher writes for distildp
+    synthetic_tokens: int = 160         # longest synthetic record, in tokens
+    # DistilDP samples with no-repeat-ngram 2, made for free text; on template records it
+    # bans the template's own repeated bigrams (the header before Instruction and Response),
+    # so few samples parse. 0 turns it off; 2 reproduces the paper's setting.
+    no_repeat_ngram: int = 0
 
 
 @dataclass
@@ -151,6 +179,11 @@ class RunConfig:
     teacher: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8.0, lr=1e-3))
     student: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0, lr=1e-3))
     kd: KDConfig = field(default_factory=KDConfig)
+    dp: DPRunConfig = field(default_factory=DPRunConfig)
+    # DP-SGD runs (DP teachers, dpsgd_student, dpkd) and their non-private twins: large
+    # batches, as DP-SGD needs them for signal over noise
+    dp_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8.0, lr=2e-3,
+                                                                      batch_size=64))
     audit: AuditConfig = field(default_factory=AuditConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -286,6 +319,16 @@ def validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"models.{role}: with several families it must contain "
                                   f"the placeholder '{{family}}', e.g. '{{family}}-tiny-{role}'; "
                                   f"got {name!r}")
+    p = cfg.dp
+    bad = [e for e in p.epsilons if not e > 0]
+    if bad or not p.epsilons:
+        raise ConfigError(f"dp.epsilons: expected a non-empty list of ε > 0 (inf for "
+                          f"non-private), got {p.epsilons}")
+    if p.delta is not None and not 0 < p.delta < 1:
+        raise ConfigError(f"dp.delta: expected 0 < δ < 1, got {p.delta}")
+    if p.max_grad_norm <= 0 or p.synthetic_records < 1 or p.synthetic_tokens < 8:
+        raise ConfigError("dp: expected max_grad_norm > 0, synthetic_records ≥ 1 and "
+                          "synthetic_tokens ≥ 8")
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"mixed_precision: expected 'no', 'bf16' or 'fp16', got "
                           f"{cfg.mixed_precision!r}")
@@ -315,3 +358,5 @@ def validate_kd(kd: KDConfig, where: str = "kd") -> None:
     check("max_new_tokens", kd.max_new_tokens >= 1, "≥ 1 token")
     check("sample_temperature", kd.sample_temperature >= 0, "≥ 0 (0 = greedy)")
     check("top_p", 0 < kd.top_p <= 1, "0 < top_p ≤ 1")
+    check("soft_label_weight", 0 <= kd.soft_label_weight <= 1, "a weight in [0, 1]")
+    check("hidden_weight", kd.hidden_weight >= 0, "≥ 0")

@@ -46,6 +46,9 @@ def train_student(method: str, *, student_base: str | Path, data: Sequence[Recor
         raise ConfigError(f"--method: unknown method {method!r}; expected one of "
                           f"{student_methods()}")
     spec = METHODS[method]
+    if spec.privacy:
+        raise ConfigError(f"method '{method}' is a DP method: use train_private_student "
+                          f"(`kdaudit student --method {method} --epsilon E ...`)")
     if spec.needs_teacher and teacher is None:
         raise ConfigError(f"method '{method}' distils from a teacher: give --teacher PATH")
     kd = kd or KDConfig()
@@ -96,3 +99,95 @@ def train_teacher(*, base: str | Path, data: Sequence[Record] | str | Path, out:
                                            dataclasses.asdict(train), max_length, seed,
                                            dataclasses.asdict(dp) if dp else None]),
                       max_length=max_length, dp=dp)
+
+
+def train_private_student(method: str, *, student_base: str | Path,
+                          data: Sequence[Record] | str | Path, out: str | Path,
+                          epsilon: float, teacher_base: str | Path | None = None,
+                          teacher: str | Path | None = None, delta: float | None = None,
+                          max_grad_norm: float = 1.0, tokenizer: str | Path | None = None,
+                          train: TrainConfig | None = None, dp_train: TrainConfig | None = None,
+                          kd: KDConfig | None = None, synthetic_records: int = 1000,
+                          synthetic_tokens: int = 160, no_repeat_ngram: int = 0,
+                          categories: Sequence[str] | None = None, max_length: int = 512,
+                          seed: int = 0, mapping: str | None = None) -> loop.TrainResult:
+    """A DP student end to end at total budget `epsilon` (`inf`: the same recipe without
+    noise) from the private records `data` (METHODS §4; recipes in `kdaudit.dp.students`).
+
+    distildp / synthetic_only: a DP teacher learns `data` behind control codes, writes
+    `synthetic_records` records (`<out>-synthetic.jsonl`, allocated uniformly over
+    `categories`, default the builtin corpus's public category names) and the student trains
+    on them (`train`). dpsgd_student: DP-SGD of the student on `data` (`dp_train`). dpkd: a DP
+    teacher at ε/2 and DP-SGD of the student at ε/2 with the KD loss. The DP teacher is
+    trained from `teacher_base` into `<out>-teacher` (`dp_train`), or `teacher` is one already
+    trained for this method (its privacy.json is read). `out/privacy.json` holds the total.
+    """
+    import json
+
+    from kdaudit.data.corpus import CATEGORIES
+    from kdaudit.dp import students as dps
+    from kdaudit.store import atomic_write_json
+
+    if method not in dps.PRIVATE_METHODS:
+        raise ConfigError(f"--method: {method!r} is not a DP method; expected one of "
+                          f"{list(dps.PRIVATE_METHODS)}")
+    spec, kind, budget = METHODS[method], dps.teacher_kind(method), \
+        dps.split_budget(method, epsilon)
+    if kind and (teacher is None) == (teacher_base is None):
+        raise ConfigError(f"method '{method}' needs a DP teacher: give --teacher-base PATH (it "
+                          f"is trained here) or --teacher PATH (one trained already), not both")
+    kd, out = kd or KDConfig(), Path(out)
+    validate_kd(kd)
+    records = load_records(data, mapping=mapping) if isinstance(data, (str, Path)) else list(data)
+    if not records:
+        raise ValueError(f"{data}: no training records")
+    tok = load_tokenizer(tokenizer or student_base)
+    dp_train = dp_train or TrainConfig(epochs=8.0, lr=2e-3, batch_size=64)
+    delta_each = dps.halve_delta(delta, len(records)) if kind == "kd" else delta
+    key = [method, epsilon, seed, str(student_base), [r.id for r in records], max_length]
+
+    teacher_spent = None
+    if kind:
+        if teacher is None:
+            teacher = Path(f"{out}-teacher")
+            examples = dps.teacher_examples(records, tok, max_length,
+                                            control_codes=kind == "control")
+            loop.train(load_model(teacher_base), examples, METHODS["sft"], dp_train,
+                       out_dir=teacher, seed=seed, pad_id=tok.pad_token_id, tokenizer=tok,
+                       desc=f"{method} teacher",
+                       dp=dps.dp_config(budget["teacher"], delta_each, max_grad_norm),
+                       run_key=stable_hash([*key, str(teacher_base), kind]),
+                       max_length=max_length)
+        spent_file = Path(teacher) / "privacy.json"
+        if spent_file.exists():
+            teacher_spent = json.loads(spent_file.read_text())
+        elif epsilon != float("inf"):
+            raise ValueError(f"{teacher}: no privacy.json, so not a DP teacher; train one with "
+                             f"`kdaudit teacher --dp` or give --teacher-base")
+    teacher_model = load_model(teacher) if kind else None
+
+    dp = None
+    if spec.privacy == "synthetic":
+        data_out = Path(f"{out}-synthetic.jsonl")
+        synthetic = dps.synthesize(teacher_model, tok, categories or CATEGORIES,
+                                   synthetic_records, seed=seed, max_new_tokens=synthetic_tokens,
+                                   no_repeat_ngram=no_repeat_ngram)
+        from kdaudit.data.records import write_jsonl
+
+        write_jsonl(synthetic.records, data_out)
+        records, cfg = synthetic.records, train or TrainConfig(epochs=3.0)
+    else:
+        dp = dps.dp_config(budget["student"], delta_each, max_grad_norm)
+        cfg = dp_train
+    model = load_model(student_base)
+    result = loop.train(model, [encode_record(r, tok, max_length) for r in records], spec, cfg,
+                        out_dir=out, seed=seed, pad_id=tok.pad_token_id, tokenizer=tok,
+                        teacher=teacher_model if spec.needs_teacher else None,
+                        params=method_params(spec, kd, model.config.model_type),
+                        run_key=stable_hash([*key, dataclasses.asdict(kd),
+                                             dataclasses.asdict(cfg), str(teacher)]),
+                        desc=method, max_length=max_length, dp=dp)
+    spent = dps.student_privacy(method, epsilon, teacher_spent, result.privacy)
+    if spent is not None:
+        atomic_write_json(out / "privacy.json", spent)
+    return dataclasses.replace(result, privacy=spent)

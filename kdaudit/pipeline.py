@@ -18,17 +18,18 @@ from typing import Any, Callable
 
 from kdaudit.audit import AuditResult, ModelPass
 from kdaudit.audit_stages import AuditStages, versions
-from kdaudit.config import RunConfig
+from kdaudit.config import DPConfig, RunConfig, TrainConfig
 from kdaudit.data import records as rec
 from kdaudit.data.canaries import make_canaries, read_canaries, training_records, \
     write_canaries
 from kdaudit.data.corpus import generate_records, person_name
 from kdaudit.data.splits import split_records
-from kdaudit.data.template import encode_record
+from kdaudit.data.template import Encoded, encode_record
+from kdaudit.dp_stages import DPStages
 from kdaudit.models import is_zoo, load_model, load_tokenizer
 from kdaudit.models.bases import cached_base, cached_tokenizer, external_config, \
     pretraining_records
-from kdaudit.store import Manifest, RunDir, publish_dir, stable_hash
+from kdaudit.store import Manifest, RunDir, atomic_write_json, publish_dir, stable_hash
 from kdaudit.train import loop
 from kdaudit.train.methods import METHODS, method_params
 
@@ -43,7 +44,7 @@ class RunResult:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-class Pipeline(AuditStages):
+class Pipeline(AuditStages, DPStages):
     """One run: its config, run directory and manifest."""
 
     def __init__(self, cfg: RunConfig, log: Callable[[str], None] = print):
@@ -211,37 +212,58 @@ class Pipeline(AuditStages):
 
     def train_stage(self, model_id: str, method: str, base_id: str, split: str,
                     teacher_id: str | None = None, seed_offset: int = 0) -> None:
+        """A model trained on one split (the teacher on the members, with the canaries)."""
         cfg = self.cfg
-        train_cfg = cfg.teacher if method == "sft" else cfg.student
-        out = self.dir.model(model_id)
-        seed = cfg.seed + seed_offset
-        inputs = {"method": method, "base": self.hashes[base_id], "data": self.hashes["data"],
-                  "split": split, "train": train_cfg.__dict__, "seed": seed,
-                  "max_length": cfg.data.max_length,
-                  "teacher": self.hashes.get(teacher_id) if teacher_id else None,
-                  "kd": cfg.kd.__dict__ if METHODS[method].needs_teacher else None}
 
-        def fn():
-            tok = self.tokenizer
+        def examples():
             records = self.split(split)
             if model_id == "teacher":   # canaries are planted in the teacher's members only
                 records += training_records(read_canaries(self.dir.data("canaries")))
-            examples = [encode_record(r, tok, cfg.data.max_length) for r in records]
+            return [encode_record(r, self.tokenizer, cfg.data.max_length) for r in records]
+
+        self.fit_stage(model_id, method, base_id, examples,
+                       cfg.teacher if method == "sft" else cfg.student,
+                       {"split": split}, teacher_id=teacher_id, seed_offset=seed_offset)
+
+    def fit_stage(self, model_id: str, method: str, base_id: str,
+                  examples: Callable[[], list[Encoded]], train_cfg: TrainConfig,
+                  inputs: dict[str, Any], *, teacher_id: str | None = None,
+                  dp: DPConfig | None = None, seed_offset: int = 0,
+                  privacy: Callable[[dict | None], dict | None] | None = None) -> None:
+        """Train `base_id` by `method` on `examples()` into models/<model_id>, as a stage.
+        `privacy` turns the loop's DP-SGD spend into the model's privacy.json (a DP student's
+        total spend); the spend is also recorded in the manifest."""
+        cfg = self.cfg
+        out = self.dir.model(model_id)
+        seed = cfg.seed + seed_offset
+        spec = METHODS[method]
+        inputs = {**inputs, "method": method, "base": self.hashes[base_id],
+                  "data": self.hashes["data"], "train": train_cfg.__dict__, "seed": seed,
+                  "max_length": cfg.data.max_length,
+                  "teacher": self.hashes.get(teacher_id) if teacher_id else None,
+                  "kd": cfg.kd.__dict__ if spec.needs_teacher else None,
+                  "dp": dp.__dict__ if dp else None}
+
+        def fn():
+            tok = self.tokenizer
             model = load_model(self.dir.model(base_id))
             teacher = load_model(self.dir.model(teacher_id)) if teacher_id else None
-            spec = METHODS[method]
             validation = [encode_record(r, tok, cfg.data.max_length)
                           for r in self.split("validation")] if spec.adaptive else []
-            result = loop.train(model, examples, spec, train_cfg, out_dir=out,
+            result = loop.train(model, examples(), spec, train_cfg, out_dir=out,
                                 seed=seed, pad_id=tok.pad_token_id, tokenizer=tok,
                                 teacher=teacher,
                                 params=method_params(spec, cfg.kd, model.config.model_type),
                                 run_key=stable_hash(inputs), mixed_precision=cfg.mixed_precision,
                                 desc=f"{model_id} ({method})", validation=validation,
-                                max_length=cfg.data.max_length)
+                                max_length=cfg.data.max_length, dp=dp)
+            spent = privacy(result.privacy) if privacy else result.privacy
+            if spent is not None:
+                atomic_write_json(out / "privacy.json", spent)
             return {"steps": result.steps, "first_loss": result.first_loss,
                     "last_loss": result.last_loss, "resumed_from": result.resumed_from,
-                    "train_seconds": round(result.seconds, 2)}
+                    "train_seconds": round(result.seconds, 2),
+                    **({"privacy": spent} if spent else {})}
 
         self.stage(model_id, inputs, [out / "model.safetensors"], fn)
 
@@ -255,7 +277,7 @@ class Pipeline(AuditStages):
             self.external_stage()
             self.stats_stage("ref_ext", plain=True)
         self.train_stage("teacher", "sft", "base_teacher", "members")
-        for method in student_order(cfg.methods):
+        for method in student_order(self.public_methods()):
             spec = METHODS[method]
             self.train_stage(method, method, spec.init_from or "base_student", "public",
                              teacher_id="teacher" if spec.needs_teacher else None)
@@ -264,12 +286,13 @@ class Pipeline(AuditStages):
             ref_data = f"reference_{k}"
             self.train_stage(f"ref_teacher_{k}", "sft", "base_teacher", ref_data,
                              seed_offset=k + 1)
-            for method in cfg.methods:
+            for method in self.public_methods():
                 spec = METHODS[method]
                 if spec.needs_teacher:
                     self.train_stage(f"ref_{method}_{k}", method,
                                      spec.init_from or "base_student", "public",
                                      teacher_id=f"ref_teacher_{k}", seed_offset=k + 1)
+        self.dp_stages()
         for m in self.models():
             self.stats_stage(m.id)
         for target, refs in references.items():

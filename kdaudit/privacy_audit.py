@@ -1,13 +1,15 @@
 """Empirical privacy of one model from its canaries and its membership scores (METHODS §7).
 
-Three labelled numbers: canary exposure (repeated canaries), the one-run ε lower bound
+The ε a DP model's accountant gives, then three labelled numbers: canary exposure (repeated canaries), the one-run ε lower bound
 (once-inserted canaries, rigorous at 95%), and the heuristic ε estimate from member and
 non-member scores (an estimate, not a bound).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -61,6 +63,42 @@ def canary_rows(model_id: str, model, tokenizer, canaries: Sequence[Canary], *,
                          f"{bound['guesses']} guesses correct over {len(once)} canaries "
                          f"included with probability 1/2"))
     return rows
+
+
+def spent_rows(model_id: str, folder: str | Path) -> list[dict]:
+    """What a model's DP training spent, from the `privacy.json` kdaudit wrote beside it:
+    the accounted ε (Gaussian DP-SGD), or LMO-DP's claimed ε beside a lower bound on its
+    true ε. None of these for a model without one."""
+    path = Path(folder) / "privacy.json"
+    if not path.is_file():
+        return []
+    spent = json.loads(path.read_text())
+    if spent.get("mechanism") == "lmo":
+        holds = "holds" if spent.get("claim_holds") else "does NOT hold"
+        return [_row(model_id, "epsilon_claimed_lmo", _num(spent.get("epsilon_claimed")),
+                     f"LMO-DP's own accounting, not a guarantee: the claim {holds}"),
+                _row(model_id, "epsilon_lower_bound_lmo_pld",
+                     _num(spent.get("epsilon_pld_lower_bound")),
+                     "lower bound on the true ε: PLD of the LMO noise as sampled, "
+                     f"q = {spent['sample_rate']:.4g}, {spent['steps']} steps")]
+    return [accounted_row(model_id, spent)] if "epsilon" in spent else []
+
+
+def _num(x) -> float:
+    return float("inf") if x is None else float(x)
+
+
+def accounted_row(model_id: str, spent: dict) -> dict:
+    """The ε a DP model's training spent by the accountant (`privacy.json` beside it)."""
+    parts = [f"{spent.get('accountant', 'prv').upper()} accountant, δ = {spent['delta']:.3g}"]
+    if "epsilon_pld" in spent:
+        parts.append(f"PLD {spent['epsilon_pld']:.3f}, RDP {spent['epsilon_rdp']:.3f}")
+    if "noise_multiplier" in spent:
+        parts.append(f"σ = {spent['noise_multiplier']:.4f}, q = {spent['sample_rate']:.4g}, "
+                     f"{spent['steps']} steps")
+    if "composition" in spent:
+        parts.append(spent["composition"])
+    return _row(model_id, "epsilon_accounted", float(spent["epsilon"]), "; ".join(parts))
 
 
 def heuristic_row(model_id: str, scores: np.ndarray, labels: np.ndarray, seed: int,

@@ -85,12 +85,12 @@ def test_opt_is_refused_with_the_reason(setup, tmp_path):
                    desc=None, dp=DPConfig())
 
 
-def test_dp_config_is_checked_and_kd_methods_are_refused(setup, tmp_path):
+def test_dp_config_is_checked_and_sampling_methods_are_refused(setup, tmp_path):
     with pytest.raises(ConfigError, match="dp.epsilon"):
         DPConfig(epsilon=0)
     tok, examples = setup
-    with pytest.raises(ValueError, match="DP-SGD supports"):
-        loop.train(build_zoo_model("gpt2-smoke-student", tok), examples, METHODS["kd"],
+    with pytest.raises(ValueError, match="DP-SGD supports"):   # its data is written in training
+        loop.train(build_zoo_model("gpt2-smoke-student", tok), examples, METHODS["gkd"],
                    TrainConfig(), out_dir=tmp_path / "x", seed=0, pad_id=tok.pad_token_id,
                    teacher=build_zoo_model("gpt2-smoke-teacher", tok), desc=None,
                    dp=DPConfig())

@@ -257,3 +257,35 @@ def test_opt_and_llama_families_run_every_method(tmp_path):
     html = suite.report["html"].read_text()
     for family in ("opt", "llama"):
         assert f"../{family}/report/report.html" in html
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp-runs")
+    cfg = load_config("smoke", out_dir=str(out), name="smoke-dp",
+                      methods=["nokd", "dpsgd_student", "dpkd"],
+                      dp={"epsilons": [2.0, float("inf")]},
+                      dp_train={"epochs": 1.0, "batch_size": 32, "lr": 3e-3})
+    return cfg, Pipeline(cfg, log=lambda _: None).run()
+
+
+def test_dp_students_are_trained_accounted_and_audited(dp_run):
+    cfg, result = dp_run
+    run_dir = result.run_dir
+    expected = {"dpsgd_student@eps2", "dpkd@eps2", "teacher_dpkd@eps1", "dpsgd_student@epsinf",
+                "dpkd@epsinf", "teacher_dpkd@epsinf"}
+    assert expected <= set(result.audit.models.model)
+    assert expected <= set(result.audit.mia.model)
+    privacy = pd.read_csv(run_dir / "tables" / "privacy.csv")
+    accounted = privacy[privacy.metric == "epsilon_accounted"].set_index("model").value
+    assert set(accounted.index) == {"dpsgd_student@eps2", "dpkd@eps2", "teacher_dpkd@eps1"}
+    assert accounted["dpsgd_student@eps2"] == pytest.approx(2.0, rel=1e-3)
+    assert accounted["teacher_dpkd@eps1"] == pytest.approx(1.0, rel=1e-3)
+    assert accounted["dpkd@eps2"] == pytest.approx(2.0, rel=2e-3)     # ε/2 + ε/2
+    bounds = privacy[privacy.metric == "epsilon_lower_bound_one_run"].set_index("model").value
+    for model, eps in accounted.items():   # the canaries never beat the accounting
+        assert bounds[model] <= eps
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["dpkd@eps2"]["privacy"]["epsilon"] == accounted["dpkd@eps2"]
+    html = (run_dir / "report" / "report.html").read_text()
+    assert "Privacy–utility frontier" in html and "dpkd@eps2" in html

@@ -21,7 +21,7 @@ from kdaudit.dp import dpsgd
 from kdaudit.data.template import Encoded
 from kdaudit.store import atomic_write_json, publish_dir
 from kdaudit.train.batching import batch_order
-from kdaudit.train.methods import Method, method_params
+from kdaudit.train.methods import DP_METHODS, Method, method_params
 from kdaudit.train.sources import BatchSource
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -89,20 +89,30 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     if dp is not None:
         if method.name not in DP_METHODS:
             raise ValueError(f"DP-SGD supports the methods {DP_METHODS}, not '{method.name}'")
-        plan = dpsgd.plan(len(examples), cfg.batch_size, cfg.epochs, epsilon=dp.epsilon,
-                          delta=dp.delta, max_grad_norm=dp.max_grad_norm,
-                          noise_multiplier=dp.noise_multiplier)
+        # per-sequence means: one example's gradient ignores the others' lengths
+        params = {**params, "per_sequence": True}
+        plan = dpsgd.plan(len(examples), cfg.batch_size, cfg.epochs, dp)
         total = plan.steps
         dpsgd.check_supported(model)
         model.to(accelerator.device)
+    # DistilDP's hidden-state term: the student's last hidden state through a learned
+    # projection onto the teacher's width (the identity when the widths agree)
+    hidden = bool(method.hidden and params.get("hidden_weight"))
+    projection = torch.nn.Identity()
+    if hidden:
+        d_s, d_t = model.config.hidden_size, teacher.config.hidden_size
+        if d_s != d_t:
+            projection = torch.nn.Linear(d_s, d_t, bias=False)
+        model.add_module("kdaudit_projection", projection)   # trained, saved without it
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim >= 2]
     no_decay = [p for n, p in trainable if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     if plan is not None:   # Opacus's Poisson loader is never handed to Accelerate
-        model, optimizer, poisson, _ = dpsgd.make_private(model, optimizer, len(examples),
-                                                          plan, seed)
+        model, optimizer, poisson, _ = dpsgd.make_private(
+            model, optimizer, len(examples), plan,
+            seed if world == 1 else seed * 1_000_003 + rank, distributed=world > 1)
         order = _poisson_batches(poisson, total)
         shutil.rmtree(ckpt, ignore_errors=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
@@ -127,7 +137,7 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     if start == 0:
         log_path.unlink(missing_ok=True)
 
-    student = accelerator.unwrap_model(model) if plan is None else model._module
+    student = accelerator.unwrap_model(model) if plan is None else dpsgd.unwrap(model)
     plain_teacher = accelerator.unwrap_model(teacher) if teacher is not None else None
     source.prepare(student, plain_teacher)
     first_loss = last_loss = float("nan")
@@ -136,7 +146,8 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
                disable=not accelerator.is_main_process, mininterval=1.0)
     with log_path.open("a") as log:
         for step in range(start, total):
-            idx = order[step * world + rank] if world > 1 else order[step]
+            # DP-SGD: each rank has its own Poisson batches (Opacus's distributed sampler)
+            idx = order[step * world + rank] if world > 1 and plan is None else order[step]
             if plan is not None and not idx:   # an empty Poisson batch: the step is noise only
                 _noise_only_step(optimizer)
                 scheduler.step()
@@ -145,20 +156,23 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
             batch, origin = source.next_batch(idx, student, plain_teacher)
             batch = batch.to(accelerator.device)
             with accelerator.autocast():
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               position_ids=batch.position_ids).logits
+                out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids, output_hidden_states=hidden)
+                logits = out.logits
                 teacher_logits = None
                 if method.needs_teacher:
                     with torch.no_grad():
-                        teacher_logits = teacher(input_ids=batch.input_ids,
-                                                 attention_mask=batch.attention_mask,
-                                                 position_ids=batch.position_ids).logits
-            if plan is None:
-                loss, parts = method.loss(logits, teacher_logits, batch, params)
-            else:   # per-sequence means: one example's gradient ignores the others' lengths
-                loss = dpsgd.per_sequence_ce(logits, batch.input_ids, batch.target_mask)
-                parts = {"ce": loss.item(), "objective": loss.item(),
-                         "batch_size": float(len(idx))}
+                        t_out = teacher(input_ids=batch.input_ids,
+                                        attention_mask=batch.attention_mask,
+                                        position_ids=batch.position_ids,
+                                        output_hidden_states=hidden)
+                    teacher_logits = t_out.logits
+                if hidden:
+                    batch.extras["student_hidden"] = projection(out.hidden_states[-1])
+                    batch.extras["teacher_hidden"] = t_out.hidden_states[-1]
+            loss, parts = method.loss(logits, teacher_logits, batch, params)
+            if plan is not None:
+                parts["batch_size"] = float(len(idx))
             accelerator.backward(loss)
             if cfg.grad_clip and plan is None:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -192,8 +206,9 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     if accelerator.is_main_process:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = student
-        unwrapped.save_pretrained(str(tmp), safe_serialization=True)
+        if hidden:
+            del student.kdaudit_projection
+        student.save_pretrained(str(tmp), safe_serialization=True)
         if plan is not None:
             privacy = dpsgd.spent(plan, total)
             atomic_write_json(tmp / "privacy.json", privacy)
@@ -206,9 +221,6 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     return TrainResult(steps=total, seconds=time.time() - t0, first_loss=first_loss,
                        last_loss=last_loss, resumed_from=start,
                        privacy=dpsgd.spent(plan, total) if plan is not None else None)
-
-
-DP_METHODS = ("sft", "nokd", "pretrain")   # DP-SGD with a cross-entropy objective
 
 
 def _poisson_batches(loader, steps: int) -> list[list[int]]:

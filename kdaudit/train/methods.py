@@ -3,6 +3,10 @@
 A loss takes the model's logits, the teacher's logits (or None), the batch and the method's
 parameters, and returns (scalar loss, named parts for the log). Positions are shifted here
 once: logits at t predict the token at t+1, scored where `target_mask[:, t+1]` is set.
+
+With `params["per_sequence"]` a loss that supports it is the mean over the batch of each
+sequence's mean token loss, so one example's gradient does not depend on the others' lengths:
+the sensitivity DP-SGD assumes. `DP_METHODS` are the methods whose loss supports it.
 """
 from __future__ import annotations
 
@@ -26,16 +30,21 @@ def shifted(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Ten
     return logits[:, :-1], batch.input_ids[:, 1:], batch.target_mask[:, 1:]
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean token NLL over masked positions, in float32."""
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
+                  per_sequence: bool = False) -> torch.Tensor:
+    """Mean token NLL over masked positions, in float32; with `per_sequence`, the mean over
+    rows of each row's mean."""
     nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                           reduction="none").view_as(targets)
-    return (nll * mask).sum() / mask.sum().clamp(min=1)
+    m = mask.float()
+    if per_sequence:
+        return ((nll * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+    return (nll * m).sum() / m.sum().clamp(min=1)
 
 
 def ce_loss(logits, teacher_logits, batch, params):
     s, y, m = shifted(logits, batch)
-    loss = cross_entropy(s, y, m)
+    loss = cross_entropy(s, y, m, per_sequence=params.get("per_sequence", False))
     return loss, {"ce": loss.item(), "objective": loss.item()}
 
 
@@ -43,12 +52,37 @@ def kd_loss(logits, teacher_logits, batch, params):
     """(1 − kd_ratio)·CE + kd_ratio·τ²·KL(p_teacher ‖ q_student) on the batch's responses
     (ground truth for kd, teacher samples for seqkd)."""
     ratio, tau = params.get("kd_ratio", 1.0), params.get("temperature", 1.0)
+    per_sequence = params.get("per_sequence", False)
     s, y, m = shifted(logits, batch)
     t = teacher_logits[:, :-1]
-    ce = cross_entropy(s, y, m)
-    kl = objectives.forward_kl(s, t, m, temperature=tau)
+    ce = cross_entropy(s, y, m, per_sequence=per_sequence)
+    kl = objectives.forward_kl(s, t, m, temperature=tau,
+                               reduction="none" if per_sequence else "mean")
+    kl = kl.mean() if per_sequence else kl
     loss = (1 - ratio) * ce + ratio * tau ** 2 * kl
     return loss, {"ce": ce.item(), "forward_kl": kl.item(), "objective": kl.item()}
+
+
+def distildp_loss(logits, teacher_logits, batch, params):
+    """DistilDP's student (Flemings & Annavaram 2024) on the DP teacher's synthetic text:
+    (1 − w)·CE + w·τ²·KL(p_teacher ‖ q_student) + hidden_weight·MSE(P h_S, h_T).
+
+    w is `soft_label_weight`; the hidden term compares the last hidden states over real
+    tokens, the student's through the loop's learned projection P (`batch.extras`
+    "student_hidden" and "teacher_hidden", present when hidden_weight > 0)."""
+    w, tau, hw = params["soft_label_weight"], params["temperature"], params["hidden_weight"]
+    s, y, m = shifted(logits, batch)
+    ce = cross_entropy(s, y, m)
+    kl = objectives.forward_kl(s, teacher_logits[:, :-1], m, temperature=tau)
+    loss = (1 - w) * ce + w * tau ** 2 * kl
+    parts = {"ce": ce.item(), "forward_kl": kl.item()}
+    if hw:
+        real = batch.attention_mask.bool()
+        diff = batch.extras["student_hidden"] - batch.extras["teacher_hidden"].float()
+        mse = (diff.float() ** 2).mean(-1)[real].mean()
+        loss = loss + hw * mse
+        parts["hidden_mse"] = mse.item()
+    return loss, {**parts, "objective": loss.item()}
 
 
 def divergence_loss(name: str, **param_fields: str) -> LossFn:
@@ -140,6 +174,10 @@ class Method:
     adaptive: bool = False      # DistiLLM: on-policy probability driven by validation loss
     defaults: tuple[tuple[str, Any], ...] = ()
     init_from: str | None = None  # a run starts this method from that method's student
+    # DP students (METHODS §4): "synthetic" trains on text written by a DP teacher, "private"
+    # trains on the private records themselves with DP-SGD
+    privacy: str | None = None
+    hidden: bool = False        # the loss may align hidden states (DistilDP's hidden_weight)
 
 
 METHODS: dict[str, Method] = {
@@ -174,7 +212,24 @@ METHODS: dict[str, Method] = {
                        needs_teacher=True, data="student_samples", replay=True, adaptive=True,
                        description="DistiLLM: skew reverse KL, adaptive share of student "
                                    "responses (replay buffer)"),
+    "distildp": Method("distildp", distildp_loss, needs_teacher=True, privacy="synthetic",
+                       hidden=True,
+                       description="DistilDP: synthetic records written by a DP teacher, hard "
+                                   "and soft labels (and optional hidden-state alignment)"),
+    "synthetic_only": Method("synthetic_only", ce_loss, privacy="synthetic",
+                             description="the DP teacher's synthetic records with hard labels "
+                                         "only (DistilDP with soft_label_weight 0)"),
+    "dpsgd_student": Method("dpsgd_student", ce_loss, privacy="private",
+                            description="DP-SGD fine-tuning of the student base on the private "
+                                        "records, no teacher"),
+    "dpkd": Method("dpkd", kd_loss, needs_teacher=True, privacy="private",
+                   description="DP-SGD of the student with the KD loss from a DP teacher on the "
+                               "private records (ε split between the two)"),
 }
+
+# methods whose loss honours `per_sequence` and whose data is fixed: DP-SGD can train them
+DP_METHODS = tuple(k for k, m in METHODS.items()
+                   if m.loss in (ce_loss, kd_loss) and m.data == "ground_truth")
 
 
 def method_params(method: Method, kd: Any | None = None, family: str | None = None

@@ -388,3 +388,169 @@ def test_unreachable_tpr_heatmap_is_a_note(tmp_path) -> None:
     suite = write_suite_report(tmp_path / "suite", {"gpt2": {"mia": mia, "models": None,
                                                              "report": "gpt2.html"}})
     assert note in suite["md"].read_text() and "gpt2_heatmap_auc" in suite
+
+
+# The privacy–utility frontier of DP distillation: DP model ids are `<method>@eps<ε>`.
+DP_AUC = {  # model → AUC per signal (loss, zlib, mink); blind is model-free
+    "distildp@eps1": (0.51, 0.52, 0.50), "distildp@eps8": (0.55, 0.53, 0.56),
+    "distildp@epsinf": (0.70, 0.74, 0.69), "dpsgd_student@eps1": (0.50, 0.51, 0.50),
+    "dpsgd_student@eps8": (0.54, 0.52, 0.53), "teacher_dp@eps8": (0.60, 0.58, 0.57),
+}
+DP_PPL = {"distildp@eps1": 31.0, "distildp@eps8": 22.5, "distildp@epsinf": 14.0,
+          "dpsgd_student@eps1": 45.0, "dpsgd_student@eps8": 28.0, "teacher_dp@eps8": 9.5}
+
+
+def _dp_inputs(lower_bound: float = 0.4) -> dict:
+    """Synthetic frames with DP students, a DP teacher and the non-private models; the
+    one-run lower bound of distildp@eps1 is `lower_bound` (its accounted ε is 1)."""
+    base, _ = _synthetic()
+    rows = []
+    for model, aucs in DP_AUC.items():
+        for signal, auc in zip(SIGNALS, aucs):
+            common = dict(model=model, signal=signal, n_members=N, n_nonmembers=N, note=None)
+            rows += [dict(common, metric="auc", value=auc, ci_low=auc - 0.04, ci_high=auc + 0.04),
+                     dict(common, metric="tpr_at_1pct", value=0.01 + (auc - 0.5) / 4,
+                          ci_low=math.nan, ci_high=math.nan)]
+    rows.append(dict(model="data", signal="blind", metric="auc", value=0.99, ci_low=0.98,
+                     ci_high=1.0, n_members=N, n_nonmembers=N, note=None))
+    mia = pd.concat([base, pd.DataFrame(rows)], ignore_index=True)
+    utility = pd.DataFrame([dict(model=m, metric="perplexity", split="nonmembers", value=v)
+                            for m, v in {**dict(zip(MODELS, (8.1, 12.4, 10.2))),
+                                         **DP_PPL}.items()])
+    accounted = {"distildp@eps1": 1.0, "distildp@eps8": 7.98, "dpsgd_student@eps1": 0.999,
+                 "dpsgd_student@eps8": 8.0, "teacher_dp@eps8": 7.98}
+    bound = {"distildp@eps1": lower_bound, "distildp@eps8": 0.9, "distildp@epsinf": 2.5,
+             "nokd": 0.0, "kd": 0.3}
+    privacy = pd.DataFrame(
+        [dict(model=m, metric="epsilon_lower_bound_one_run", value=v,
+              note="rigorous 95% lower bound") for m, v in bound.items()]
+        + [dict(model=m, metric="epsilon_accounted", value=v, note="PRV accountant, δ=1e-5")
+           for m, v in accounted.items()])
+    roles = {"teacher": "teacher", "nokd": "baseline", "kd": "student",
+             "teacher_dp@eps8": "teacher", **{m: "student" for m in DP_PPL
+                                              if not m.startswith("teacher")}}
+    models = pd.DataFrame({"model": list(roles), "role": list(roles.values()),
+                           "description": "", "base": "gpt2"})
+    return dict(mia=mia, utility=utility, privacy=privacy, models=models)
+
+
+def test_parse_model_id() -> None:
+    from kdaudit.report.frontier import parse_model_id
+    assert parse_model_id("distildp@eps2") == ("distildp", 2.0)
+    assert parse_model_id(f"dpkd@eps{0.5:g}") == ("dpkd", 0.5)
+    assert parse_model_id(f"synthetic_only@eps{1e-5:g}") == ("synthetic_only", 1e-5)
+    assert parse_model_id("dpsgd_student@epsinf") == ("dpsgd_student", math.inf)
+    assert parse_model_id("kd") == ("kd", math.inf)
+    method, eps = parse_model_id("odd@run3")
+    assert method == "odd" and math.isnan(eps)
+
+
+def test_frontier_points() -> None:
+    from kdaudit.report.frontier import frontier_points
+    inputs = _dp_inputs()
+    # a TPR that is not reachable, and a model whose TPR row is missing
+    mia = inputs["mia"]
+    unreachable = (mia.model == "distildp@eps8") & (mia.metric == "tpr_at_1pct")
+    mia.loc[unreachable, ["value", "note"]] = [math.nan, "smallest reachable FPR 2%"]
+    mia = mia[~((mia.model == "dpsgd_student@eps8") & (mia.metric == "tpr_at_1pct"))]
+    p = frontier_points(mia, inputs["utility"], inputs["privacy"], inputs["models"])
+    # students and the baseline only (no teacher, DP or not), DP methods first in ε order
+    assert list(p.model) == ["distildp@eps1", "distildp@eps8", "distildp@epsinf",
+                             "dpsgd_student@eps1", "dpsgd_student@eps8", "nokd", "kd"]
+    p = p.set_index("model")
+    assert p.loc["distildp@eps8", "method"] == "distildp"
+    assert p.loc["distildp@eps8", "epsilon"] == 8.0
+    assert math.isinf(p.loc["distildp@epsinf", "epsilon"]) and math.isinf(p.loc["kd", "epsilon"])
+    assert p.loc["dpsgd_student@eps1", "perplexity"] == 45.0
+    # the strongest model signal (the blind baseline's 0.99 is not a model signal)
+    assert p.loc["distildp@epsinf", "signal"] == "zlib"
+    assert p.loc["distildp@epsinf", "auc"] == pytest.approx(0.74)
+    assert p.loc["distildp@epsinf", "ci_low"] == pytest.approx(0.70)
+    assert p.loc["distildp@epsinf", "tpr_at_1pct"] == pytest.approx(0.01 + 0.24 / 4)
+    assert p.loc["distildp@eps8", "signal"] == "mink"
+    assert math.isnan(p.loc["distildp@eps8", "tpr_at_1pct"])
+    assert p.loc["distildp@eps8", "tpr_note"] == "n/a (min FPR 2%)"
+    assert math.isnan(p.loc["dpsgd_student@eps8", "tpr_at_1pct"])
+    best = mia[(mia.model == "kd") & (mia.metric == "auc")].sort_values("value").iloc[-1]
+    assert p.loc["kd", "signal"] == best.signal
+    # accounted ε only for DP-trained models; the one-run bound wherever it was computed
+    assert p.loc["distildp@eps8", "epsilon_accounted"] == 7.98
+    assert math.isnan(p.loc["distildp@epsinf", "epsilon_accounted"])
+    assert math.isnan(p.loc["kd", "epsilon_accounted"])
+    assert p.loc["distildp@epsinf", "epsilon_lower_bound"] == 2.5
+    assert math.isnan(p.loc["dpsgd_student@eps1", "epsilon_lower_bound"])
+    # no perplexity, no point; no AUC, a point without a signal; empty inputs, empty frame
+    utility = pd.concat([inputs["utility"][inputs["utility"].model != "kd"],
+                         pd.DataFrame([dict(model="dpkd@eps2", metric="perplexity",
+                                            split="nonmembers", value=30.0)])])
+    models = pd.concat([inputs["models"], pd.DataFrame([dict(model="dpkd@eps2",
+                                                             role="student")])])
+    q = frontier_points(mia, utility, None, models).set_index("model")
+    assert "kd" not in q.index and pd.isna(q.loc["dpkd@eps2", "signal"])
+    assert math.isnan(q.loc["dpkd@eps2", "auc"]) and q["epsilon_accounted"].isna().all()
+    assert frontier_points(mia, None, None, None).empty
+
+
+@pytest.fixture(scope="module")
+def dp_reports(tmp_path_factory) -> dict[str, dict]:
+    """Reports with DP models: accounting consistent ("ok") and violated ("bad")."""
+    out = {}
+    for name, bound in (("ok", 0.4), ("bad", 3.2)):
+        paths = write_report(tmp_path_factory.mktemp(f"dp_{name}"), **_dp_inputs(bound))
+        out[name] = {k: paths[k].read_text(encoding="utf-8") for k in ("html", "md")}
+        out[name]["paths"] = paths
+    return out
+
+
+def test_frontier_section_with_dp_models(dp_reports) -> None:
+    paths, md, html = (dp_reports["ok"][k] for k in ("paths", "md", "html"))
+    assert paths["privacy_utility"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert md.index("## Empirical privacy") < md.index("## Privacy–utility frontier")
+    section = md[md.index("## Privacy–utility frontier"):md.index("## Signals")]
+    assert "](privacy_utility.png)" in section
+    assert ("| Model | Method | ε accounted | ε lower bound (one run) | Perplexity | "
+            "Strongest signal | AUC [95% CI] | TPR @ 1% FPR |") in section
+    row = "| distildp@eps8 | distildp | 7.98 | 0.90 | 22.50 | mink | 0.56 [0.52, 0.60] |"
+    assert row in section
+    assert re.search(r"\| kd \| kd \| ∞ \(non-private\) \| 0.30 \| 10.20 \|", section)
+    assert "teacher_dp@eps8" not in section
+    assert "upper bound" in section and "empirical lower bound" in section
+    assert "No model's empirical lower bound exceeds its accounted ε." in section
+    assert "accounting (or the DP-SGD implementation) is wrong" not in md + html
+    block = html[html.index('id="frontier"'):html.index('id="signals"')]
+    assert block.count("data:image/png;base64,") == 1
+    assert 'alt="Privacy–utility frontier"' in block
+    # the privacy table shows the accounted ε first for each model
+    label = "ε accounted (DP-SGD accountant, upper bound)"
+    privacy = md[md.index("## Empirical privacy"):md.index("## Privacy–utility frontier")]
+    rows = [line for line in privacy.splitlines() if line.startswith("| distildp@eps1 | ")]
+    assert rows[0].startswith(f"| distildp@eps1 | {label} | 1.00 |")
+    assert "ε lower bound, one run" in rows[1]
+
+
+def test_no_frontier_without_dp_models(reports, tmp_path) -> None:
+    from kdaudit.report.frontier import frontier_points
+    from kdaudit.report.plots import privacy_utility_plot
+    for kind in ("html", "md"):
+        assert "Privacy–utility frontier" not in reports[True][kind]
+    assert "privacy_utility" not in reports[True]["paths"]
+    inputs = _inputs()
+    points = frontier_points(inputs["mia"], inputs["utility"], None, inputs["models"])
+    assert list(points.model) == ["nokd", "kd"]
+    assert privacy_utility_plot(points, tmp_path / "f.png") is None
+    assert not list(tmp_path.iterdir())
+
+
+def test_frontier_warns_when_lower_bound_exceeds_accounted(dp_reports) -> None:
+    from kdaudit.report.frontier import accounting_violations
+    inputs = _dp_inputs(3.2)
+    assert accounting_violations(inputs["privacy"]) == [("distildp@eps1", 3.2, 1.0)]
+    assert accounting_violations(_dp_inputs(1.0)["privacy"]) == []  # equal is consistent
+    md, html = dp_reports["bad"]["md"], dp_reports["bad"]["html"]
+    warning = "the privacy accounting (or the DP-SGD implementation) is wrong for this model"
+    section = md[md.index("## Privacy–utility frontier"):md.index("## Signals")]
+    assert warning in section
+    assert "distildp@eps1: empirical lower bound 3.20 > accounted ε 1.00" in section
+    assert md.index(warning) < md.index("## Verdict per model")  # also at the top
+    assert html.count(warning) == 2 and '<p class="warning"><strong>Warning: the privacy' in html
+    assert "No model's empirical lower bound exceeds" not in md

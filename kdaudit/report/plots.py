@@ -1,5 +1,6 @@
 """The report's figures: log-log ROC curves per model, an AUC bar chart, per-block risk,
-memorization against membership, model × signal leakage heatmaps and training curves.
+memorization against membership, model × signal leakage heatmaps, training curves and the
+privacy–utility frontier of DP distillation.
 
 Figures are built with matplotlib's object API on the Agg canvas (no pyplot, no GUI and
 no global figure registry), so this works headless and never changes the backend of an
@@ -15,7 +16,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
+from kdaudit.report.frontier import eps_label
 from kdaudit.report.tables import heatmap_grid
 
 DEFAULT_MIN_FPR = 1e-3
@@ -260,4 +263,84 @@ def training_curves(training: pd.DataFrame | None, order: Sequence[str],
     width, height = fig.get_size_inches()
     fig.subplots_adjust(left=0.5 / width, right=1 - 0.6 / width, bottom=0.6 / height,
                         top=1 - 0.3 / height, wspace=0.45, hspace=0.55)
+    return _save(fig, path)
+
+
+FRONTIER_MARKERS = ("o", "s", "^", "v", "P", "X", "D", "*")
+LOG_X_RATIO = 4.0  # perplexity on a log axis when max / min exceeds this
+
+
+def privacy_utility_plot(points: pd.DataFrame | None, path: Path) -> Path | None:
+    """The privacy–utility frontier (`frontier.frontier_points`): perplexity on non-members
+    against the strongest signal's AUC (left, with 95% CI) and TPR at 1% FPR (right). One
+    series per DP method, its points joined in ε order and annotated with ε; non-private
+    models (ids without "@") as single labelled grey points. None without a DP model."""
+    if points is None or points.empty or not points["model"].astype(str).str.contains("@").any():
+        return None
+    dp = points["model"].astype(str).str.contains("@")
+    fig = Figure(figsize=(11.5, 4.6), dpi=DPI)
+    FigureCanvasAgg(fig)
+    left = fig.add_subplot(1, 2, 1)
+    axes = [left, fig.add_subplot(1, 2, 2, sharex=left)]
+    methods = list(dict.fromkeys(points.loc[dp, "method"].astype(str)))
+    panels = (("auc", "ci_low", "ci_high", 1.0, "strongest signal's ROC AUC (95% CI)"),
+              ("tpr_at_1pct", "tpr_ci_low", "tpr_ci_high", 100.0,
+               "strongest signal's TPR at 1% FPR (%)"))
+    for ax, (col, lo_col, hi_col, scale, ylabel) in zip(axes, panels):
+        for i, method in enumerate(methods):
+            s = points[dp & (points["method"].astype(str) == method)]
+            s = s.assign(_e=s["epsilon"].fillna(math.inf)).sort_values("_e", kind="stable")
+            s = s[s[col].notna()]
+            if s.empty:
+                continue
+            y = s[col].to_numpy(float) * scale
+            lo = (s[lo_col] if lo_col in s else s[col]).to_numpy(float) * scale
+            hi = (s[hi_col] if hi_col in s else s[col]).to_numpy(float) * scale
+            err = [np.nan_to_num(np.maximum(y - lo, 0)), np.nan_to_num(np.maximum(hi - y, 0))]
+            ax.errorbar(s["perplexity"], y, yerr=err, color=f"C{i % 10}",
+                        marker=FRONTIER_MARKERS[i % len(FRONTIER_MARKERS)], ms=6, lw=1.4,
+                        capsize=2, elinewidth=0.8, label=method)
+            for x, v, e in zip(s["perplexity"], y, s["epsilon"]):
+                ax.annotate(eps_label(e), (x, v), textcoords="offset points", xytext=(6, 3),
+                            fontsize="x-small", color=f"C{i % 10}")
+        refs = points[~dp & points[col].notna()]
+        for k, r in enumerate(refs.itertuples()):
+            v = getattr(r, col) * scale
+            ax.scatter([r.perplexity], [v], marker="D", s=34, color="0.3", zorder=3,
+                       label="non-private (labelled)" if k == 0 else None)
+            ax.annotate(str(r.model), (r.perplexity, v), textcoords="offset points",
+                        xytext=(5, -10), fontsize="x-small", color="0.2")
+        if col == "auc":
+            ax.axhline(0.5, ls="--", lw=1, color="0.3", label="chance (0.5)")
+        elif points[col].notna().any():
+            ax.axhline(1.0, ls=":", lw=1, color="0.3", label="chance (1%)")
+            ax.set_ylim(bottom=0)
+        else:
+            ax.text(0.5, 0.5, "TPR at 1% FPR not reachable\n(too few non-members)",
+                    transform=ax.transAxes, ha="center", va="center", color="0.4")
+            ax.set_yticks([])
+        ppl = points["perplexity"].to_numpy(float)
+        ppl = ppl[np.isfinite(ppl) & (ppl > 0)]
+        if len(ppl) and ppl.max() / ppl.min() > LOG_X_RATIO:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 10, 20, 50, …
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.margins(x=0.1, y=0.08)  # room for the ε labels at the edges
+        ax.set_xlabel("perplexity on non-members (lower is better)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].set_title("Privacy–utility frontier: AUC", fontsize="medium")
+    axes[1].set_title("Privacy–utility frontier: TPR at 1% FPR", fontsize="medium")
+    # one legend for both panels: the DP methods first, then the references
+    found: dict[str, object] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            found.setdefault(lab, h)
+    labels = [m for m in methods if m in found] + [m for m in found if m not in methods]
+    width, height = fig.get_size_inches()
+    fig.legend([found[lab] for lab in labels], labels, loc="upper left", fontsize="small",
+               bbox_to_anchor=(1 - 2.05 / width, 1 - 0.4 / height))
+    fig.subplots_adjust(left=0.7 / width, right=1 - 2.2 / width, bottom=0.6 / height,
+                        top=1 - 0.4 / height, wspace=0.3)
     return _save(fig, path)

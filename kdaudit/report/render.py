@@ -18,6 +18,8 @@ import pandas as pd
 from kdaudit.store import atomic_write_text
 
 from kdaudit.report import plots
+from kdaudit.report.frontier import (accounting_violations, frontier_points, frontier_table,
+                                     has_dp, violation_warning)
 from kdaudit.report.redact import REDACTED, example_records, parse_secrets, redact
 from kdaudit.report.tables import (UTILITY_FORMATS, Table, fmt_ci, heatmap_grid,
                                    heatmap_order, md_cell, memorization_table, model_order,
@@ -223,6 +225,9 @@ def _riskiest_tables(riskiest: pd.DataFrame | None, order: Sequence[str],
 
 
 PRIVACY_LABELS = {
+    "epsilon_accounted": "ε accounted (DP-SGD accountant, upper bound)",
+    "epsilon_claimed_lmo": "ε claimed by LMO-DP (its own accounting, not a guarantee)",
+    "epsilon_lower_bound_lmo_pld": "ε lower bound of the LMO-DP noise (PLD)",
     "exposure_mean": "canary exposure, mean (bits)",
     "exposure_max": "canary exposure, max (bits)",
     "epsilon_lower_bound_one_run": "ε lower bound, one run (rigorous, 95%)",
@@ -241,6 +246,24 @@ def _privacy_table(privacy: pd.DataFrame | None, order: Sequence[str]) -> Table 
     return Table(columns=["Model", "Measure", "Value", "How it was obtained"],
                  rows=[[str(r.model), PRIVACY_LABELS.get(r.metric, str(r.metric)),
                         f"{r.value:.2f}", str(r.note)] for r in rows])
+
+
+def _frontier(mia: pd.DataFrame, utility: pd.DataFrame | None,
+              privacy: pd.DataFrame | None, models: pd.DataFrame | None, order: Sequence[str],
+              out: Path, paths: dict[str, Path]) -> dict[str, Any] | None:
+    """The privacy–utility frontier figure and table; None without a DP model."""
+    points = frontier_points(mia, utility, privacy, models)
+    if not has_dp(points):
+        return None
+    png = plots.privacy_utility_plot(points, out / "privacy_utility.png")
+    if png is not None:
+        paths["privacy_utility"] = png
+    checked = points["epsilon_accounted"].notna() & points["epsilon_lower_bound"].notna()
+    return {"file": None if png is None else png.name,
+            "uri": None if png is None else _data_uri(png),
+            "table": frontier_table(points),
+            "warning": violation_warning(accounting_violations(privacy, order)),
+            "checked": bool(checked.any())}
 
 
 HEATMAP_METRICS = (("auc", "AUC"), ("tpr_at_1pct", "TPR at 1% FPR"))
@@ -301,7 +324,7 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
                  riskiest: pd.DataFrame | None = None,
                  training: pd.DataFrame | None = None) -> dict[str, Path]:
     """Write out_dir/report.html, out_dir/report.md and the PNG figures; return their paths
-    (keys "html", "md", "auc_bars" and "roc_<model>")."""
+    (keys "html", "md", "auc_bars", "roc_<model>" and, with DP models, "privacy_utility")."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     roc = roc or {}
@@ -340,6 +363,8 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
     if curves is not None:
         paths["training_curves"] = curves
 
+    frontier = _frontier(mia, utility, privacy, models, order, out, paths)
+
     scatter = plots.memorization_vs_auc_plot(_memo_points(mia, memorization, order),
                                              out / "memorization_vs_auc.png")
     if scatter is not None:
@@ -352,6 +377,7 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
         "title": title,
         "summary": _summary(order, verdict_df, baseline, memorization) + _split_check(mia),
         "warning": _blind_warning(mia),
+        "accounting_warning": violation_warning(accounting_violations(privacy, order)),
         "baseline": baseline,
         "verdicts": [{"model": v.model, "verdict": v.verdict,
                       "text": v.text,
@@ -365,6 +391,7 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
         "utility": utility_table(utility, order),
         "signals": _signals_table(signals),
         "privacy": _privacy_table(privacy, order),
+        "frontier": frontier,
         "heatmaps": heatmaps,
         "heatmap_notes": heatmap_notes,
         "curves": None if curves is None else {"file": curves.name, "uri": _data_uri(curves)},

@@ -1,0 +1,185 @@
+"""The privacy–utility frontier of differentially private distillation (METHODS §4, §6, §9):
+one point per (method, ε) with the student's perplexity on non-members, its strongest
+membership signal, and the ε its accountant gives beside the empirical lower bound.
+
+Model ids of DP-trained models are `<method>@eps<ε>` (ε as Python's `f"{e:g}"`, `inf` for
+the non-private variant of a DP method); ids without `@` are non-private (ε = ∞).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+import pandas as pd
+
+from kdaudit.report.tables import UTILITY_FORMATS, Table, fmt_ci, model_order, num, unreachable
+from kdaudit.report.verdicts import MODEL_FREE_SIGNALS
+
+FRONTIER_ROLES = ("student", "baseline")
+ACCOUNTED = "epsilon_accounted"
+LOWER_BOUND = "epsilon_lower_bound_one_run"
+COLUMNS = ["model", "method", "epsilon", "perplexity", "signal", "auc", "ci_low", "ci_high",
+           "tpr_at_1pct", "tpr_ci_low", "tpr_ci_high", "tpr_note", "n_nonmembers",
+           "epsilon_accounted", "epsilon_lower_bound"]
+_EPS = re.compile(r"eps(.+)")
+
+
+def parse_model_id(model: str) -> tuple[str, float]:
+    """("distildp", 2.0) for "distildp@eps2", ("distildp", inf) for "distildp@epsinf" and
+    ("kd", inf) for "kd"; ε is NaN when the suffix after "@" is not `eps<number>`."""
+    method, at, suffix = str(model).partition("@")
+    if not at:
+        return method, math.inf
+    m = _EPS.fullmatch(suffix)
+    try:
+        return method, float(m.group(1)) if m else math.nan
+    except ValueError:
+        return method, math.nan
+
+
+def is_dp(model: str) -> bool:
+    """True for the model id of a DP method (`<method>@eps<ε>`, the ε = ∞ variant included)."""
+    return "@" in str(model)
+
+
+def eps_label(epsilon: float) -> str:
+    """"ε=2", "ε=0.5", "ε=∞" ("ε=?" when unknown)."""
+    if math.isnan(epsilon):
+        return "ε=?"
+    return "ε=∞" if math.isinf(epsilon) else f"ε={epsilon:g}"
+
+
+def _metric(frame: pd.DataFrame | None, metric: str) -> dict[str, float]:
+    """model → value of the first row of `metric` in a privacy frame."""
+    if frame is None or frame.empty or "metric" not in frame:
+        return {}
+    rows = frame[frame["metric"].astype(str) == metric].drop_duplicates("model")
+    return {str(m): num(v) for m, v in zip(rows["model"], rows["value"])}
+
+
+def _perplexity(utility: pd.DataFrame | None) -> dict[str, float]:
+    """model → perplexity on non-members (any split where the frame has no split column)."""
+    if utility is None or utility.empty:
+        return {}
+    rows = utility[utility["metric"].astype(str) == "perplexity"]
+    if "split" in rows:
+        rows = rows[rows["split"].astype(str) == "nonmembers"]
+    rows = rows.assign(v=pd.to_numeric(rows["value"], errors="coerce")).dropna(subset=["v"])
+    return {str(m): float(v) for m, v in zip(rows["model"], rows["v"])}
+
+
+def frontier_points(mia: pd.DataFrame | None, utility: pd.DataFrame | None,
+                    privacy: pd.DataFrame | None, models: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per student or baseline model (every model when `models` has no roles) that
+    has a perplexity on non-members, with the COLUMNS above: method and ε parsed from the id
+    (inf when non-private), the model signal with the highest AUC and its CI, the TPR at 1%
+    FPR of that same signal (NaN when missing or not reachable; `tpr_note` then says why),
+    signal NaN when the model has no AUC,
+    the accounted ε and the one-run lower bound (NaN where there is none).
+
+    Rows: DP models grouped by method (in model order), ε ascending with ∞ last, then the
+    non-private models in model order.
+    """
+    ppl = _perplexity(utility)
+    order = model_order(models, utility)
+    if models is not None and not models.empty and "role" in models:
+        keep = {str(m) for m, r in zip(models["model"], models["role"])
+                if str(r) in FRONTIER_ROLES}
+        order = [m for m in order if m in keep]
+    order = [m for m in order if m in ppl and m != "data"]
+
+    auc, tpr = pd.DataFrame(), pd.DataFrame()
+    if mia is not None and not mia.empty:
+        rows = mia[~mia["signal"].isin(MODEL_FREE_SIGNALS) & (mia["model"].astype(str) != "data")]
+        rows = rows.assign(model=rows["model"].astype(str), signal=rows["signal"].astype(str),
+                           value=pd.to_numeric(rows["value"], errors="coerce"))
+        auc = rows[rows["metric"] == "auc"].dropna(subset=["value"])
+        tpr = rows[rows["metric"] == "tpr_at_1pct"].drop_duplicates(["model", "signal"])
+        tpr = tpr.set_index(["model", "signal"])
+    accounted, bound = _metric(privacy, ACCOUNTED), _metric(privacy, LOWER_BOUND)
+
+    points = []
+    for model in order:
+        method, epsilon = parse_model_id(model)
+        p = dict.fromkeys(COLUMNS, math.nan)
+        p.update(model=model, method=method, epsilon=epsilon, perplexity=ppl[model],
+                 signal=None, tpr_note=None, epsilon_accounted=accounted.get(model, math.nan),
+                 epsilon_lower_bound=bound.get(model, math.nan))
+        own = auc[auc["model"] == model] if len(auc) else auc
+        if len(own):
+            best = own.loc[own["value"].idxmax()]
+            p.update(signal=best["signal"], auc=float(best["value"]),
+                     ci_low=num(best.get("ci_low")), ci_high=num(best.get("ci_high")),
+                     n_nonmembers=num(best.get("n_nonmembers")))
+            if (model, best["signal"]) in tpr.index:
+                t = tpr.loc[(model, best["signal"])]
+                p.update(tpr_at_1pct=num(t["value"]), tpr_ci_low=num(t.get("ci_low")),
+                         tpr_ci_high=num(t.get("ci_high")))
+                if math.isnan(p["tpr_at_1pct"]):
+                    p["tpr_note"] = unreachable(t.get("note"), t.get("n_nonmembers"))
+        points.append(p)
+    frame = pd.DataFrame(points, columns=COLUMNS)
+    if frame.empty:
+        return frame
+    methods = list(dict.fromkeys(frame.loc[frame["model"].map(is_dp), "method"]))
+    frame["_ref"] = ~frame["model"].map(is_dp)
+    frame["_method"] = frame["method"].map({m: i for i, m in enumerate(methods)}).fillna(0)
+    frame["_eps"] = frame["epsilon"].where(frame["model"].map(is_dp), 0.0).fillna(math.inf)
+    frame["_pos"] = range(len(frame))
+    frame = frame.sort_values(["_ref", "_method", "_eps", "_pos"], kind="stable")
+    return frame.drop(columns=["_ref", "_method", "_eps", "_pos"]).reset_index(drop=True)
+
+
+def has_dp(points: pd.DataFrame | None) -> bool:
+    """True when any point is a DP model (its id has "@")."""
+    return points is not None and not points.empty and bool(points["model"].map(is_dp).any())
+
+
+def _fmt_eps(x: float) -> str:
+    return "—" if math.isnan(x) else ("∞" if math.isinf(x) else f"{x:.2f}")
+
+
+def frontier_table(points: pd.DataFrame) -> Table:
+    """The numbers behind the frontier figure, one row per point."""
+    rows, classes = [], []
+    for p in points.itertuples():
+        accounted = _fmt_eps(p.epsilon_accounted)
+        if math.isinf(p.epsilon) and math.isnan(p.epsilon_accounted):
+            accounted = "∞ (non-private)"
+        if pd.isna(p.signal):
+            auc, tpr = "—", "—"
+        else:
+            auc = fmt_ci(p.auc, p.ci_low, p.ci_high)
+            tpr = ("—" if pd.isna(p.tpr_note) else str(p.tpr_note)) if math.isnan(
+                p.tpr_at_1pct) else fmt_ci(p.tpr_at_1pct, p.tpr_ci_low, p.tpr_ci_high, pct=True)
+        violated = p.epsilon_lower_bound > p.epsilon_accounted  # False when either is NaN
+        rows.append([str(p.model), str(p.method), accounted, _fmt_eps(p.epsilon_lower_bound),
+                     UTILITY_FORMATS["perplexity"].format(p.perplexity),
+                     "—" if pd.isna(p.signal) else str(p.signal), auc, tpr])
+        classes.append("elevated" if violated else "")
+    return Table(["Model", "Method", "ε accounted", "ε lower bound (one run)", "Perplexity",
+                  "Strongest signal", "AUC [95% CI]", "TPR @ 1% FPR"], rows, classes)
+
+
+def accounting_violations(privacy: pd.DataFrame | None,
+                          order: Sequence[str] = ()) -> list[tuple[str, float, float]]:
+    """(model, lower bound, accounted ε) for every model whose one-run empirical lower bound
+    exceeds the ε its accountant gives: the accounting (or the implementation) is wrong."""
+    accounted, bound = _metric(privacy, ACCOUNTED), _metric(privacy, LOWER_BOUND)
+    names = [*order, *(m for m in accounted if m not in order)]
+    return [(m, bound[m], accounted[m]) for m in names
+            if m in accounted and m in bound and bound[m] > accounted[m]]
+
+
+def violation_warning(violations: Sequence[tuple[str, float, float]]) -> str | None:
+    """The loud sentence for models whose lower bound exceeds their accounted ε."""
+    if not violations:
+        return None
+    parts = "; ".join(f"{m}: empirical lower bound {lb:.2f} > accounted ε {acc:.2f}"
+                      for m, lb, acc in violations)
+    many = len(violations) > 1
+    return (f"Warning: the privacy accounting (or the DP-SGD implementation) is wrong for "
+            f"{'these models' if many else 'this model'} ({parts}). A rigorous empirical lower "
+            f"bound cannot exceed a valid DP guarantee, so the accounted ε of "
+            f"{'these models' if many else 'this model'} does not hold.")

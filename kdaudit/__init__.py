@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "run": "kdaudit.pipeline", "RunResult": "kdaudit.pipeline",
     "audit_models": "kdaudit.api", "report_run": "kdaudit.api",
-    "train_student": "kdaudit.distil",
+    "train_student": "kdaudit.distil", "train_teacher": "kdaudit.distil",
+    "train_private_student": "kdaudit.distil",
     "load_config": "kdaudit.config", "RunConfig": "kdaudit.config",
     "load_records": "kdaudit.data.records", "Record": "kdaudit.data.records",
 }

@@ -15,7 +15,7 @@ from attacks.mia import SIGNALS, ReferenceModels
 from kdaudit.config import AuditConfig, config_from_dict
 from kdaudit.data.canaries import read_canaries
 from kdaudit.data.records import Record, load_records
-from kdaudit.privacy_audit import canary_rows, heuristic_row, spent_rows
+from kdaudit.privacy_audit import canary_rows, heuristic_row, spent_delta, spent_rows
 
 
 
@@ -104,8 +104,7 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
                              f"({len(tokenizer)}); all audited models must share a tokenizer")
         passes[info.id] = compute_pass(model, tokenizer, aset.records, cfg,
                                        max_length=max_length, desc=info.id)
-        if isinstance(src, (str, Path)) and Path(src).is_dir():
-            privacy += spent_rows(info.id, src)   # a kdaudit DP model's privacy.json
+        privacy += spent_rows(info.id, src)   # a kdaudit DP model's privacy.json
         if info.role != "base":
             gens[info.id] = compute_generations(model, tokenizer, mem_records, cfg,
                                                 max_length=max_length,
@@ -118,7 +117,7 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
                                        candidates=cfg.canary_candidates,
                                        k_fraction=cfg.canary_guess_fraction,
                                        max_length=max_length, batch_size=cfg.batch_size,
-                                       seed=seed)
+                                       seed=seed, delta=spent_delta(src))
             privacy.append(heuristic_row(info.id, -passes[info.id].stats.nll(), aset.labels,
                                          seed, "loss"))
     ext_stats, ext_per_byte = None, False

@@ -17,7 +17,7 @@ from kdaudit.audit import AuditResult, AuditSet, ModelInfo, ModelPass, assemble,
     compute_extraction, compute_generations, compute_pass
 from kdaudit.data.canaries import read_canaries
 from kdaudit.models import load_model, load_tokenizer
-from kdaudit.privacy_audit import canary_rows, heuristic_row, spent_rows
+from kdaudit.privacy_audit import canary_rows, heuristic_row, spent_delta, spent_rows
 from kdaudit.store import atomic_write_json
 from kdaudit.train.methods import METHODS
 
@@ -142,7 +142,8 @@ class AuditStages:
                                     candidates=a.canary_candidates,
                                     k_fraction=a.canary_guess_fraction,
                                     max_length=cfg.data.max_length, batch_size=a.batch_size,
-                                    seed=cfg.seed)
+                                    seed=cfg.seed,
+                                    delta=spent_delta(self.dir.model(model_id)))
             scores = -ModelPass.load(self.dir.stats(model_id)).stats.nll()
             rows.append(heuristic_row(model_id, scores, self.audit_set().labels, cfg.seed,
                                       "loss"))

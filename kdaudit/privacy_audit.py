@@ -31,8 +31,9 @@ def _total_nll(model, tokenizer, records: Sequence[Record], max_length: int,
 
 def canary_rows(model_id: str, model, tokenizer, canaries: Sequence[Canary], *,
                 candidates: int, k_fraction: float, max_length: int, batch_size: int,
-                seed: int) -> list[dict]:
-    """Exposure of repeated canaries and the one-run ε lower bound of once-inserted ones."""
+                seed: int, delta: float = 0.0) -> list[dict]:
+    """Exposure of repeated canaries and the one-run ε lower bound of once-inserted ones, at
+    the model's δ (a DP model's; 0 for the others)."""
     rows = []
     repeated = [c for c in canaries if c.kind == "repeated"]
     if repeated and candidates > 0:
@@ -57,22 +58,29 @@ def canary_rows(model_id: str, model, tokenizer, canaries: Sequence[Canary], *,
         scores = -_total_nll(model, tokenizer, [c.record for c in once], max_length, batch_size)
         k = max(1, int(k_fraction * len(once)))
         bound = one_run_epsilon_lower_bound(scores, np.array([c.included for c in once]),
-                                            k_plus=k, k_minus=k)
+                                            k_plus=k, k_minus=k, delta=delta)
         rows.append(_row(model_id, "epsilon_lower_bound_one_run", bound["epsilon_lb"],
                          f"rigorous 95% lower bound (Steinke et al. 2023): {bound['correct']} of "
                          f"{bound['guesses']} guesses correct over {len(once)} canaries "
-                         f"included with probability 1/2"))
+                         f"included with probability 1/2" +
+                         (f", at δ = {delta:.3g}" if delta else "")))
     return rows
 
 
-def spent_rows(model_id: str, folder: str | Path) -> list[dict]:
-    """What a model's DP training spent, from the `privacy.json` kdaudit wrote beside it:
-    the accounted ε (Gaussian DP-SGD), or LMO-DP's claimed ε beside a lower bound on its
-    true ε. None of these for a model without one."""
-    path = Path(folder) / "privacy.json"
-    if not path.is_file():
+def _spent(source: object) -> dict | None:
+    """The `privacy.json` kdaudit wrote beside a DP model (None for other models, hub names
+    and loaded model objects)."""
+    if not isinstance(source, (str, Path)) or not (Path(source) / "privacy.json").is_file():
+        return None
+    return json.loads((Path(source) / "privacy.json").read_text())
+
+
+def spent_rows(model_id: str, source: object) -> list[dict]:
+    """What a model's DP training spent: the accounted ε (Gaussian DP-SGD), or LMO-DP's
+    claimed ε beside a lower bound on its true ε; nothing for a model without privacy.json."""
+    spent = _spent(source)
+    if spent is None:
         return []
-    spent = json.loads(path.read_text())
     if spent.get("mechanism") == "lmo":
         holds = "holds" if spent.get("claim_holds") else "does NOT hold"
         return [_row(model_id, "epsilon_claimed_lmo", _num(spent.get("epsilon_claimed")),
@@ -82,6 +90,11 @@ def spent_rows(model_id: str, folder: str | Path) -> list[dict]:
                      "lower bound on the true ε: PLD of the LMO noise as sampled, "
                      f"q = {spent['sample_rate']:.4g}, {spent['steps']} steps")]
     return [accounted_row(model_id, spent)] if "epsilon" in spent else []
+
+
+def spent_delta(source: object) -> float:
+    """The δ a kdaudit DP model was trained at (0 for a model without privacy.json)."""
+    return float((_spent(source) or {}).get("delta") or 0.0)
 
 
 def _num(x) -> float:

@@ -47,3 +47,15 @@ def tiny_lm(tmp_path_factory):
     model.eval()
     torch.manual_seed(0)
     return model, tok, records, out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Width-64 models gain nothing from intra-op threads, and spinning threads slow a shared
+    2-core machine down by an order of magnitude: `pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

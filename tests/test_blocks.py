@@ -29,14 +29,7 @@ def _get(module: nn.Module, path: str):
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Width-64 models gain nothing from intra-op threads, and spinning threads slow a shared
-    2-core machine down by an order of magnitude."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

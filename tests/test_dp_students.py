@@ -20,6 +20,8 @@ from kdaudit.train import loop
 from kdaudit.train.batching import collate
 from kdaudit.train.methods import DP_METHODS, METHODS, method_params
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def setup():

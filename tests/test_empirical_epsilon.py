@@ -17,7 +17,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from attacks.privacy import max_epsilon_for_guesses, one_run_epsilon_lower_bound
 from attacks.scoring import token_stats
@@ -30,7 +29,7 @@ from kdaudit.privacy_audit import canary_rows
 from kdaudit.train import loop
 from kdaudit.train.methods import METHODS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 N_MEMBERS = 200
 N_ONCE = 100
@@ -41,14 +40,6 @@ DP_SEEDS = (0, 1, 2)
 NONPRIVATE_MIN_BOUND = 1.5       # measured 2.553 (40/40 correct); the DP teacher is at ε = 1
 CFG = TrainConfig(epochs=40, batch_size=32, lr=1e-2, checkpoint_every=0, log_every=1000)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,22 @@ def test_lmo_training_reports_the_labelled_numbers_of_the_run(setup, tmp_path):
     assert privacy["lmo_params"]["exp_rate"] == 5.0
     assert (tmp_path / "a" / "model.safetensors").exists()
 
+    # an audit of the checkpoint labels both numbers and says the claim fails
+    from kdaudit import audit_models
+    from kdaudit.config import AuditConfig
+
+    records = generate_records(20, seed=33)
+    audit = audit_models({"teacher": tmp_path / "a"}, records[:10], records[10:],
+                         config=AuditConfig(signals=["loss"], n_bootstrap=20,
+                                            memorization_records=2, utility_records=0),
+                         max_length=64)
+    rows = audit.privacy.set_index("metric").value
+    assert rows["epsilon_claimed_lmo"] == pytest.approx(privacy["epsilon_claimed"])
+    assert rows["epsilon_lower_bound_lmo_pld"] == pytest.approx(
+        privacy["epsilon_pld_lower_bound"])
+    md = Path(audit.write_report(tmp_path / "report")["md"]).read_text()
+    assert "The LMO-DP privacy claim does not hold" in md
+
 
 def test_the_noise_is_lmo_noise_on_the_summed_gradients(setup):
     """Clipping off (C huge, the file's clip too): grad = (Σ per-sample grads + z) / B, with z

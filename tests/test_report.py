@@ -554,3 +554,22 @@ def test_frontier_warns_when_lower_bound_exceeds_accounted(dp_reports) -> None:
     assert md.index(warning) < md.index("## Verdict per model")  # also at the top
     assert html.count(warning) == 2 and '<p class="warning"><strong>Warning: the privacy' in html
     assert "No model's empirical lower bound exceeds" not in md
+
+
+def test_an_lmo_claim_that_a_lower_bound_beats_is_called_out() -> None:
+    from kdaudit.report.frontier import lmo_claim_warning
+
+    privacy = pd.DataFrame([
+        {"model": "teacher_lmo", "metric": "epsilon_claimed_lmo", "value": 0.156, "note": ""},
+        {"model": "teacher_lmo", "metric": "epsilon_lower_bound_lmo_pld", "value": 0.512,
+         "note": ""},
+        {"model": "teacher_lmo", "metric": "epsilon_lower_bound_one_run", "value": 0.0,
+         "note": ""},
+        {"model": "fair", "metric": "epsilon_claimed_lmo", "value": 2.0, "note": ""},
+        {"model": "fair", "metric": "epsilon_lower_bound_lmo_pld", "value": 1.0, "note": ""}])
+    warning = lmo_claim_warning(privacy)
+    assert warning.startswith("The LMO-DP privacy claim does not hold")
+    assert "teacher_lmo: claimed ε 0.156 < 0.512 (PLD)" in warning
+    assert "one-run" not in warning and "fair" not in warning
+    assert lmo_claim_warning(privacy[privacy.model == "fair"]) is None
+    assert lmo_claim_warning(None) is None

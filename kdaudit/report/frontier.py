@@ -172,6 +172,24 @@ def accounting_violations(privacy: pd.DataFrame | None,
             if m in accounted and m in bound and bound[m] > accounted[m]]
 
 
+def lmo_claim_warning(privacy: pd.DataFrame | None) -> str | None:
+    """METHODS §4: where a lower bound on an LMO-DP model's true ε (the PLD of its noise, or
+    the one-run canary audit) exceeds the ε the method claims, the claim does not hold."""
+    claimed = _metric(privacy, "epsilon_claimed_lmo")
+    pld, one_run = _metric(privacy, "epsilon_lower_bound_lmo_pld"), _metric(privacy, LOWER_BOUND)
+    parts = []
+    for m, eps in claimed.items():
+        bounds = [(name, b[m]) for name, b in (("PLD", pld), ("one-run audit", one_run))
+                  if m in b and b[m] > eps]
+        if bounds:
+            parts.append(f"{m}: claimed ε {eps:.3f} < " +
+                         " and ".join(f"{v:.3f} ({name})" for name, v in bounds))
+    if not parts:
+        return None
+    return ("The LMO-DP privacy claim does not hold: a lower bound on the true ε exceeds the "
+            "ε the method claims (" + "; ".join(parts) + ").")
+
+
 def violation_warning(violations: Sequence[tuple[str, float, float]]) -> str | None:
     """The loud sentence for models whose lower bound exceeds their accounted ε."""
     if not violations:

@@ -189,7 +189,8 @@ def leakage_heatmap(mia: pd.DataFrame, metric: str, order: Sequence[str],
         cmap, vmin, vmax = "RdBu_r", 0.5 - span, 0.5 + span
     else:
         cmap, vmin, vmax = "Reds", 0.0, max(0.05, float(np.nanmax(values)))
-    fig, ax = _new_figure(1.2 + 0.85 * len(cols), 0.9 + 0.38 * len(models))
+    # the margins below take 1.3 inches of height: one model still gets a row to draw in
+    fig, ax = _new_figure(1.2 + 0.85 * len(cols), max(0.9 + 0.38 * len(models), 1.7))
     image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     for i in range(len(models)):
         for j in range(len(cols)):

@@ -19,7 +19,7 @@ from kdaudit.store import atomic_write_text
 
 from kdaudit.report import plots
 from kdaudit.report.frontier import (accounting_violations, frontier_points, frontier_table,
-                                     has_dp, violation_warning)
+                                     has_dp, lmo_claim_warning, violation_warning)
 from kdaudit.report.redact import REDACTED, example_records, parse_secrets, redact
 from kdaudit.report.tables import (UTILITY_FORMATS, Table, fmt_ci, heatmap_grid,
                                    heatmap_order, md_cell, memorization_table, model_order,
@@ -377,7 +377,9 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
         "title": title,
         "summary": _summary(order, verdict_df, baseline, memorization) + _split_check(mia),
         "warning": _blind_warning(mia),
-        "accounting_warning": violation_warning(accounting_violations(privacy, order)),
+        "accounting_warning": " ".join(w for w in (
+            violation_warning(accounting_violations(privacy, order)),
+            lmo_claim_warning(privacy)) if w) or None,
         "baseline": baseline,
         "verdicts": [{"model": v.model, "verdict": v.verdict,
                       "text": v.text,

@@ -131,10 +131,12 @@ def _student(args: argparse.Namespace) -> int:
             max_grad_norm=args.max_grad_norm or cfg.dp.max_grad_norm, train=train,
             dp_train=dp_train, synthetic_records=cfg.dp.synthetic_records,
             synthetic_tokens=cfg.dp.synthetic_tokens, no_repeat_ngram=cfg.dp.no_repeat_ngram,
-            **common)
+            categories=[c.strip() for c in args.categories.split(",") if c.strip()]
+            if args.categories else None, **common)
     else:
         given = [f for f, v in (("--epsilon", args.epsilon), ("--teacher-base", args.teacher_base),
-                                ("--delta", args.delta)) if v is not None]
+                                ("--delta", args.delta), ("--categories", args.categories))
+                 if v is not None]
         if given:
             raise ConfigError(f"{', '.join(given)}: only for the DP methods (distildp, "
                               f"synthetic_only, dpsgd_student, dpkd)")
@@ -327,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the preset's dp.max_grad_norm)")
     dp.add_argument("--teacher-base", metavar="PATH",
                     help="the DP teacher's starting point (e.g. a pretrained base)")
+    dp.add_argument("--categories", metavar="A,B,...",
+                    help="public category names the synthetic records are spread over "
+                         "(default: Dolly's eight); never read from the private data")
     p.add_argument("--tokenizer", metavar="PATH", help="default: the student base's")
     p.add_argument("--mapping", choices=["dolly", "alpaca", "kdaudit"],
                    help="column schema of the data files (guessed when omitted)")

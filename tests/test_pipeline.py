@@ -260,18 +260,21 @@ def test_opt_and_llama_families_run_every_method(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dp-runs")
-    cfg = load_config("smoke", out_dir=str(out), name="smoke-dp",
-                      methods=["nokd", "dpsgd_student", "dpkd"],
+def dp_run(interrupted_then_resumed):
+    """The smoke run with two DP students added: its finished stages are reused."""
+    smoke, *_ = interrupted_then_resumed
+    cfg = load_config("smoke", out_dir=smoke.out_dir, student={"checkpoint_every": 4},
+                      methods=["nokd", "kd", "dpsgd_student", "dpkd"],
                       dp={"epsilons": [2.0, float("inf")]},
                       dp_train={"epochs": 1.0, "batch_size": 32, "lr": 3e-3})
-    return cfg, Pipeline(cfg, log=lambda _: None).run()
+    logs: list[str] = []
+    return cfg, Pipeline(cfg, log=logs.append).run(), logs
 
 
 def test_dp_students_are_trained_accounted_and_audited(dp_run):
-    cfg, result = dp_run
+    cfg, result, logs = dp_run
     run_dir = result.run_dir
+    assert "[skip] teacher: done, inputs unchanged" in logs and "[run ] dpkd@eps2" in logs
     expected = {"dpsgd_student@eps2", "dpkd@eps2", "teacher_dpkd@eps1", "dpsgd_student@epsinf",
                 "dpkd@epsinf", "teacher_dpkd@epsinf"}
     assert expected <= set(result.audit.models.model)

@@ -1,7 +1,9 @@
-"""Differential privacy for kdaudit: DP-SGD accounting and the LMO-DP noise mechanism.
+"""Differential privacy for kdaudit (METHODS §4).
 
 `accounting` is the single source of the privacy numbers (ε by PRV, PLD and RDP; δ default;
-noise multiplier from a target ε); `lmo` samples LMO-DP noise and audits its claimed ε.
+noise multiplier from a target ε); `lmo` samples LMO-DP noise and audits its claimed ε;
+`dpsgd` wires Opacus into the one training loop (Gaussian or LMO-DP noise); `synthetic` is
+DistilDP's data side and `students` the recipes of the four DP students.
 """
 from kdaudit.dp.accounting import (
     ACCOUNTANTS,

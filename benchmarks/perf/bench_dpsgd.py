@@ -9,6 +9,7 @@ Prints the median seconds per step of each and their ratio.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -16,6 +17,7 @@ import torch
 
 from kdaudit.data.corpus import generate_records
 from kdaudit.data.template import encode_record, format_text
+from kdaudit.config import DPConfig
 from kdaudit.dp import dpsgd
 from kdaudit.models import build_zoo_model, train_tokenizer
 from kdaudit.train.batching import collate
@@ -57,8 +59,8 @@ def main() -> None:
     t_plain = timed_steps(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4), batch,
                           args.repeats)
     model = build_zoo_model(args.preset, tok, seed=0).train()
-    plan = dpsgd.DPPlan(noise_multiplier=1.0, sample_rate=args.batch_size / 1000, steps=1,
-                        delta=1e-4, max_grad_norm=1.0)
+    plan = dpsgd.plan(1000, args.batch_size, 1 / math.ceil(1000 / args.batch_size),
+                      DPConfig(noise_multiplier=1.0, delta=1e-4))   # one step at q ≈ B / N
     module, optimizer, _, _ = dpsgd.make_private(
         model, torch.optim.AdamW(model.parameters(), lr=1e-4), 1000, plan, seed=0)
     t_dp = timed_steps(module, optimizer, batch, args.repeats)

@@ -30,6 +30,15 @@ def carve_validation(records: Sequence[Record], n: int, seed: int
             [r for i, r in enumerate(records) if i in held])
 
 
+def _training_records(data: Sequence[Record] | str | Path, mapping: str | None
+                      ) -> list[Record]:
+    """Records from a file, folder or hub name (or a list as given); none is an error."""
+    records = load_records(data, mapping=mapping) if isinstance(data, (str, Path)) else list(data)
+    if not records:
+        raise ValueError(f"{data}: no training records")
+    return records
+
+
 def train_student(method: str, *, student_base: str | Path, data: Sequence[Record] | str | Path,
                   out: str | Path, teacher: str | Path | None = None,
                   validation: Sequence[Record] | str | Path | None = None,
@@ -53,9 +62,7 @@ def train_student(method: str, *, student_base: str | Path, data: Sequence[Recor
         raise ConfigError(f"method '{method}' distils from a teacher: give --teacher PATH")
     kd = kd or KDConfig()
     validate_kd(kd)
-    records = load_records(data, mapping=mapping) if isinstance(data, (str, Path)) else list(data)
-    if not records:
-        raise ValueError(f"{data}: no training records")
+    records = _training_records(data, mapping)
     held: list[Record] = []
     if spec.adaptive:
         if validation is None:
@@ -86,9 +93,7 @@ def train_teacher(*, base: str | Path, data: Sequence[Record] | str | Path, out:
                   mapping: str | None = None) -> loop.TrainResult:
     """Fine-tune `base` on `data` (the private records) and save it to `out`. With `dp` the
     fine-tuning is DP-SGD and `out/privacy.json` records the ε spent (PRV, PLD and RDP)."""
-    records = load_records(data, mapping=mapping) if isinstance(data, (str, Path)) else list(data)
-    if not records:
-        raise ValueError(f"{data}: no training records")
+    records = _training_records(data, mapping)
     tok = load_tokenizer(tokenizer or base)
     model = load_model(base)
     train = train or TrainConfig(epochs=3.0)
@@ -138,9 +143,7 @@ def train_private_student(method: str, *, student_base: str | Path,
                           f"is trained here) or --teacher PATH (one trained already), not both")
     kd, out = kd or KDConfig(), Path(out)
     validate_kd(kd)
-    records = load_records(data, mapping=mapping) if isinstance(data, (str, Path)) else list(data)
-    if not records:
-        raise ValueError(f"{data}: no training records")
+    records = _training_records(data, mapping)
     tok = load_tokenizer(tokenizer or student_base)
     dp_train = dp_train or TrainConfig(epochs=8.0, lr=2e-3, batch_size=64)
     delta_each = dps.halve_delta(delta, len(records)) if kind == "kd" else delta

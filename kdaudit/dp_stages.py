@@ -71,8 +71,9 @@ class DPStages:
     # -- stages ----------------------------------------------------------------------------
     def dp_stages(self) -> None:
         wanted = [m for m in self.cfg.methods if METHODS[m].privacy]
-        if wanted and self.dp_unsupported():
-            self.log(f"[skip] {', '.join(wanted)}: {self.dp_unsupported()}")
+        why = self.dp_unsupported() if wanted else None
+        if why:
+            self.log(f"[skip] {', '.join(wanted)}: {why}")
             return
         for t, kind, eps in self.dp_teacher_ids():
             self.dp_teacher_stage(t, kind, eps)

@@ -180,10 +180,10 @@ def lmo_noise_seed(seed: int) -> int:
 def per_sequence_ce(logits: torch.Tensor, input_ids: torch.Tensor,
                     target_mask: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of each sequence's mean response-token NLL."""
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)
-    nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    mask = target_mask[:, 1:].float()
-    return ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    from kdaudit.train.methods import cross_entropy
+
+    return cross_entropy(logits[:, :-1], input_ids[:, 1:], target_mask[:, 1:],
+                         per_sequence=True)
 
 
 def spent(p: DPPlan, steps_taken: int) -> dict[str, Any]:
@@ -200,7 +200,6 @@ _NOISE_FIELDS = ("a1", "a3", "a4", "shape_k", "scale_theta", "exp_rate", "unifor
                  "uniform_high", "clip")
 
 
-@functools.lru_cache(maxsize=8)
 def _lmo_numbers(run: lmo.LMOParams) -> tuple[float, float, float]:
     return (lmo.claimed_epsilon(run), lmo.claimed_epsilon(run, strict=True),
             lmo.pld_lower_bound(run))

@@ -203,14 +203,14 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     bar.close()
 
     accelerator.wait_for_everyone()
+    privacy = dpsgd.spent(plan, total) if plan is not None else None
     if accelerator.is_main_process:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         if hidden:
             del student.kdaudit_projection
         student.save_pretrained(str(tmp), safe_serialization=True)
-        if plan is not None:
-            privacy = dpsgd.spent(plan, total)
+        if privacy is not None:
             atomic_write_json(tmp / "privacy.json", privacy)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -220,7 +220,7 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     accelerator.free_memory()
     return TrainResult(steps=total, seconds=time.time() - t0, first_loss=first_loss,
                        last_loss=last_loss, resumed_from=start,
-                       privacy=dpsgd.spent(plan, total) if plan is not None else None)
+                       privacy=privacy)
 
 
 def _poisson_batches(loader, steps: int) -> list[list[int]]:

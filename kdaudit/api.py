@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 from typing import Mapping, Sequence
 
+from kdaudit.audit_inputs import audit_length, check_record_sets, check_tokenizer, \
+    model_context, source_config, truncation_note
 from kdaudit.audit import AuditResult, AuditSet, ModelInfo, assemble, compute_extraction, \
     compute_generations, compute_pass
 from attacks.mia import SIGNALS, ReferenceModels
@@ -27,10 +29,15 @@ def _role(model_id: str) -> str:
     return "base" if model_id.startswith("base") else "student"
 
 
-def _records(x: Sequence[Record] | str | Path, what: str) -> list[Record]:
-    records = load_records(x) if isinstance(x, (str, Path)) else list(x)
+def _records(x: Sequence[Record] | str | Path, what: str,
+             mapping: str | None = None) -> list[Record]:
+    records = load_records(x, mapping=mapping) if isinstance(x, (str, Path)) else list(x)
     if not records:
         raise ValueError(f"{what}: no records")
+    bad = next((r for r in records if not isinstance(r, Record)), None)
+    if bad is not None:
+        raise ValueError(f"{what}: expected Record objects (kdaudit.load_records) or a file "
+                         f"path, got {type(bad).__name__}")
     return records
 
 
@@ -50,7 +57,8 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
                  references: Mapping[str, Sequence[tuple[object, set[str]]]] | None = None,
                  population: Sequence[Record] | str | Path | None = None,
                  canaries: str | Path | None = None, external: str | Path | None = None,
-                 max_length: int = 512, seed: int = 0) -> AuditResult:
+                 max_length: int | None = None, seed: int = 0,
+                 mapping: str | None = None) -> AuditResult:
     """Attack every model in `models` ({id: HF folder, hub name or loaded model}).
 
     `bases` maps a model id to its pre-fine-tuning base, which calibrates `ref_base` and is
@@ -60,6 +68,9 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
     `canaries` (a run's data/canaries.jsonl) adds canary exposure and the one-run ε bound;
     `external` (a model folder or hub name, with its own tokenizer) enables `ref_ext`.
     All models must share one tokenizer (`tokenizer`, or the first model's folder's).
+    `max_length` (tokens per record) defaults to the smallest context among the models and
+    may not exceed any; longer records lose the start of their prompt, and the report says
+    how many. Every input is checked before the first model runs.
     """
     from kdaudit.models import load_model, load_tokenizer
 
@@ -73,7 +84,11 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
         raise ValueError(f"unknown signal(s) {unknown}; available: {sorted(SIGNALS)}")
     if "ref_ext" in cfg.signals and external is None and signals is not None:
         raise ValueError("signal 'ref_ext' needs an independent model: pass external=PATH")
-    aset = AuditSet(_records(members, "members"), _records(nonmembers, "nonmembers"))
+    names = tuple(str(x) if isinstance(x, (str, Path)) else label
+                  for x, label in ((members, "members"), (nonmembers, "non-members")))
+    aset = AuditSet(_records(members, names[0], mapping), _records(nonmembers, names[1], mapping))
+    check_record_sets(aset.members, aset.nonmembers, names=names)
+    pop = _records(population, "population", mapping) if population is not None else None
     # one audited base per distinct base model, however many models share it
     base_ids: dict[str, str] = {}
     sources: dict[str, object] = dict(models)
@@ -86,16 +101,27 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
     infos = [ModelInfo(mid, _role(mid), base_ids.get(mid)) for mid in models]
     infos += [ModelInfo(bid, "base", None, f"base model {sources[bid]}")
               for bid in sources if bid not in models]
+    refs = {f"{mid} reference {k}": ref for mid, rs in (references or {}).items()
+            for k, (ref, _) in enumerate(rs)}
+    contexts = {mid: model_context(source_config(src))
+                for mid, src in {**sources, **refs,
+                                 **({"external": external} if external else {})}.items()}
+    max_length, why = audit_length(contexts, max_length)
     if tokenizer is None:
         first = next((s for s in sources.values() if isinstance(s, (str, Path))), None)
         if first is None:
             raise ValueError("audit_models: pass `tokenizer` when every model is an object")
         tokenizer = load_tokenizer(first)
-    mem_records = [aset.records[i] for i in aset.memorization_subset(cfg.memorization_records)]
-    passes, gens, extraction, privacy = {}, {}, {}, []
+    notes = [n for mid, src in {**sources, **refs}.items()
+             if (n := check_tokenizer(mid, src, tokenizer))]
+    truncated = truncation_note(aset.records, tokenizer, max_length, why)
+    notes += [truncated] if truncated else []
     planted = read_canaries(canaries) if canaries is not None else []
     if canaries is not None and not planted:
         raise FileNotFoundError(f"{canaries}: no canaries found")
+
+    mem_records = [aset.records[i] for i in aset.memorization_subset(cfg.memorization_records)]
+    passes, gens, extraction, privacy = {}, {}, {}, []
     for info in infos:
         src = sources[info.id]
         model = load_model(src) if isinstance(src, (str, Path)) else src
@@ -126,16 +152,16 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
         ext_stats = compute_pass(load_model(external), ext_tok, aset.records, _plain(cfg),
                                  max_length=max_length, desc="external").stats
         ext_per_byte = ext_tok.get_vocab() != tokenizer.get_vocab()
-    pop = _records(population, "population") if population is not None else None
-    ref_models = {mid: _reference_models(refs, passes[mid], aset, pop, sources[mid], tokenizer,
+    ref_models = {mid: _reference_models(rs, passes[mid], aset, pop, sources[mid], tokenizer,
                                          cfg, max_length)
-                  for mid, refs in (references or {}).items() if refs}
+                  for mid, rs in (references or {}).items() if rs}
     result = assemble(infos, aset, passes, gens, tokenizer, cfg, references=ref_models,
                       extraction=extraction, max_length=max_length, seed=seed,
                       external=ext_stats, external_per_byte=ext_per_byte,
-                      config={"audit": cfg.__dict__, "models": {k: str(v) for k, v in
-                                                                sources.items()}})
+                      config={"audit": cfg.__dict__, "max_length": max_length,
+                              "models": {k: str(v) for k, v in sources.items()}})
     result.privacy = pd.DataFrame(privacy, columns=["model", "metric", "value", "note"])
+    result.notes = notes
     return result
 
 
@@ -184,5 +210,8 @@ def report_run(run_dir: str | Path, *, redact: bool = True) -> dict[str, Path]:
     if missing:
         raise FileNotFoundError(f"{run_dir}: the run has not scored {missing} yet; finish it "
                                 f"with `kdaudit run` first")
+    from kdaudit.audit_stages import SHOW_SECRETS_RUN
+
     return pipe.assemble().write_report(run_dir / "report", title=f"kdaudit risk report: "
-                                        f"{cfg.name}", redact=redact)
+                                        f"{cfg.name}", redact=redact,
+                                        show_secrets_hint=SHOW_SECRETS_RUN)

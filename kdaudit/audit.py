@@ -143,11 +143,12 @@ def compute_extraction(model, tokenizer, records: Sequence[Record], cfg: AuditCo
     if targets:
         # tokenized as in training (prompt and response apart); the space before the secret
         # is left for the model, as training text never ends a token sequence with it
-        prompts = [(encode_prompt(r, tokenizer, max_length) +
-                    tokenizer(prefix.rstrip(), add_special_tokens=False)["input_ids"]
-                    )[-(max_length - cfg.memorization_tokens):] for r, _, prefix in targets]
         lengths = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) + 2
                    for _, s, _ in targets]
+        room = max(1, max_length - max(cfg.memorization_tokens, *lengths))
+        prompts = [(encode_prompt(r, tokenizer, max_length) +
+                    tokenizer(prefix.rstrip(), add_special_tokens=False)["input_ids"]
+                    )[-room:] for r, _, prefix in targets]
         gen = greedy_generate(model, prompts, max_new_tokens=max(lengths),
                               pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                               batch_size=cfg.batch_size, desc=f"targeted {desc}")
@@ -192,6 +193,8 @@ class AuditResult:
     training: pd.DataFrame = field(
         default_factory=lambda: pd.DataFrame(columns=["model", "step", "loss"]))
     config: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)   # facts about the inputs (truncation, …)
+    secrets: list[str] = field(default_factory=list, repr=False)   # the records' declared
 
     def write_tables(self, out_dir: str | Path) -> None:
         """The tidy tables as CSV files: mia, memorization, utility, signals, blocks, privacy
@@ -204,15 +207,20 @@ class AuditResult:
             atomic_write_frame(out_dir / f"{name}.csv", getattr(self, name))
 
     def write_report(self, out_dir: str | Path, *, title: str = "kdaudit risk report",
-                     run_info: dict[str, Any] | None = None,
-                     redact: bool = True) -> dict[str, Path]:
+                     run_info: dict[str, Any] | None = None, redact: bool = True,
+                     show_secrets_hint: str | None = None) -> dict[str, Path]:
+        """report.html, report.md and figures; `show_secrets_hint` is the command that writes
+        this report without redaction (named in the redacted one)."""
         from kdaudit.report import write_report
+        from kdaudit.report.render import SHOW_SECRETS_HINT
 
         return write_report(out_dir, mia=self.mia, roc=self.roc, memorization=self.memorization,
                             utility=self.utility, examples=self.examples, models=self.models,
                             config=self.config, title=title, run_info=run_info, redact=redact,
                             signals=self.signals, blocks=self.blocks, privacy=self.privacy,
-                            riskiest=self.riskiest, training=self.training)
+                            riskiest=self.riskiest, training=self.training,
+                            input_notes=self.notes, secrets=self.secrets,
+                            show_secrets_hint=show_secrets_hint or SHOW_SECRETS_HINT)
 
     def summary(self) -> pd.DataFrame:
         """Model × signal AUC, the short table printed at the end of a run (model-free checks
@@ -334,7 +342,8 @@ def assemble(models: Sequence[ModelInfo], audit_set: AuditSet, passes: Mapping[s
     mia = pd.DataFrame(mia_rows)
     return AuditResult(mia=mia, memorization=memo, utility=utility, signals=signals,
                        scores=scores, roc=roc, examples=examples, models=model_table,
-                       blocks=blocks, riskiest=_riskiest(mia, scores, records), config=config or {})
+                       blocks=blocks, riskiest=_riskiest(mia, scores, records), config=config or {},
+                       secrets=sorted({s for r in records for s in r.secrets}))
 
 
 def _riskiest(mia: pd.DataFrame, scores: Mapping[str, pd.DataFrame], records: Sequence[Record],

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from attacks.mia import ReferenceModels
+from kdaudit.audit_inputs import truncation_note
 from kdaudit.audit import AuditResult, AuditSet, ModelInfo, ModelPass, assemble, \
     compute_extraction, compute_generations, compute_pass
 from kdaudit.data.canaries import read_canaries
@@ -20,6 +21,9 @@ from kdaudit.models import load_model, load_tokenizer
 from kdaudit.privacy_audit import canary_rows, heuristic_row, spent_delta, spent_rows
 from kdaudit.store import atomic_write_json
 from kdaudit.train.methods import METHODS
+
+
+SHOW_SECRETS_RUN = "kdaudit report RUN_DIR --show-secrets"
 
 
 def versions() -> dict[str, str]:
@@ -231,6 +235,9 @@ class AuditStages:
                 utility.append(pd.DataFrame(utility_rows(m.id, list(frame.response),
                                                          list(frame.reference))))
         result.utility = pd.concat(utility, ignore_index=True)
+        truncated = truncation_note(self.audit_set().records, self.tokenizer,
+                                    self.cfg.data.max_length, "the run's data.max_length")
+        result.notes = [truncated] if truncated else []
         return result
 
     def audit_stage(self) -> AuditResult:
@@ -261,7 +268,8 @@ class AuditStages:
                     "versions": versions()}
             paths.update(result.write_report(self.dir.report, title=f"kdaudit risk report: "
                                              f"{self.cfg.name}", run_info=info,
-                                             redact=self.cfg.audit.redact))
+                                             redact=self.cfg.audit.redact,
+                                             show_secrets_hint=SHOW_SECRETS_RUN))
             return {}
 
         self.stage("report", {"audit": self.hashes["audit"], "redact": self.cfg.audit.redact},

@@ -31,6 +31,8 @@ def _print_summary(audit, report: dict[str, Path]) -> None:
         flag = "  WARNING: the split looks shifted; membership results may be inflated" \
             if auc > 0.6 else ""
         print(f"Split check ({name} baseline, no model): AUC {auc:.3f}{flag}")
+    for note in audit.notes:
+        print(f"Note: {note}")
     print(f"\nReport: {report['html']}\n        {report['md']}")
 
 
@@ -57,7 +59,7 @@ def _named(values: list[str] | None, flag: str) -> dict[str, str]:
 
 def _audit(args: argparse.Namespace) -> int:
     from attacks.mia import SIGNALS
-    from kdaudit import audit_models, load_records
+    from kdaudit import audit_models
     from kdaudit.api import read_inclusion
 
     models = {"teacher": args.teacher} if args.teacher else {}
@@ -91,16 +93,16 @@ def _audit(args: argparse.Namespace) -> int:
                               f"an audited model ({sorted(models)}) and MASKFILE lists the "
                               f"record ids the reference was trained on")
         references.setdefault(name, []).append((path, read_inclusion(mask)))
-    members = load_records(args.members, mapping=args.mapping)
-    nonmembers = load_records(args.nonmembers, mapping=args.mapping)
-    population = load_records(args.population, mapping=args.mapping) if args.population else None
-    result = audit_models(models, members, nonmembers, bases=bases, signals=cfg.signals,
-                          config=cfg, references=references, population=population,
-                          canaries=args.canaries, external=args.external,
-                          max_length=args.max_length, seed=args.seed)
+    result = audit_models(models, args.members, args.nonmembers, bases=bases,
+                          signals=cfg.signals, config=cfg, references=references,
+                          population=args.population, canaries=args.canaries,
+                          external=args.external, max_length=args.max_length, seed=args.seed,
+                          mapping=args.mapping)
     out = Path(args.out)
     result.write_tables(out / "tables")
-    _print_summary(result, result.write_report(out / "report", redact=cfg.redact))
+    _print_summary(result, result.write_report(
+        out / "report", redact=cfg.redact,
+        show_secrets_hint="kdaudit audit <the same arguments> --show-secrets"))
     return 0
 
 
@@ -268,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mapping", choices=["dolly", "alpaca", "kdaudit"],
                    help="column schema of the data files (guessed when omitted)")
     p.add_argument("--signals", help="comma-separated signal names (default: all that apply)")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per record (default 512)")
+    p.add_argument("--max-length", type=int, help="tokens per record (default: the smallest "
+                   "context among the models; longer records lose the start of their prompt)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--out", default="audit", help="output folder (default: ./audit)")
     p.add_argument("--show-secrets", action="store_true",

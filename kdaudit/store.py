@@ -99,11 +99,13 @@ class RunDir:
     def scores(self, model_id: str) -> Path:
         return self.root / "scores" / f"{model_id}.parquet"
 
+    # private/: per-record generations and answers in clear (token ids decode to text);
+    # unlike scores/, tables/ and report/, never for sharing
     def generations(self, model_id: str) -> Path:
-        return self.root / "scores" / f"{model_id}.generations.parquet"
+        return self.root / "private" / f"{model_id}.generations.parquet"
 
     def responses(self, model_id: str) -> Path:
-        return self.root / "scores" / f"{model_id}.responses.parquet"
+        return self.root / "private" / f"{model_id}.responses.parquet"
 
     def privacy(self, model_id: str) -> Path:
         return self.root / "scores" / f"{model_id}.privacy.json"

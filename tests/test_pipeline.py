@@ -76,7 +76,7 @@ def test_second_identical_run_skips_every_stage(interrupted_then_resumed):
 
 def test_recomputed_stage_reruns_what_depends_on_it(interrupted_then_resumed):
     cfg, run_dir, *_ = interrupted_then_resumed
-    (run_dir / "scores" / "kd.generations.parquet").unlink()
+    (run_dir / "private" / "kd.generations.parquet").unlink()
     logs: list[str] = []
     Pipeline(cfg, log=logs.append).run()
     ran = [line[7:] for line in logs if line.startswith("[run ]")]

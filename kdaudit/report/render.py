@@ -20,7 +20,7 @@ from kdaudit.store import atomic_write_text
 from kdaudit.report import plots
 from kdaudit.report.frontier import (accounting_violations, frontier_points, frontier_table,
                                      has_dp, lmo_claim_warning, violation_warning)
-from kdaudit.report.redact import REDACTED, example_records, parse_secrets, redact
+from kdaudit.report.redact import REDACTED, Redactor, example_records, parse_secrets
 from kdaudit.report.tables import (UTILITY_FORMATS, Table, fmt_ci, heatmap_grid,
                                    heatmap_order, md_cell, memorization_table, model_order,
                                    num, ordered, results_table, signal_order, utility_table,
@@ -205,18 +205,21 @@ def _memo_points(mia: pd.DataFrame, memorization: pd.DataFrame | None,
 
 
 def _riskiest_tables(riskiest: pd.DataFrame | None, order: Sequence[str],
-                     redact_secrets: bool) -> dict[str, Table] | None:
-    """Per model, its ten most member-like records by its strongest signal."""
+                     redactor: Redactor | None) -> dict[str, Table] | None:
+    """Per model, its ten most member-like records by its strongest signal, their texts
+    through `redactor` where there is one."""
     if riskiest is None or riskiest.empty:
         return None
     out = {}
     for model in [m for m in order if m in set(riskiest["model"])]:
         rows = []
         for r in riskiest[riskiest["model"] == model].itertuples():
-            secrets = parse_secrets(r.secrets) if redact_secrets else []
-            rows.append([str(r.rank), str(r.record_id), "member" if r.member else "non-member",
-                         f"{r.score:.4g}", str(r.category), redact(str(r.instruction), secrets),
-                         redact(str(r.response), secrets)])
+            texts = [str(r.record_id), str(r.instruction), str(r.response)]
+            if redactor is not None:
+                texts = [redactor(t) for t in texts]
+            record_id, instruction, response = texts
+            rows.append([str(r.rank), record_id, "member" if r.member else "non-member",
+                         f"{r.score:.4g}", str(r.category), instruction, response])
         signal = riskiest[riskiest["model"] == model]["signal"].iloc[0]
         out[f"{model} (by {signal})"] = Table(
             columns=["#", "Record", "Truly", "Score", "Category", "Instruction", "Response"],
@@ -309,6 +312,19 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+def _declared(frame: pd.DataFrame | None) -> list[str]:
+    if frame is None or frame.empty or "secrets" not in frame:
+        return []
+    return [s for v in frame["secrets"] for s in parse_secrets(v)]
+
+
+SHOW_SECRETS_HINT = "AuditResult.write_report(out_dir, redact=False)"
+REDACTION_METHOD = ("each record's declared `secrets` and, in every shown text, e-mail "
+                    "addresses, phone numbers, full dates, US street addresses and runs of six "
+                    "or more digits (pattern detectors) are replaced by the marker; names and "
+                    "other free text are caught only when a record declares them as `secrets`")
+
+
 def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
                  roc: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]] | None = None,
                  memorization: pd.DataFrame | None = None,
@@ -322,9 +338,17 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
                  blocks: pd.DataFrame | None = None,
                  privacy: pd.DataFrame | None = None,
                  riskiest: pd.DataFrame | None = None,
-                 training: pd.DataFrame | None = None) -> dict[str, Path]:
+                 training: pd.DataFrame | None = None,
+                 input_notes: Sequence[str] = (), secrets: Sequence[str] = (),
+                 show_secrets_hint: str = SHOW_SECRETS_HINT) -> dict[str, Path]:
     """Write out_dir/report.html, out_dir/report.md and the PNG figures; return their paths
-    (keys "html", "md", "auc_bars", "roc_<model>" and, with DP models, "privacy_utility")."""
+    (keys "html", "md", "auc_bars", "roc_<model>" and, with DP models, "privacy_utility").
+
+    `input_notes` are facts about the audited data stated at the top (truncation,
+    overrides); `secrets` are declared secrets to redact wherever they appear, beside those
+    of the shown records; `show_secrets_hint` is how a reader of a redacted report gets the
+    clear one.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     roc = roc or {}
@@ -370,6 +394,11 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
     if scatter is not None:
         paths["memorization_vs_auc"] = scatter
 
+    # one redactor for every shown text, from every secret the caller and the tables declare
+    redactor = Redactor([*secrets, *_declared(riskiest), *_declared(examples)]) \
+        if redact else None
+    riskiest_tables = _riskiest_tables(riskiest, order, redactor)
+    example_texts = example_records(examples, order, redactor=redactor)
     roles = {} if models is None or models.empty else {
         str(r.model): (str(getattr(r, "role", "")), str(getattr(r, "description", "")))
         for r in models.itertuples()}
@@ -399,12 +428,15 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
         "curves": None if curves is None else {"file": curves.name, "uri": _data_uri(curves)},
         "scatter": None if scatter is None else {"file": scatter.name,
                                                  "uri": _data_uri(scatter)},
-        "riskiest": _riskiest_tables(riskiest, order, redact),
+        "riskiest": riskiest_tables,
         "blocks": None if block_png is None else {"file": block_png.name,
                                                    "uri": _data_uri(block_png)},
-        "examples": example_records(examples, order, redact_secrets=redact),
+        "examples": example_texts,
         "redact": redact,
         "redacted_marker": REDACTED,
+        "redaction": {"summary": redactor.summary() if redactor else "", "how": REDACTION_METHOD,
+                      "hint": show_secrets_hint},
+        "input_notes": list(input_notes),
         "config": None if not config else config_text(config),
         "run_info": run_info_rows(run_info),
     }

@@ -7,6 +7,7 @@ and checkpoints (safetensors) from which an interrupted run resumes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -114,7 +115,6 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
             model, optimizer, len(examples), plan,
             seed if world == 1 else seed * 1_000_003 + rank, distributed=world > 1)
         order = _poisson_batches(poisson, total)
-        shutil.rmtree(ckpt, ignore_errors=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     if plan is None:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -122,20 +122,8 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
         teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
         teacher.eval()
 
-    start = 0
-    state_file = ckpt / "trainer_state.json"
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
-        if state.get("run_key") == run_key and 0 < state["step"] < total:
-            accelerator.load_state(str(ckpt / "state"))
-            source.load_state_dict(torch.load(ckpt / "source.pt", weights_only=False))
-            start = state["step"]
-        else:
-            shutil.rmtree(ckpt, ignore_errors=True)
-    ckpt.mkdir(parents=True, exist_ok=True)
+    start = _resume(accelerator, ckpt, run_key, total, source, fresh=plan is not None)
     log_path = ckpt / "train_log.jsonl"
-    if start == 0:
-        log_path.unlink(missing_ok=True)
 
     student = accelerator.unwrap_model(model) if plan is None else dpsgd.unwrap(model)
     plain_teacher = accelerator.unwrap_model(teacher) if teacher is not None else None
@@ -144,7 +132,8 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     t0 = time.time()
     bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                disable=not accelerator.is_main_process, mininterval=1.0)
-    with log_path.open("a") as log:
+    # one process writes the log and the checkpoint's shared files; the others only train
+    with (log_path.open("a") if accelerator.is_main_process else open(os.devnull, "w")) as log:
         for step in range(start, total):
             # DP-SGD: each rank has its own Poisson batches (Opacus's distributed sampler)
             idx = order[step * world + rank] if world > 1 and plan is None else order[step]
@@ -197,9 +186,7 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
                 cb(step + 1, record)
             if (cfg.checkpoint_every and plan is None and (step + 1) % cfg.checkpoint_every == 0
                     and step + 1 < total):
-                accelerator.save_state(str(ckpt / "state"))
-                torch.save(source.state_dict(), ckpt / "source.pt")
-                atomic_write_json(state_file, {"step": step + 1, "run_key": run_key})
+                _save_checkpoint(accelerator, ckpt, source, step + 1, run_key)
     bar.close()
 
     accelerator.wait_for_everyone()
@@ -221,6 +208,45 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     return TrainResult(steps=total, seconds=time.time() - t0, first_loss=first_loss,
                        last_loss=last_loss, resumed_from=start,
                        privacy=privacy)
+
+
+def _resume(accelerator, ckpt: Path, run_key: str, total: int, source: BatchSource, *,
+            fresh: bool) -> int:
+    """The step to start from. A checkpoint an interrupted run with the same key left is
+    loaded by every process (each its own sampler state); any other one is removed, by the
+    main process alone, once every process has looked. DP-SGD (`fresh`) always restarts."""
+    state_file = ckpt / "trainer_state.json"
+    start = 0
+    if not fresh and state_file.exists():
+        state = json.loads(state_file.read_text())
+        source_file = ckpt / f"source_{accelerator.process_index}.json"
+        if state.get("run_key") == run_key and 0 < state["step"] < total and \
+                source_file.exists():
+            accelerator.load_state(str(ckpt / "state"))
+            source.load_state_dict(json.loads(source_file.read_text()))
+            start = state["step"]
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if start == 0:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        ckpt.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return start
+
+
+def _save_checkpoint(accelerator, ckpt: Path, source: BatchSource, step: int,
+                     run_key: str) -> None:
+    """Optimizer, scheduler and RNG states (Accelerate), each process's sampler state as
+    JSON, then the step marker that makes the checkpoint valid, written last by the main
+    process. The old marker goes first, so a save cut short never passes for a whole one."""
+    if accelerator.is_main_process:
+        (ckpt / "trainer_state.json").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(ckpt / "state"))
+    atomic_write_json(ckpt / f"source_{accelerator.process_index}.json", source.state_dict())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(ckpt / "trainer_state.json", {"step": step, "run_key": run_key})
 
 
 def _poisson_batches(loader, steps: int) -> list[list[int]]:

@@ -144,16 +144,20 @@ class BatchSource:
 
     # -- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.getstate(), "generator": self.generator.get_state(),
-                "buffer": [(e.input_ids, e.response_start) for e in self.buffer],
-                "examples": ([(e.input_ids, e.response_start) for e in self.examples]
+        """Plain JSON types only: a checkpoint is data, never code to unpickle."""
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss],
+                "generator": self.generator.get_state().tolist(),
+                "buffer": [[e.input_ids, e.response_start] for e in self.buffer],
+                "examples": ([[e.input_ids, e.response_start] for e in self.examples]
                              if self.method.data == "teacher_samples" else None),
                 "schedule": (None if self.schedule is None else
-                             (self.schedule.prob, self.schedule.reference))}
+                             [self.schedule.prob, self.schedule.reference])}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.setstate(state["rng"])
-        self.generator.set_state(state["generator"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         self.buffer = [Encoded(list(i), r) for i, r in state["buffer"]]
         if state["examples"] is not None:
             self.examples = [Encoded(list(i), r) for i, r in state["examples"]]

@@ -1,4 +1,4 @@
-"""Blind (model-free) membership baseline: does the split itself leak membership? (METHODS.md §5)
+"""Blind (model-free) membership baseline: does the split itself leak membership? (kdaudit's docs/methods.md §8)
 
 Das et al. (2024) showed that many MIA benchmarks can be "attacked" without any model, because
 members and non-members come from shifted distributions.  This baseline trains a text
@@ -17,7 +17,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline, make_union
 
-__all__ = ["blind_classifier", "blind_folds", "blind_scores"]
+__all__ = ["CONFOUND_AUC", "blind_classifier", "blind_folds", "blind_scores"]
+
+CONFOUND_AUC = 0.6   # a blind AUC above this flags a split confounded by distribution shift
 
 
 def blind_classifier() -> Pipeline:

@@ -8,8 +8,8 @@ import torch
 from tqdm.auto import tqdm
 
 
-def _left_padded(prompts: Sequence[Sequence[int]], batch_size: int, pad_id: int,
-                 desc: str | None):
+def left_padded_batches(prompts: Sequence[Sequence[int]], batch_size: int, pad_id: int,
+                        desc: str | None):
     """Length-sorted batches of prompts, left-padded for generation: (indices, ids, mask)."""
     order = np.argsort([len(p) for p in prompts], kind="stable")
     batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
@@ -33,7 +33,7 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     was_training = model.training
     model.eval()
     out: list[list[int]] = [[] for _ in prompts]
-    for idx, ids, attn in _left_padded(prompts, batch_size, pad_id, desc):
+    for idx, ids, attn in left_padded_batches(prompts, batch_size, pad_id, desc):
         width = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                              max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=False,
@@ -82,7 +82,7 @@ def sample_generate(model, prompts: Sequence[Sequence[int]], *, n: int, max_new_
     was_training = model.training
     model.eval()
     out: list[list[tuple[list[int], float]]] = [[] for _ in prompts]
-    for idx, ids, attn in _left_padded(prompts, batch_size, pad_id, desc):
+    for idx, ids, attn in left_padded_batches(prompts, batch_size, pad_id, desc):
         width = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                              max_new_tokens=max_new_tokens, do_sample=True, top_k=top_k,

@@ -1,4 +1,4 @@
-"""ROC metrics for membership-inference attacks (METHODS.md §6).
+"""ROC metrics for membership-inference attacks (kdaudit's docs/methods.md §9).
 
 Conventions: label 1 = member (positive), 0 = non-member (negative); a higher
 score means "more likely a member".  Point estimates come from scikit-learn;

@@ -51,7 +51,7 @@ NEEDS: dict[str, tuple[str, str]] = {
     "text": ("texts", "the response texts"),
     "labels": ("labels", "member / non-member labels"),
     "lowercase_pass": ("lowercase_stats", "a second pass on lowercased text"),
-    "perturbations": ("mope", "perturbed copies of the model (audit.mope_perturbations > 0)"),
+    "perturbations": ("mope", "perturbed copies of the model (audit.perturbations > 0)"),
     "reference_models": ("reference_models", "reference models with inclusion masks"),
 }
 

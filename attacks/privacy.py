@@ -1,4 +1,4 @@
-"""Privacy-leakage measures beyond ROC metrics (METHODS.md §7).
+"""Privacy-leakage measures beyond ROC metrics (kdaudit's docs/methods.md §11).
 
 Three families, in decreasing order of rigour:
 

@@ -1,4 +1,4 @@
-"""Reference-model membership-inference attacks: LiRA and RMIA (METHODS.md §5).
+"""Reference-model membership-inference attacks: LiRA and RMIA (kdaudit's docs/methods.md §8).
 
 Higher score = more likely a member.  Every function takes a per-example statistic computed by
 the caller under the target model and under K reference models, plus the K×N boolean
@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 from scipy.special import logsumexp
-from scipy.stats import norm, rankdata
+from scipy.stats import norm
+from sklearn.metrics import roc_auc_score
 
 __all__ = [
     "UndefinedScoreWarning",
@@ -268,14 +269,6 @@ def rmia_scores(target_logq: np.ndarray, ref_logq: np.ndarray, ref_in: np.ndarra
     return scores
 
 
-def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC via the Mann–Whitney rank sum (ties count one half), as sklearn computes it."""
-    n_pos = int(labels.sum())
-    n_neg = labels.size - n_pos
-    rank_sum = float(rankdata(scores)[labels].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
 def choose_rmia_a(ref_logq: np.ndarray, ref_in: np.ndarray, pop_ref_logq: np.ndarray,
                   grid=np.linspace(0, 1, 11), *, pop_ref_in: np.ndarray | None = None,
                   target_ref: int | None = None) -> float:
@@ -317,7 +310,7 @@ def choose_rmia_a(ref_logq: np.ndarray, ref_in: np.ndarray, pop_ref_logq: np.nda
             ok = np.isfinite(scores)
             if labels[ok].all() or not labels[ok].any():
                 break
-            per_a[i] = _auc(labels[ok], scores[ok])
+            per_a[i] = roc_auc_score(labels[ok], scores[ok])
         if np.isfinite(per_a).all():
             auc_sum += per_a
             n_used += 1

@@ -25,11 +25,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(audit, report: dict[str, Path]) -> None:
+    from attacks.blind import CONFOUND_AUC
+
     print("\nMembership-inference AUC (members vs non-members; 0.5 = no signal):")
     print(audit.summary().to_string(float_format=lambda v: f"{v:.3f}"))
     for name, auc in audit.split_check.items():
         flag = "  WARNING: the split looks shifted; membership results may be inflated" \
-            if auc > 0.6 else ""
+            if auc > CONFOUND_AUC else ""
         print(f"Split check ({name} baseline, no model): AUC {auc:.3f}{flag}")
     for note in audit.notes:
         print(f"Note: {note}")

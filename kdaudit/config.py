@@ -18,11 +18,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from kdaudit.errors import ConfigError
+from kdaudit.train.config import DPConfig, KDConfig, TrainConfig, validate_kd
+
+__all__ = ["AuditConfig", "ConfigError", "DPConfig", "DPRunConfig", "DataConfig", "KDConfig",
+           "ModelsConfig", "RunConfig", "TrainConfig", "load_config", "presets", "validate",
+           "validate_kd"]
+
 PRESET_DIR = Path(__file__).parent / "presets"
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file and field."""
 
 
 @dataclass
@@ -57,77 +60,8 @@ class ModelsConfig:
 
 
 @dataclass
-class TrainConfig:
-    epochs: float = 1.0
-    max_steps: int = 0                  # 0 = derived from epochs
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    grad_clip: float = 1.0
-    checkpoint_every: int = 200         # steps; 0 = only at the end
-    log_every: int = 10
-
-
-@dataclass
-class KDConfig:
-    """Hyperparameters of the KD methods (METHODS §2–§3), with the EMNLP code's defaults.
-
-    A field left at None takes the method's (or family's) own default, see
-    `kdaudit.train.methods.method_params`.
-    """
-    kd_ratio: float | None = None       # weight of the KD term against CE: 1.0 (0.5 for LLaMA)
-    temperature: float = 1.0            # divides both logits; the KD term is scaled by τ²
-    on_policy_fraction: float | None = None  # share of student-sampled batches: imitkd 1, gkd .5
-    jsd_beta: float = 0.1               # GKD: m = β p + (1 − β) q
-    skew_alpha: float = 0.1             # DistiLLM: KL(q ‖ (1 − α) p + α q)
-    teacher_mix_alpha: float = 0.2      # MiniLLM: sample from (1 − α) q + α p
-    minillm_clip: float = 0.2           # MiniLLM: PPO ratio clip
-    minillm_discount: float = 0.95      # MiniLLM: γ of the length-normalised return
-    replay_size: int = 1000             # ImitKD / DistiLLM replay buffer capacity
-    replay_ratio: float = 0.5           # share of a generated batch drawn from the buffer
-    distillm_init_prob: float = 0.0     # DistiLLM: starting probability of a generated batch
-    loss_eps: float = 0.1               # DistiLLM: validation-loss rise that raises it by 0.1
-    eval_every: int = 50                # DistiLLM: steps between validation losses
-    max_new_tokens: int = 64            # length of sampled responses
-    sample_temperature: float = 1.0     # sampling temperature (SeqKD: teacher at 1, top-p 1)
-    top_p: float = 1.0
-    soft_label_weight: float = 0.4      # DistilDP: weight of the teacher's soft labels
-    hidden_weight: float = 0.0          # DistilDP: weight of the hidden-state MSE
-
-
-@dataclass
-class DPConfig:
-    """DP-SGD (METHODS §4): Gaussian noise solved from a target (ε, δ), or the LMO-DP
-    mechanism configured by a parameter file (its ε is then what the file's noise gives)."""
-    epsilon: float = 8.0
-    delta: float | None = None          # None: 1 / (10 · number of training records)
-    max_grad_norm: float = 1.0          # per-sample clipping norm C
-    noise_multiplier: float | None = None  # None: solved from epsilon (0.1% in ε)
-    mechanism: str = "gaussian"         # "gaussian" | "lmo"
-    lmo_params: str | None = None       # mechanism "lmo": the LMO-DP parameter file
-
-    def __post_init__(self) -> None:
-        if self.epsilon <= 0:
-            raise ConfigError(f"dp.epsilon: expected > 0, got {self.epsilon}")
-        if self.delta is not None and not 0 < self.delta < 1:
-            raise ConfigError(f"dp.delta: expected 0 < δ < 1, got {self.delta}")
-        if self.max_grad_norm <= 0:
-            raise ConfigError(f"dp.max_grad_norm: expected > 0, got {self.max_grad_norm}")
-        if self.noise_multiplier is not None and self.noise_multiplier <= 0:
-            raise ConfigError(f"dp.noise_multiplier: expected > 0, got "
-                              f"{self.noise_multiplier}")
-        if self.mechanism not in ("gaussian", "lmo"):
-            raise ConfigError(f"dp.mechanism: expected 'gaussian' or 'lmo', got "
-                              f"{self.mechanism!r}")
-        if (self.mechanism == "lmo") != (self.lmo_params is not None):
-            raise ConfigError("dp.lmo_params: a parameter file goes with mechanism 'lmo', "
-                              "and mechanism 'lmo' needs one")
-
-
-@dataclass
 class DPRunConfig:
-    """The DP students of a run (METHODS §4): every method of `methods` that is a DP method
+    """The DP students of a run (docs/methods.md §7): every method of `methods` that is a DP method
     (distildp, synthetic_only, dpsgd_student, dpkd) is trained once per total ε here; `inf`
     trains the same recipe without noise (the frontier's non-private point)."""
     epsilons: list[float] = field(default_factory=lambda: [2.0, math.inf])
@@ -332,31 +266,3 @@ def validate(cfg: RunConfig) -> None:
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"mixed_precision: expected 'no', 'bf16' or 'fp16', got "
                           f"{cfg.mixed_precision!r}")
-
-
-def validate_kd(kd: KDConfig, where: str = "kd") -> None:
-    """Range checks for the KD hyperparameters; the message names the field."""
-    def check(name: str, ok: bool, expected: str) -> None:
-        value = getattr(kd, name)
-        if value is not None and not ok:
-            raise ConfigError(f"{where}.{name}: expected {expected}, got {value!r}")
-
-    unit = lambda v: v is None or 0 <= v <= 1  # noqa: E731
-    check("kd_ratio", unit(kd.kd_ratio), "0 ≤ kd_ratio ≤ 1")
-    check("temperature", kd.temperature > 0, "> 0")
-    check("on_policy_fraction", unit(kd.on_policy_fraction), "a fraction in [0, 1]")
-    check("jsd_beta", 0 < kd.jsd_beta < 1, "0 < β < 1 (β = 0 or 1 is a plain KL: use it)")
-    check("skew_alpha", 0 <= kd.skew_alpha <= 1, "0 ≤ α ≤ 1")
-    check("teacher_mix_alpha", 0 <= kd.teacher_mix_alpha < 1, "0 ≤ α < 1")
-    check("minillm_clip", kd.minillm_clip > 0, "> 0")
-    check("minillm_discount", 0 < kd.minillm_discount <= 1, "0 < γ ≤ 1")
-    check("replay_size", kd.replay_size >= 1, "≥ 1")
-    check("replay_ratio", 0 <= kd.replay_ratio < 1, "0 ≤ ratio < 1")
-    check("distillm_init_prob", 0 <= kd.distillm_init_prob <= 1, "a probability")
-    check("loss_eps", kd.loss_eps >= 0, "≥ 0")
-    check("eval_every", kd.eval_every >= 1, "≥ 1 step")
-    check("max_new_tokens", kd.max_new_tokens >= 1, "≥ 1 token")
-    check("sample_temperature", kd.sample_temperature >= 0, "≥ 0 (0 = greedy)")
-    check("top_p", 0 < kd.top_p <= 1, "0 < top_p ≤ 1")
-    check("soft_label_weight", 0 <= kd.soft_label_weight <= 1, "a weight in [0, 1]")
-    check("hidden_weight", kd.hidden_weight >= 0, "≥ 0")

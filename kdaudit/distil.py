@@ -103,7 +103,14 @@ def train_teacher(*, base: str | Path, data: Sequence[Record] | str | Path, out:
                       run_key=stable_hash([str(base), [r.id for r in records],
                                            dataclasses.asdict(train), max_length, seed,
                                            dataclasses.asdict(dp) if dp else None]),
-                      max_length=max_length, dp=dp)
+                      max_length=max_length, dp=_plan(dp, examples, train))
+
+
+def _plan(dp: DPConfig | None, examples: Sequence, train: TrainConfig):
+    """The DP-SGD plan of a run of the loop on `examples`, or None without DP."""
+    from kdaudit.dp.dpsgd import plan
+
+    return None if dp is None else plan(len(examples), train.batch_size, train.epochs, dp)
 
 
 def train_private_student(method: str, *, student_base: str | Path,
@@ -117,7 +124,7 @@ def train_private_student(method: str, *, student_base: str | Path,
                           categories: Sequence[str] | None = None, max_length: int = 512,
                           seed: int = 0, mapping: str | None = None) -> loop.TrainResult:
     """A DP student end to end at total budget `epsilon` (`inf`: the same recipe without
-    noise) from the private records `data` (METHODS §4; recipes in `kdaudit.dp.students`).
+    noise) from the private records `data` (docs/methods.md §7; recipes in `kdaudit.dp.students`).
 
     distildp / synthetic_only: a DP teacher learns `data` behind control codes, writes
     `synthetic_records` records (`<out>-synthetic.jsonl`, allocated uniformly over
@@ -158,7 +165,8 @@ def train_private_student(method: str, *, student_base: str | Path,
             loop.train(load_model(teacher_base), examples, METHODS["sft"], dp_train,
                        out_dir=teacher, seed=seed, pad_id=tok.pad_token_id, tokenizer=tok,
                        desc=f"{method} teacher",
-                       dp=dps.dp_config(budget["teacher"], delta_each, max_grad_norm),
+                       dp=_plan(dps.dp_config(budget["teacher"], delta_each, max_grad_norm),
+                                examples, dp_train),
                        run_key=stable_hash([*key, str(teacher_base), kind]),
                        max_length=max_length)
         spent_file = Path(teacher) / "privacy.json"
@@ -183,13 +191,14 @@ def train_private_student(method: str, *, student_base: str | Path,
         dp = dps.dp_config(budget["student"], delta_each, max_grad_norm)
         cfg = dp_train
     model = load_model(student_base)
-    result = loop.train(model, [encode_record(r, tok, max_length) for r in records], spec, cfg,
+    examples = [encode_record(r, tok, max_length) for r in records]
+    result = loop.train(model, examples, spec, cfg,
                         out_dir=out, seed=seed, pad_id=tok.pad_token_id, tokenizer=tok,
                         teacher=teacher_model if spec.needs_teacher else None,
                         params=method_params(spec, kd, model.config.model_type),
                         run_key=stable_hash([*key, dataclasses.asdict(kd),
                                              dataclasses.asdict(cfg), str(teacher)]),
-                        desc=method, max_length=max_length, dp=dp)
+                        desc=method, max_length=max_length, dp=_plan(dp, examples, cfg))
     spent = dps.student_privacy(method, epsilon, teacher_spent, result.privacy)
     if spent is not None:
         atomic_write_json(out / "privacy.json", spent)

@@ -1,4 +1,4 @@
-"""The DP students' stages of a run (METHODS §4): DP teachers, synthetic data, and the DP
+"""The DP students' stages of a run (docs/methods.md §7): DP teachers, synthetic data, and the DP
 students, one per (method, ε) of `cfg.dp.epsilons`. `Pipeline` mixes this in; the recipes
 themselves are in `kdaudit.dp.students`, which `kdaudit student` shares."""
 from __future__ import annotations
@@ -31,7 +31,7 @@ class DPStages:
 
     def dp_unsupported(self) -> str | None:
         """Why DP-SGD cannot train this run's bases, or None."""
-        from kdaudit.dp.dpsgd import UNSUPPORTED
+        from kdaudit.train.dp import UNSUPPORTED
 
         for base in ("base_teacher", "base_student"):
             config = self.dir.model(base) / "config.json"

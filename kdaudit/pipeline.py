@@ -25,6 +25,7 @@ from kdaudit.data.canaries import make_canaries, read_canaries, training_records
 from kdaudit.data.corpus import generate_records, person_name
 from kdaudit.data.splits import split_records
 from kdaudit.data.template import Encoded, encode_record
+from kdaudit.dp import dpsgd
 from kdaudit.dp_stages import DPStages
 from kdaudit.models import is_zoo, load_model, load_tokenizer
 from kdaudit.models.bases import cached_base, cached_tokenizer, external_config, \
@@ -250,13 +251,16 @@ class Pipeline(AuditStages, DPStages):
             teacher = load_model(self.dir.model(teacher_id)) if teacher_id else None
             validation = [encode_record(r, tok, cfg.data.max_length)
                           for r in self.split("validation")] if spec.adaptive else []
-            result = loop.train(model, examples(), spec, train_cfg, out_dir=out,
+            data = examples()
+            plan = dpsgd.plan(len(data), train_cfg.batch_size, train_cfg.epochs, dp) \
+                if dp else None
+            result = loop.train(model, data, spec, train_cfg, out_dir=out,
                                 seed=seed, pad_id=tok.pad_token_id, tokenizer=tok,
                                 teacher=teacher,
                                 params=method_params(spec, cfg.kd, model.config.model_type),
                                 run_key=stable_hash(inputs), mixed_precision=cfg.mixed_precision,
                                 desc=f"{model_id} ({method})", validation=validation,
-                                max_length=cfg.data.max_length, dp=dp)
+                                max_length=cfg.data.max_length, dp=plan)
             spent = privacy(result.privacy) if privacy else result.privacy
             if spent is not None:
                 atomic_write_json(out / "privacy.json", spent)

@@ -1,4 +1,4 @@
-"""Empirical privacy of one model from its canaries and its membership scores (METHODS §7).
+"""Empirical privacy of one model from its canaries and its membership scores (docs/methods.md §11).
 
 The ε a DP model's accountant gives, then three labelled numbers: canary exposure (repeated canaries), the one-run ε lower bound
 (once-inserted canaries, rigorous at 95%), and the heuristic ε estimate from member and

@@ -1,4 +1,4 @@
-"""Run-directory layout (DESIGN §3), atomic writes and the manifest."""
+"""Run-directory layout, atomic writes and the manifest."""
 from __future__ import annotations
 
 import hashlib

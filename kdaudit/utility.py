@@ -1,4 +1,4 @@
-"""Utility beside every privacy number (METHODS §9): greedy answers to held-out prompts and
+"""Utility beside every privacy number (docs/methods.md §13): greedy answers to held-out prompts and
 their ROUGE-L against the reference responses."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for attacks.blind: the model-free split check (METHODS.md §5)."""
+"""Tests for attacks.blind: the model-free split check (docs/methods.md §8)."""
 from __future__ import annotations
 
 import numpy as np

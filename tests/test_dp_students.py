@@ -1,4 +1,4 @@
-"""The DP students (METHODS §4): their losses, budgets and accounting, and each one end to end."""
+"""The DP students (docs/methods.md §7): their losses, budgets and accounting, and each one end to end."""
 from __future__ import annotations
 
 import json

@@ -9,10 +9,10 @@ import torch
 from kdaudit.config import ConfigError, DPConfig, TrainConfig
 from kdaudit.data.corpus import generate_records
 from kdaudit.data.template import encode_record, format_text
-from kdaudit.dp import dpsgd
+from kdaudit.dp.dpsgd import plan as dp_plan
 from kdaudit.dp.accounting import account
 from kdaudit.models import build_zoo_model, train_tokenizer
-from kdaudit.train import loop
+from kdaudit.train import dp as dpsgd, loop
 from kdaudit.train.methods import METHODS
 
 
@@ -34,7 +34,8 @@ def test_dp_teacher_fine_tunes_with_poisson_batches(setup, tmp_path, family):
     cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, log_every=1)
     result = loop.train(model, examples, METHODS["sft"], cfg, out_dir=tmp_path / "m", seed=0,
                         pad_id=tok.pad_token_id, desc=None, tokenizer=tok,
-                        dp=DPConfig(epsilon=4.0, max_grad_norm=1.0))
+                        dp=dp_plan(len(examples), 8, 2, DPConfig(epsilon=4.0,
+                                                                 max_grad_norm=1.0)))
     sizes = [r["batch_size"] for r in _log(tmp_path / "m") if "batch_size" in r]
     assert len(set(sizes)) > 1                       # Poisson: batch sizes vary
     q = 8 / 48
@@ -82,7 +83,7 @@ def test_opt_is_refused_with_the_reason(setup, tmp_path):
     with pytest.raises(ValueError, match="not available for opt models: its decoder layers"):
         loop.train(build_zoo_model("opt-smoke-student", tok), examples, METHODS["sft"],
                    TrainConfig(), out_dir=tmp_path / "x", seed=0, pad_id=tok.pad_token_id,
-                   desc=None, dp=DPConfig())
+                   desc=None, dp=dp_plan(len(examples), 16, 1.0, DPConfig()))
 
 
 def test_dp_config_is_checked_and_sampling_methods_are_refused(setup, tmp_path):
@@ -93,7 +94,7 @@ def test_dp_config_is_checked_and_sampling_methods_are_refused(setup, tmp_path):
         loop.train(build_zoo_model("gpt2-smoke-student", tok), examples, METHODS["gkd"],
                    TrainConfig(), out_dir=tmp_path / "x", seed=0, pad_id=tok.pad_token_id,
                    teacher=build_zoo_model("gpt2-smoke-teacher", tok), desc=None,
-                   dp=DPConfig())
+                   dp=dp_plan(len(examples), 16, 1.0, DPConfig()))
 
 
 def test_an_empty_poisson_batch_still_adds_noise(setup):
@@ -105,6 +106,6 @@ def test_an_empty_poisson_batch_still_adds_noise(setup):
         plan = dpsgd.DPPlan(noise_multiplier=sigma, sample_rate=0.1, steps=1, delta=1e-3,
                             max_grad_norm=1.0)
         module, dp_opt, _, _ = dpsgd.make_private(model, opt, 40, plan, seed=0)
-        loop._noise_only_step(dp_opt)
+        dpsgd.noise_only_step(dp_opt)
         changed = any(not torch.equal(a, b) for a, b in zip(before, module._module.parameters()))
         assert changed == moves

@@ -1,4 +1,4 @@
-"""The one-run empirical ε lower bound (METHODS §7) against the accounted ε of DP-SGD (§4).
+"""The one-run empirical ε lower bound (docs/methods.md §11) against the accounted ε of DP-SGD (§5).
 
 What a user relies on: on once-inserted canaries, the rigorous lower bound of Steinke, Nasr and
 Jagielski (2023) never exceeds the ε that the accountant reports for a DP-SGD teacher, while the
@@ -23,6 +23,7 @@ from attacks.scoring import token_stats
 from kdaudit.config import DPConfig, TrainConfig
 from kdaudit.data.canaries import make_canaries, training_records
 from kdaudit.data.corpus import generate_records
+from kdaudit.dp.dpsgd import plan
 from kdaudit.data.template import encode_record, format_text
 from kdaudit.models import build_zoo_model, train_tokenizer
 from kdaudit.privacy_audit import canary_rows
@@ -58,7 +59,8 @@ def _audit(setup, tmp_path_factory, seed: int, dp: DPConfig | None) -> dict:
     model = build_zoo_model("gpt2-smoke-student", tok, seed=seed)
     out = tmp_path_factory.mktemp(f"teacher-{'dp' if dp else 'plain'}-{seed}") / "model"
     result = loop.train(model, examples, METHODS["sft"], CFG, out_dir=out, seed=seed,
-                        pad_id=tok.pad_token_id, desc=None, dp=dp)
+                        pad_id=tok.pad_token_id, desc=None,
+                        dp=plan(len(examples), CFG.batch_size, CFG.epochs, dp) if dp else None)
     model.eval()
 
     once = [c for c in canaries if c.kind == "once"]

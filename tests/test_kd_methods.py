@@ -128,7 +128,7 @@ def test_minillm_returns_are_length_normalised_and_discounted():
 
 
 def _minillm_reference(s, t, batch, params):
-    """MiniLLM's loss written token by token (METHODS §3), for autograd to differentiate."""
+    """MiniLLM's loss written token by token (docs/methods.md §4), for autograd to differentiate."""
     a, c, gamma = params["teacher_mix_alpha"], params["minillm_clip"], params["minillm_discount"]
     lq_old, lp_old = batch.extras["student_logprob"], batch.extras["teacher_logprob"]
     terms = []

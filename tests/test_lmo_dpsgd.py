@@ -14,6 +14,7 @@ from kdaudit.config import DPConfig, TrainConfig
 from kdaudit.data.corpus import generate_records
 from kdaudit.data.template import encode_record, format_text
 from kdaudit.dp import dpsgd, lmo
+from kdaudit.train import dp as opacus_dp
 from kdaudit.models import build_zoo_model, train_tokenizer
 from kdaudit.train import loop
 from kdaudit.train.methods import METHODS
@@ -33,8 +34,9 @@ def _train(tok, examples, out, seed=0):
     cfg = TrainConfig(epochs=0.5, batch_size=8, lr=1e-3, log_every=1)
     return loop.train(model, examples, METHODS["sft"], cfg, out_dir=out, seed=seed,
                       pad_id=tok.pad_token_id, desc=None, tokenizer=tok,
-                      dp=DPConfig(mechanism="lmo", lmo_params=str(REFERENCE),
-                                  max_grad_norm=1.0))
+                      dp=dpsgd.plan(len(examples), 8, 0.5,
+                                    DPConfig(mechanism="lmo", lmo_params=str(REFERENCE),
+                                             max_grad_norm=1.0)))
 
 
 def test_lmo_training_reports_the_labelled_numbers_of_the_run(setup, tmp_path):
@@ -84,25 +86,26 @@ def test_the_noise_is_lmo_noise_on_the_summed_gradients(setup):
     b = collate(examples[:6], tok.pad_token_id)
     ref = build_zoo_model("gpt2-smoke-student", tok, seed=0)
     ref.train()
-    dpsgd.per_sequence_ce(ref(input_ids=b.input_ids, attention_mask=b.attention_mask,
+    opacus_dp.per_sequence_ce(ref(input_ids=b.input_ids, attention_mask=b.attention_mask,
                               position_ids=b.position_ids).logits, b.input_ids,
                           b.target_mask).backward()
     mean_grad = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
 
     C = 1e6
     params = dataclasses.replace(lmo.load_lmo_params(REFERENCE), clip=C)
-    plan = dpsgd.DPPlan(noise_multiplier=0.0, sample_rate=6 / 48, steps=1, delta=1e-3,
-                        max_grad_norm=C, mechanism="lmo", lmo_params=params)
+    noise = lambda shape, gen, dtype: lmo.sample_noise(shape, params, gen, dtype=dtype)  # noqa
+    plan = opacus_dp.DPPlan(noise_multiplier=0.0, sample_rate=6 / 48, steps=1, delta=1e-3,
+                            max_grad_norm=C, mechanism="lmo", noise=noise)
     model = build_zoo_model("gpt2-smoke-student", tok, seed=0)
     model.train()
-    module, dp_opt, _, _ = dpsgd.make_private(model, torch.optim.SGD(model.parameters(), lr=0),
-                                              48, plan, seed=3)
-    dpsgd.per_sequence_ce(module(input_ids=b.input_ids, attention_mask=b.attention_mask,
+    module, dp_opt, _, _ = opacus_dp.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0), 48, plan, seed=3)
+    opacus_dp.per_sequence_ce(module(input_ids=b.input_ids, attention_mask=b.attention_mask,
                                  position_ids=b.position_ids).logits, b.input_ids,
                           b.target_mask).backward()
     dp_opt.pre_step()
     assert dp_opt.expected_batch_size == 6
-    gen = torch.Generator().manual_seed(dpsgd.lmo_noise_seed(3))
+    gen = torch.Generator().manual_seed(opacus_dp.noise_seed(3))
     names = {id(p): n for n, p in module._module.named_parameters()}
     for p in dp_opt.params:   # the generator is drawn parameter by parameter, in this order
         z = lmo.sample_noise(p.shape, params, gen)

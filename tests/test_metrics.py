@@ -1,4 +1,4 @@
-"""Tests for attacks.metrics (METHODS.md §6)."""
+"""Tests for attacks.metrics (docs/methods.md §9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for attacks.privacy (METHODS.md §7): exposure, one-run ε bound, heuristic ε."""
+"""Tests for attacks.privacy (docs/methods.md §11): exposure, one-run ε bound, heuristic ε."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from kdaudit.data.corpus import generate_records
 from kdaudit.data.template import encode_record, format_text
 from kdaudit.config import DPConfig
 from kdaudit.dp import dpsgd
+from kdaudit.train import dp as opacus_dp
 from kdaudit.models import build_zoo_model, train_tokenizer
 from kdaudit.train.batching import collate
 
@@ -29,7 +30,7 @@ def timed_steps(model, optimizer, batch, repeats: int) -> float:
         t0 = time.perf_counter()
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids).logits
-        dpsgd.per_sequence_ce(logits, batch.input_ids, batch.target_mask).backward()
+        opacus_dp.per_sequence_ce(logits, batch.input_ids, batch.target_mask).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if k >= 2:
@@ -61,7 +62,7 @@ def main() -> None:
     model = build_zoo_model(args.preset, tok, seed=0).train()
     plan = dpsgd.plan(1000, args.batch_size, 1 / math.ceil(1000 / args.batch_size),
                       DPConfig(noise_multiplier=1.0, delta=1e-4))   # one step at q ≈ B / N
-    module, optimizer, _, _ = dpsgd.make_private(
+    module, optimizer, _, _ = opacus_dp.make_private(
         model, torch.optim.AdamW(model.parameters(), lr=1e-4), 1000, plan, seed=0)
     t_dp = timed_steps(module, optimizer, batch, args.repeats)
     print(f"{args.preset}, batch {args.batch_size} × {args.length} tokens, "

@@ -1,6 +1,6 @@
 """Canaries: records with a random secret, planted in the members to measure privacy.
 
-Two kinds (METHODS §7):
+Two kinds (docs/methods.md §2, §11):
 - repeated canaries, each inserted `repeats` times, for exposure (Carlini et al. 2019);
 - once-inserted canaries, each included independently with probability ½, for the one-run ε
   lower bound of Steinke, Nasr and Jagielski (2023). Their inclusion is decided here, before

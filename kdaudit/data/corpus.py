@@ -1,4 +1,4 @@
-"""The builtin corpus: seeded, offline, synthetic instruction-tuning records (DESIGN §5).
+"""The builtin corpus: seeded, offline, synthetic instruction-tuning records.
 
 Each record is about exactly one synthetic person (Faker, en_US) and carries that person's
 private details verbatim in its response. `secrets` lists those spans, the full name first.

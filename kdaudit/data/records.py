@@ -1,4 +1,4 @@
-"""The Record schema (DESIGN §3) and loaders that map other schemas onto it."""
+"""The Record schema and loaders that map other schemas onto it."""
 from __future__ import annotations
 
 import csv

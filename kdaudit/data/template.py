@@ -1,4 +1,4 @@
-"""The Alpaca-style prompt template (METHODS §1) and tokenization that labels response tokens."""
+"""The Alpaca-style prompt template (docs/methods.md §2) and tokenization that labels response tokens."""
 from __future__ import annotations
 
 from dataclasses import dataclass

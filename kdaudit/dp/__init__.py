@@ -1,4 +1,4 @@
-"""Differential privacy for kdaudit (METHODS §4).
+"""Differential privacy for kdaudit (docs/methods.md §5–§7).
 
 `accounting` is the single source of the privacy numbers (ε by PRV, PLD and RDP; δ default;
 noise multiplier from a target ε); `lmo` samples LMO-DP noise and audits its claimed ε;

@@ -1,4 +1,4 @@
-"""Privacy accounting for DP-SGD (Poisson-subsampled Gaussian mechanism), METHODS §4.
+"""Privacy accounting for DP-SGD (Poisson-subsampled Gaussian mechanism), docs/methods.md §5.
 
 This is the one place kdaudit reads privacy numbers from: the manifest, the CLI and the
 report all call it. The accountants come from the libraries, never reimplemented here:

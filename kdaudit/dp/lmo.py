@@ -2,7 +2,7 @@
 
 Per coordinate the authors draw ``u = a1·Gamma(k, θ) + a3·Exponential(E) + a4·Uniform(a, b)``
 and add ``z ~ Laplace(0, 1/u)`` to the sum of clipped per-sample gradients; the noise is not
-scaled by the clipping norm C, so the sensitivity is Δ = C (METHODS §4).
+scaled by the clipping norm C, so the sensitivity is Δ = C (docs/methods.md §6).
 
 Three numbers come out, always labelled, and the first is never a guarantee:
 
@@ -11,7 +11,7 @@ Three numbers come out, always labelled, and the first is never a guarantee:
   under the subsampled-Gaussian RDP accountant);
 - ``pld_lower_bound``: a lower bound on the true ε of the noise as sampled (a one-coordinate
   privacy-loss distribution, Poisson-subsampled and composed with dp-accounting);
-- the empirical lower bound of METHODS §7, computed elsewhere and passed in.
+- the empirical lower bound of docs/methods.md §11, computed elsewhere and passed in.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DP students end to end (METHODS §4): the pieces that `kdaudit student --method distildp`
+"""DP students end to end (docs/methods.md §7): the pieces that `kdaudit student --method distildp`
 and a pipeline run share.
 
 - DistilDP and synthetic_only: a DP teacher learns the private records behind control codes

@@ -1,4 +1,4 @@
-"""DistilDP's data side (Flemings & Annavaram 2024; METHODS §4, steps 1–2).
+"""DistilDP's data side (Flemings & Annavaram 2024; docs/methods.md §7).
 
 The DP teacher learns each private record as `<category>\\n\\n<prompt + response>`: the
 category is a control code. Prompted with a control code alone it writes a synthetic record,
@@ -78,7 +78,7 @@ class SyntheticData:
 def generate_synthetic(teacher, tokenizer, per_category: dict[str, int], *, seed: int,
                        max_new_tokens: int = 160, batch_size: int = 32, top_k: int = 50,
                        top_p: float = 0.9, no_repeat_ngram_size: int = 2) -> SyntheticData:
-    """Sample records from the DP teacher, prompted with each control code (METHODS §4:
+    """Sample records from the DP teacher, prompted with each control code (docs/methods.md §7:
     top-k 50, top-p 0.9, temperature 1, no-repeat-ngram 2); unparsable samples are dropped
     and counted. Post-processing a DP model's output costs no extra privacy."""
     device = next(teacher.parameters()).device

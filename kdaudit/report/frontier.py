@@ -1,4 +1,4 @@
-"""The privacy–utility frontier of differentially private distillation (METHODS §4, §6, §9):
+"""The privacy–utility frontier of differentially private distillation (docs/methods.md §5–§7, §9, §13):
 one point per (method, ε) with the student's perplexity on non-members, its strongest
 membership signal, and the ε its accountant gives beside the empirical lower bound.
 
@@ -173,7 +173,7 @@ def accounting_violations(privacy: pd.DataFrame | None,
 
 
 def lmo_claim_warning(privacy: pd.DataFrame | None) -> str | None:
-    """METHODS §4: where a lower bound on an LMO-DP model's true ε (the PLD of its noise, or
+    """docs/methods.md §6: where a lower bound on an LMO-DP model's true ε (the PLD of its noise, or
     the one-run canary audit) exceeds the ε the method claims, the claim does not hold."""
     claimed = _metric(privacy, "epsilon_claimed_lmo")
     pld, one_run = _metric(privacy, "epsilon_lower_bound_lmo_pld"), _metric(privacy, LOWER_BOUND)

@@ -15,6 +15,7 @@ import jinja2
 import numpy as np
 import pandas as pd
 
+from attacks.blind import CONFOUND_AUC as BLIND_CONFOUND_AUC
 from kdaudit.store import atomic_write_text
 
 from kdaudit.report import plots
@@ -28,7 +29,6 @@ from kdaudit.report.tables import (UTILITY_FORMATS, Table, fmt_ci, heatmap_grid,
 from kdaudit.report.verdicts import MODEL_FREE_SIGNALS, signal_checks, verdicts
 
 TEMPLATES = Path(__file__).with_name("templates")
-BLIND_CONFOUND_AUC = 0.6  # METHODS §5: a blind AUC above this flags a confounded split
 
 
 def _environment(autoescape: bool) -> jinja2.Environment:

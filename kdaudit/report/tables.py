@@ -17,7 +17,7 @@ from kdaudit.report.verdicts import MODEL_FREE_SIGNALS, SignalCheck
 
 TPR_METRICS = {"tpr_at_1pct": "TPR @ 1% FPR", "tpr_at_0_1pct": "TPR @ 0.1% FPR"}
 
-# What each signal assumes the attacker can access (METHODS §5).
+# What each signal assumes the attacker can access (docs/methods.md §8).
 SIGNAL_ACCESS = {
     "loss": "token log-probs",
     "zlib": "token log-probs",

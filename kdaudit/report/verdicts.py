@@ -1,4 +1,4 @@
-"""Per-model risk verdicts from the membership-inference table (METHODS §6).
+"""Per-model risk verdicts from the membership-inference table (docs/methods.md §9).
 
 A model's risk on a signal is *elevated* when the lower end of its AUC confidence interval
 exceeds the upper end of the baseline model's AUC interval for the same signal; for the
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from attacks.metrics import is_elevated
 from attacks.mia import MODEL_FREE
 
-CHANCE = 0.5
 # Signals that do not look at the model (they check the split): never evidence of leakage.
 MODEL_FREE_SIGNALS = frozenset(MODEL_FREE)
 
@@ -40,10 +40,11 @@ def _num(x: object) -> float:
         return math.nan
 
 
-def is_elevated(ci_low: float, baseline_ci: tuple[float, float] | None) -> bool:
-    """True iff `ci_low` exceeds the baseline CI's upper end (or 0.5 without a baseline)."""
-    threshold = CHANCE if baseline_ci is None else baseline_ci[1]
-    return not math.isnan(ci_low) and not math.isnan(threshold) and ci_low > threshold
+def _elevated(lo: float, hi: float, baseline_ci: tuple[float, float] | None) -> bool:
+    """`attacks.metrics.is_elevated`, False where an interval is missing (NaN)."""
+    if any(math.isnan(v) for v in (lo, hi, *(baseline_ci or ()))):
+        return False
+    return is_elevated((lo, hi), baseline_ci)
 
 
 def _ordered_unique(values: pd.Series) -> list[str]:
@@ -63,7 +64,7 @@ def signal_checks(mia: pd.DataFrame, baseline: str = "nokd") -> list[SignalCheck
         lo = _num(r.ci_low)
         checks.append(SignalCheck(model, signal, _num(r.value), lo, _num(r.ci_high),
                                   math.nan if b is None else _num(b.value), baseline_ci,
-                                  is_elevated(lo, baseline_ci)))
+                                  _elevated(lo, _num(r.ci_high), baseline_ci)))
     return checks
 
 

@@ -17,11 +17,11 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from kdaudit.config import DPConfig, TrainConfig
-from kdaudit.dp import dpsgd
 from kdaudit.data.template import Encoded
 from kdaudit.store import atomic_write_json, publish_dir
+from kdaudit.train import dp as opacus_dp
 from kdaudit.train.batching import batch_order
+from kdaudit.train.config import TrainConfig
 from kdaudit.train.methods import DP_METHODS, Method, method_params
 from kdaudit.train.sources import BatchSource
 
@@ -47,16 +47,17 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
           params: dict[str, Any] | None = None, run_key: str = "", mixed_precision: str = "no",
           desc: str = "train", callbacks: Sequence[StepCallback] = (),
           validation: Sequence[Encoded] = (), max_length: int | None = None,
-          dp: DPConfig | None = None) -> TrainResult:
+          dp: opacus_dp.DPPlan | None = None) -> TrainResult:
     """Train `model` on `examples` with `method`'s loss and data source; save it to `out_dir`
     (safetensors).
 
     `params` are the method's parameters (`methods.method_params`); `validation` feeds
     DistiLLM's schedule; `max_length` bounds prompt + sampled response. `run_key` identifies
     the inputs; a checkpoint left by an interrupted run with the same key is resumed, one with
-    another key is discarded. With `dp`, training is DP-SGD (`kdaudit.dp.dpsgd`): Poisson
-    batches, per-sample clipping, noise solved from `dp.epsilon`; it restarts rather than
-    resumes, and `privacy.json` beside the model records the ε spent.
+    another key is discarded. With `dp` (a plan from `kdaudit.dp.dpsgd.plan`), training is
+    DP-SGD (`kdaudit.train.dp`): Poisson batches, per-sample clipping, the plan's noise and
+    number of steps; it restarts rather than resumes, and `privacy.json` beside the model
+    records the ε the plan's accounting says was spent.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -92,9 +93,9 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
             raise ValueError(f"DP-SGD supports the methods {DP_METHODS}, not '{method.name}'")
         # per-sequence means: one example's gradient ignores the others' lengths
         params = {**params, "per_sequence": True}
-        plan = dpsgd.plan(len(examples), cfg.batch_size, cfg.epochs, dp)
+        plan = dp
         total = plan.steps
-        dpsgd.check_supported(model)
+        opacus_dp.check_supported(model)
         model.to(accelerator.device)
     # DistilDP's hidden-state term: the student's last hidden state through a learned
     # projection onto the teacher's width (the identity when the widths agree)
@@ -111,10 +112,10 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     if plan is not None:   # Opacus's Poisson loader is never handed to Accelerate
-        model, optimizer, poisson, _ = dpsgd.make_private(
+        model, optimizer, poisson, _ = opacus_dp.make_private(
             model, optimizer, len(examples), plan,
             seed if world == 1 else seed * 1_000_003 + rank, distributed=world > 1)
-        order = _poisson_batches(poisson, total)
+        order = opacus_dp.poisson_batches(poisson, total)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     if plan is None:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -125,7 +126,7 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     start = _resume(accelerator, ckpt, run_key, total, source, fresh=plan is not None)
     log_path = ckpt / "train_log.jsonl"
 
-    student = accelerator.unwrap_model(model) if plan is None else dpsgd.unwrap(model)
+    student = accelerator.unwrap_model(model) if plan is None else opacus_dp.unwrap(model)
     plain_teacher = accelerator.unwrap_model(teacher) if teacher is not None else None
     source.prepare(student, plain_teacher)
     first_loss = last_loss = float("nan")
@@ -138,7 +139,7 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
             # DP-SGD: each rank has its own Poisson batches (Opacus's distributed sampler)
             idx = order[step * world + rank] if world > 1 and plan is None else order[step]
             if plan is not None and not idx:   # an empty Poisson batch: the step is noise only
-                _noise_only_step(optimizer)
+                opacus_dp.noise_only_step(optimizer)
                 scheduler.step()
                 bar.update(1)
                 continue
@@ -190,7 +191,7 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     bar.close()
 
     accelerator.wait_for_everyone()
-    privacy = dpsgd.spent(plan, total) if plan is not None else None
+    privacy = plan.account(total) if plan is not None and plan.account else None
     if accelerator.is_main_process:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -247,24 +248,3 @@ def _save_checkpoint(accelerator, ckpt: Path, source: BatchSource, step: int,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(ckpt / "trainer_state.json", {"step": step, "run_key": run_key})
-
-
-def _poisson_batches(loader, steps: int) -> list[list[int]]:
-    """`steps` Poisson-sampled index batches from Opacus's loader (epochs as needed)."""
-    out: list[list[int]] = []
-    while len(out) < steps:
-        for (idx,) in loader:
-            out.append(idx.tolist())
-            if len(out) == steps:
-                break
-    return out
-
-
-def _noise_only_step(optimizer) -> None:
-    """An empty batch still takes a DP step: zero per-sample gradients plus the noise."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.requires_grad:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)

@@ -174,7 +174,7 @@ class Method:
     adaptive: bool = False      # DistiLLM: on-policy probability driven by validation loss
     defaults: tuple[tuple[str, Any], ...] = ()
     init_from: str | None = None  # a run starts this method from that method's student
-    # DP students (METHODS §4): "synthetic" trains on text written by a DP teacher, "private"
+    # DP students (docs/methods.md §7): "synthetic" trains on text written by a DP teacher, "private"
     # trains on the private records themselves with DP-SGD
     privacy: str | None = None
     hidden: bool = False        # the loss may align hidden states (DistilDP's hidden_weight)
@@ -236,7 +236,7 @@ def method_params(method: Method, kd: Any | None = None, family: str | None = No
                   ) -> dict[str, Any]:
     """The parameters a method trains with: the KD config, with fields left at None filled
     by the method's defaults (kd_ratio: 0.5 for LLaMA-family students, else 1.0)."""
-    from kdaudit.config import KDConfig
+    from kdaudit.train.config import KDConfig
 
     params = dataclasses.asdict(kd if kd is not None else KDConfig())
     for key, value in method.defaults:

@@ -242,7 +242,7 @@ class Pipeline(AuditStages, DPStages):
                   "data": self.hashes["data"], "train": train_cfg.__dict__, "seed": seed,
                   "max_length": cfg.data.max_length,
                   "teacher": self.hashes.get(teacher_id) if teacher_id else None,
-                  "kd": cfg.kd.__dict__ if spec.needs_teacher else None,
+                  "kd": spec.kd_inputs(cfg.kd) or None,
                   "dp": dp.__dict__ if dp else None}
 
         def fn():

@@ -315,3 +315,49 @@ def test_adaptive_method_needs_validation(setup):
     with pytest.raises(ValueError, match="validation"):
         BatchSource(METHODS["distillm"], examples, _params("distillm"), pad_id=0, eos_id=1,
                     seed=0, max_length=80)
+
+
+class _Tracking(dict):
+    """Method parameters that remember which keys were read."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize("method", [*KD_METHODS, "nokd", "distildp"])
+def test_a_method_reads_only_the_kd_fields_it_declares(setup, tmp_path, method):
+    """What a run hashes for a method (`kd_fields`) covers every KD field its loss and data
+    source read; DistiLLM starts at probability 1 so that its sampling path runs too."""
+    from dataclasses import fields
+
+    tok, examples, validation = setup
+    spec = METHODS[method]
+    kd = KDConfig(max_new_tokens=8, eval_every=2, distillm_init_prob=1.0,
+                  hidden_weight=0.5 if spec.hidden else 0.0)
+    params = _Tracking(method_params(spec, kd))
+    loop.train(build_zoo_model("gpt2-smoke-student", tok, seed=0), examples[:16], spec,
+               TrainConfig(epochs=2, batch_size=8, checkpoint_every=0), out_dir=tmp_path / "m",
+               seed=0, pad_id=tok.pad_token_id, params=params, desc=None, max_length=80,
+               teacher=build_zoo_model("gpt2-smoke-teacher", tok, seed=1).eval()
+               if spec.needs_teacher else None,
+               validation=validation if spec.adaptive else ())
+    kd_names = {f.name for f in fields(KDConfig)}
+    assert params.read & kd_names <= set(spec.kd_fields)
+    assert bool(params.read & kd_names) == (method != "nokd")   # the tracking sees reads
+
+
+def test_a_distillm_knob_is_in_distillm_stage_inputs_only():
+    changed = KDConfig(skew_alpha=0.3, loss_eps=0.2)
+    moved = [name for name, m in METHODS.items()
+             if m.kd_inputs(KDConfig()) != m.kd_inputs(changed)]
+    assert moved == ["distillm"]
+    assert METHODS["kd"].kd_inputs(KDConfig(kd_ratio=0.5)) != METHODS["kd"].kd_inputs(KDConfig())

@@ -74,6 +74,20 @@ def test_second_identical_run_skips_every_stage(interrupted_then_resumed):
     assert logs3 and all(line.startswith("[skip]") for line in logs3)
 
 
+def test_a_knob_of_a_method_not_in_the_run_retrains_nothing(interrupted_then_resumed):
+    """A stage hashes only the KD fields its method reads: DistiLLM's and GKD's knobs leave
+    the kd student (and everything else) of this run untouched (kd's own knobs do move its
+    inputs: tests/test_kd_methods.py)."""
+    import dataclasses
+
+    cfg, *_ = interrupted_then_resumed
+    other = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, skew_alpha=0.3,
+                                                            loss_eps=0.2, jsd_beta=0.5))
+    logs: list[str] = []
+    Pipeline(other, log=logs.append).run()
+    assert logs and all(line.startswith("[skip]") for line in logs)
+
+
 def test_recomputed_stage_reruns_what_depends_on_it(interrupted_then_resumed):
     cfg, run_dir, *_ = interrupted_then_resumed
     (run_dir / "private" / "kd.generations.parquet").unlink()

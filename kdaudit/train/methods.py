@@ -48,6 +48,9 @@ def ce_loss(logits, teacher_logits, batch, params):
     return loss, {"ce": loss.item(), "objective": loss.item()}
 
 
+ce_loss.reads = ()   # the KDConfig fields a loss reads (`Method.kd_fields`)
+
+
 def kd_loss(logits, teacher_logits, batch, params):
     """(1 − kd_ratio)·CE + kd_ratio·τ²·KL(p_teacher ‖ q_student) on the batch's responses
     (ground truth for kd, teacher samples for seqkd)."""
@@ -61,6 +64,9 @@ def kd_loss(logits, teacher_logits, batch, params):
     kl = kl.mean() if per_sequence else kl
     loss = (1 - ratio) * ce + ratio * tau ** 2 * kl
     return loss, {"ce": ce.item(), "forward_kl": kl.item(), "objective": kl.item()}
+
+
+kd_loss.reads = ("kd_ratio", "temperature")
 
 
 def distildp_loss(logits, teacher_logits, batch, params):
@@ -85,6 +91,9 @@ def distildp_loss(logits, teacher_logits, batch, params):
     return loss, {**parts, "objective": loss.item()}
 
 
+distildp_loss.reads = ("soft_label_weight", "temperature", "hidden_weight")
+
+
 def divergence_loss(name: str, **param_fields: str) -> LossFn:
     """τ²·D(teacher, student) on the batch's responses, D a divergence of `objectives`;
     `param_fields` maps the divergence's keyword (beta, alpha) to its config field."""
@@ -96,6 +105,7 @@ def divergence_loss(name: str, **param_fields: str) -> LossFn:
         return tau ** 2 * value, {name: value.item(), "objective": value.item()}
 
     loss_fn.__name__ = f"{name}_loss"
+    loss_fn.reads = ("temperature", *param_fields.values())
     return loss_fn
 
 
@@ -149,6 +159,9 @@ def minillm_loss(logits, teacher_logits, batch, params):
                          "reward": ((rewards * mf).sum() / n).item()}
 
 
+minillm_loss.reads = ("teacher_mix_alpha", "minillm_clip", "minillm_discount")
+
+
 DataSource = str  # "ground_truth" | "teacher_samples" | "student_samples" | "mixture"
 DATA_SOURCES = ("ground_truth", "teacher_samples", "student_samples", "mixture")
 
@@ -178,6 +191,26 @@ class Method:
     # trains on the private records themselves with DP-SGD
     privacy: str | None = None
     hidden: bool = False        # the loss may align hidden states (DistilDP's hidden_weight)
+
+    @property
+    def kd_fields(self) -> tuple[str, ...]:
+        """The KDConfig fields this method reads (its loss's and its data source's): a run
+        hashes these alone, so a knob of one method retrains only that method."""
+        fields = list(self.loss.reads)
+        if self.data != "ground_truth":          # sampled text
+            fields += ["max_new_tokens", "sample_temperature", "top_p"]
+        if self.data == "mixture":
+            fields.append("teacher_mix_alpha")
+        if self.data == "student_samples":
+            fields += (["distillm_init_prob", "loss_eps", "eval_every"] if self.adaptive
+                       else ["on_policy_fraction"])
+        if self.replay:
+            fields += ["replay_size", "replay_ratio"]
+        return tuple(dict.fromkeys(fields))
+
+    def kd_inputs(self, kd) -> dict[str, Any]:
+        """This method's KD hyperparameters as a stage input: {field: value}."""
+        return {f: getattr(kd, f) for f in self.kd_fields}
 
 
 METHODS: dict[str, Method] = {

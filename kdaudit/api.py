@@ -107,13 +107,14 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
                 for mid, src in {**sources, **refs,
                                  **({"external": external} if external else {})}.items()}
     max_length, why = audit_length(contexts, max_length)
+    first = None      # the model whose tokenizer the audit uses, when it is read from one
     if tokenizer is None:
         first = next((s for s in sources.values() if isinstance(s, (str, Path))), None)
         if first is None:
             raise ValueError("audit_models: pass `tokenizer` when every model is an object")
         tokenizer = load_tokenizer(first)
     notes = [n for mid, src in {**sources, **refs}.items()
-             if (n := check_tokenizer(mid, src, tokenizer))]
+             if src is not first and (n := check_tokenizer(mid, src, tokenizer))]
     truncated = truncation_note(aset.records, tokenizer, max_length, why)
     notes += [truncated] if truncated else []
     planted = read_canaries(canaries) if canaries is not None else []

@@ -212,7 +212,6 @@ class AuditResult:
         """report.html, report.md and figures; `show_secrets_hint` is the command that writes
         this report without redaction (named in the redacted one)."""
         from kdaudit.report import write_report
-        from kdaudit.report.render import SHOW_SECRETS_HINT
 
         return write_report(out_dir, mia=self.mia, roc=self.roc, memorization=self.memorization,
                             utility=self.utility, examples=self.examples, models=self.models,
@@ -220,7 +219,7 @@ class AuditResult:
                             signals=self.signals, blocks=self.blocks, privacy=self.privacy,
                             riskiest=self.riskiest, training=self.training,
                             input_notes=self.notes, secrets=self.secrets,
-                            show_secrets_hint=show_secrets_hint or SHOW_SECRETS_HINT)
+                            show_secrets_hint=show_secrets_hint)
 
     def summary(self) -> pd.DataFrame:
         """Model × signal AUC, the short table printed at the end of a run (model-free checks

@@ -46,9 +46,8 @@ def _content(r: Record) -> tuple[str, str, str]:
     return (r.instruction.strip(), r.context.strip(), r.response.strip())
 
 
-def model_context(model_or_config) -> int | None:
+def model_context(config) -> int | None:
     """The number of positions a model takes, from its config (None when it does not say)."""
-    config = getattr(model_or_config, "config", model_or_config)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

@@ -5,7 +5,8 @@
     write_suite_report(out_dir, {family: {"mia", "models", "utility", "report"}}, title=...)
     verdicts(mia, baseline="nokd")  # one plain-language verdict per model
 """
-from kdaudit.report.render import write_report, write_suite_report
+from kdaudit.report.render import write_report
+from kdaudit.report.suite import write_suite_report
 from kdaudit.report.verdicts import verdicts
 
 __all__ = ["write_report", "write_suite_report", "verdicts"]

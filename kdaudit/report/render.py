@@ -22,16 +22,15 @@ from kdaudit.report import plots
 from kdaudit.report.frontier import (accounting_violations, frontier_points, frontier_table,
                                      has_dp, lmo_claim_warning, violation_warning)
 from kdaudit.report.redact import REDACTED, Redactor, example_records, parse_secrets
-from kdaudit.report.tables import (UTILITY_FORMATS, Table, fmt_ci, heatmap_grid,
-                                   heatmap_order, md_cell, memorization_table, model_order,
-                                   num, ordered, results_table, signal_order, utility_table,
-                                   utility_title)
+from kdaudit.report.tables import (Table, heatmap_grid, heatmap_order, md_cell, memorization_table,
+                                   model_order, num, ordered, results_table, signal_order,
+                                   utility_table)
 from kdaudit.report.verdicts import MODEL_FREE_SIGNALS, signal_checks, verdicts
 
 TEMPLATES = Path(__file__).with_name("templates")
 
 
-def _environment(autoescape: bool) -> jinja2.Environment:
+def environment(autoescape: bool) -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=autoescape,
                              undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True)
@@ -122,7 +121,7 @@ def pick_baseline(models: pd.DataFrame | None, mia: pd.DataFrame) -> str:
     return str(roles["model"].iloc[0]) if len(roles) else "nokd"
 
 
-def _slug(name: str, taken: set[str]) -> str:
+def unique_slug(name: str, taken: set[str]) -> str:
     base = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
     slug, i = base, 2
     while slug in taken:
@@ -285,7 +284,7 @@ def heatmap_table(mia: pd.DataFrame, metric: str, order: Sequence[str],
     return Table(["Model", *map(str, grid.columns)], body)
 
 
-def _heatmaps(mia: pd.DataFrame, order: Sequence[str], out: Path, paths: dict[str, Path],
+def heatmap_figures(mia: pd.DataFrame, order: Sequence[str], out: Path, paths: dict[str, Path],
               prefix: str = "", title: str = "") -> tuple[list[dict[str, Any]], list[str]]:
     """AUC and TPR-at-1%-FPR heatmaps (model × signal) with the tables behind them, and a
     note for each metric that was computed but has no value to draw (a TPR at 1% FPR needs
@@ -340,7 +339,7 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
                  riskiest: pd.DataFrame | None = None,
                  training: pd.DataFrame | None = None,
                  input_notes: Sequence[str] = (), secrets: Sequence[str] = (),
-                 show_secrets_hint: str = SHOW_SECRETS_HINT) -> dict[str, Path]:
+                 show_secrets_hint: str | None = None) -> dict[str, Path]:
     """Write out_dir/report.html, out_dir/report.md and the PNG figures; return their paths
     (keys "html", "md", "auc_bars", "roc_<model>" and, with DP models, "privacy_utility").
 
@@ -368,7 +367,7 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
         if not curves:
             continue
         n = pd.to_numeric(mia.loc[mia["model"] == model, "n_nonmembers"], errors="coerce").max()
-        path = plots.roc_plot(curves, out / f"roc_{_slug(model, taken)}.png",
+        path = plots.roc_plot(curves, out / f"roc_{unique_slug(model, taken)}.png",
                               title=f"ROC, {model} (log-log)", min_fpr=plots.min_fpr_for(n),
                               aucs={s: aucs.get((model, s), math.nan) for s in curves},
                               colors=colors)
@@ -382,7 +381,7 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
     if block_png is not None:
         paths["block_risk"] = block_png
 
-    heatmaps, heatmap_notes = _heatmaps(mia, heatmap_order(models, order), out, paths)
+    heatmaps, heatmap_notes = heatmap_figures(mia, heatmap_order(models, order), out, paths)
     curves = plots.training_curves(training, order, out / "training_curves.png")
     if curves is not None:
         paths["training_curves"] = curves
@@ -435,88 +434,14 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
         "redact": redact,
         "redacted_marker": REDACTED,
         "redaction": {"summary": redactor.summary() if redactor else "", "how": REDACTION_METHOD,
-                      "hint": show_secrets_hint},
+                      "hint": show_secrets_hint or SHOW_SECRETS_HINT},
         "input_notes": list(input_notes),
         "config": None if not config else config_text(config),
         "run_info": run_info_rows(run_info),
     }
-    html = _environment(autoescape=True).get_template("report.html.j2").render(**context)
-    md = _environment(autoescape=False).get_template("report.md.j2").render(**context)
+    html = environment(autoescape=True).get_template("report.html.j2").render(**context)
+    md = environment(autoescape=False).get_template("report.md.j2").render(**context)
     for key, text in (("html", html), ("md", md)):
-        paths[key] = out / f"report.{key}"
-        atomic_write_text(paths[key], text)
-    return paths
-
-
-SUITE_UTILITY = (("perplexity", "nonmembers"), ("rouge_l", "nonmembers"))
-
-
-def strongest_table(families: Mapping[str, Mapping[str, Any]]) -> Table:
-    """Per family and model: the model-based signal with the highest AUC, with its CI, and
-    the model's perplexity and ROUGE-L on non-members where the family reports them."""
-    shown = [(m, s) for m, s in SUITE_UTILITY
-             if any(_has_utility(d.get("utility"), m, s) for d in families.values())]
-    rows = []
-    for family, d in families.items():
-        mia = d["mia"]
-        auc = mia[(mia["metric"] == "auc") & (mia["model"] != "data")
-                  & ~mia["signal"].isin(MODEL_FREE_SIGNALS)]
-        auc = auc.assign(value=pd.to_numeric(auc["value"], errors="coerce")).dropna(
-            subset=["value"])
-        utility = d.get("utility")
-        for model in heatmap_order(d.get("models"), model_order(d.get("models"), auc)):
-            m = auc[auc["model"] == model]
-            if m.empty:
-                continue
-            best = m.loc[m["value"].idxmax()]
-            cells = [family, model, str(best["signal"]),
-                     fmt_ci(best["value"], best.get("ci_low"), best.get("ci_high"))]
-            for metric, split in shown:
-                v = _utility_value(utility, model, metric, split)
-                cells.append("—" if math.isnan(v)
-                             else UTILITY_FORMATS.get(metric, "{:.2f}").format(v))
-            rows.append(cells)
-    return Table(["Family", "Model", "Strongest signal", "AUC (95% CI)",
-                  *(utility_title(m, s) for m, s in shown)], rows)
-
-
-def _has_utility(utility: pd.DataFrame | None, metric: str, split: str) -> bool:
-    return (utility is not None and not utility.empty
-            and bool(((utility["metric"] == metric) & (utility["split"] == split)).any()))
-
-
-def _utility_value(utility: pd.DataFrame | None, model: str, metric: str, split: str) -> float:
-    if not _has_utility(utility, metric, split):
-        return math.nan
-    v = utility[(utility["model"] == model) & (utility["metric"] == metric)
-                & (utility["split"] == split)]["value"]
-    return num(v.iloc[0]) if len(v) else math.nan
-
-
-def write_suite_report(out_dir: str | os.PathLike[str], families: Mapping[str, Mapping[str, Any]],
-                       *, title: str = "kdaudit suite report") -> dict[str, Path]:
-    """One page over several model families: per family the AUC and TPR-at-1%-FPR heatmaps
-    and a link to its own report, then each model's strongest signal beside its utility.
-
-    `families` maps a family name to {"mia": DataFrame, "models": DataFrame, "utility":
-    DataFrame (optional), "report": link to the family's report.html, relative to out_dir}.
-    Returns the paths of report.html, report.md and the heatmaps ("<family>_heatmap_auc", …).
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    sections = []
-    taken: set[str] = set()
-    for family, d in families.items():
-        slug = _slug(family, taken)
-        order = heatmap_order(d.get("models"), model_order(d.get("models"), d["mia"]))
-        heatmaps, notes = _heatmaps(d["mia"], order, out, paths, prefix=f"{slug}_",
-                                    title=f"{family}: ")
-        sections.append({"family": family, "anchor": slug, "report": d["report"],
-                         "heatmaps": heatmaps, "heatmap_notes": notes})
-    context = {"title": title, "families": sections, "strongest": strongest_table(families)}
-    for key, autoescape in (("html", True), ("md", False)):
-        text = _environment(autoescape).get_template(f"suite.{key}.j2").render(**context)
         paths[key] = out / f"report.{key}"
         atomic_write_text(paths[key], text)
     return paths

@@ -87,13 +87,12 @@ def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, 
     total = len(order) // world if world > 1 else len(order)
 
     model.train()
-    plan = None
-    if dp is not None:
+    plan = dp
+    if plan is not None:
         if method.name not in DP_METHODS:
             raise ValueError(f"DP-SGD supports the methods {DP_METHODS}, not '{method.name}'")
         # per-sequence means: one example's gradient ignores the others' lengths
         params = {**params, "per_sequence": True}
-        plan = dp
         total = plan.steps
         opacus_dp.check_supported(model)
         model.to(accelerator.device)

@@ -27,7 +27,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 __all__ = ["roc_metrics", "tpr_at_fpr", "is_elevated"]
 
 # FPR targets reported by roc_metrics: (result key prefix, target, label).
-_FPR_TARGETS: tuple[tuple[str, float, str], ...] = (
+# (metric key, target FPR, label): the low-FPR operating points every table reports
+FPR_TARGETS: tuple[tuple[str, float, str], ...] = (
     ("tpr_at_1pct", 0.01, "1%"),
     ("tpr_at_0_1pct", 0.001, "0.1%"),
 )
@@ -111,9 +112,9 @@ def roc_metrics(
     fpr, tpr, _ = roc_curve(labels_arr, scores_arr, drop_intermediate=False)
 
     reachable = {
-        key: _max_false_positives(target, n_neg) >= 1 for key, target, _ in _FPR_TARGETS
+        key: _max_false_positives(target, n_neg) >= 1 for key, target, _ in FPR_TARGETS
     }
-    boot_targets = [target for key, target, _ in _FPR_TARGETS if reachable[key]]
+    boot_targets = [target for key, target, _ in FPR_TARGETS if reachable[key]]
     boot_auc, boot_tpr = _bootstrap(
         pos, neg, boot_targets, n_bootstrap=int(n_bootstrap), seed=seed
     )
@@ -124,7 +125,7 @@ def roc_metrics(
     }
     notes: list[str] = []
     min_fpr = 1.0 / n_neg
-    for key, target, label in _FPR_TARGETS:
+    for key, target, label in FPR_TARGETS:
         if reachable[key]:
             result[key] = tpr_at_fpr(fpr, tpr, target)
             result[f"{key}_ci"] = _percentile_interval(boot_tpr[target], confidence)

@@ -63,6 +63,7 @@ class Signal:
     needs: tuple[str, ...]       # "token_stats", "text", "reference:<name>"
     access: str                  # what an attacker must have
     description: str = ""
+    access_short: str = ""       # the same, as the report's access column says it
 
     def missing(self, inputs: SignalInputs) -> list[str]:
         """What this signal needs that `inputs` lacks (empty when it can run)."""
@@ -163,42 +164,49 @@ def blind_signal(x: SignalInputs) -> np.ndarray:
 
 SIGNALS: dict[str, Signal] = {
     "loss": Signal("loss", loss_signal, ("token_stats",), "token log-probabilities",
-                   "−NLL of the response (Yeom et al. 2018)"),
+                   "−NLL of the response (Yeom et al. 2018)", "token log-probs"),
     "zlib": Signal("zlib", zlib_signal, ("token_stats", "text"), "token log-probabilities",
-                   "−NLL / zlib-compressed size of the response (Carlini et al. 2021)"),
+                   "−NLL / zlib-compressed size of the response (Carlini et al. 2021)",
+                   "token log-probs"),
     "mink": Signal("mink", mink_signal, ("token_stats",), "token log-probabilities",
-                   "mean of the lowest 20% token log-probabilities (Shi et al. 2024)"),
+                   "mean of the lowest 20% token log-probabilities (Shi et al. 2024)",
+                   "token log-probs"),
     "minkpp": Signal("minkpp", minkpp_signal, ("token_stats",), "full next-token distributions",
                      "Min-K% of log-probabilities standardised by the model's own "
-                     "distribution (Zhang et al. 2024)"),
+                     "distribution (Zhang et al. 2024)", "full distributions"),
     "ref_base": Signal("ref_base", reference_signal("ref_base"),
                        ("token_stats", "reference:ref_base"),
                        "token log-probabilities of the target and of its base model",
-                       "−(NLL_target − NLL_base): calibrated by the pre-fine-tuning base"),
+                       "−(NLL_target − NLL_base): calibrated by the pre-fine-tuning base",
+                       "token log-probs + base model"),
     "ref_ext": Signal("ref_ext", reference_signal("ref_ext"),
                       ("token_stats", "reference:ref_ext"),
                       "token log-probabilities of the target and of an independent model",
                       "−(NLL_target − NLL_external): calibrated by a model trained "
-                      "independently (per UTF-8 byte when the tokenizers differ)"),
+                      "independently (per UTF-8 byte when the tokenizers differ)",
+                      "token log-probs + reference model"),
     "lowercase": Signal("lowercase", lowercase_signal, ("token_stats", "lowercase_pass"),
                         "token log-probabilities (two passes)",
-                        "−NLL(text) / NLL(lowercased text) (Carlini et al. 2021)"),
+                        "−NLL(text) / NLL(lowercased text) (Carlini et al. 2021)",
+                        "token log-probs (2 passes)"),
     "mope": Signal("mope", mope_signal, ("perturbations",), "model weights",
-                   "mean NLL increase under Gaussian weight perturbations (Li et al. 2023)"),
+                   "mean NLL increase under Gaussian weight perturbations (Li et al. 2023)",
+                   "weights"),
     "lira": Signal("lira", lira_signal(online=True), ("token_stats", "reference_models"),
                    "token log-probabilities + reference models trained with and without "
                    "each record", "online LiRA, one global variance per side (Carlini et al. "
-                   "2022)"),
+                   "2022)", "reference models"),
     "lira_offline": Signal("lira_offline", lira_signal(online=False),
                            ("token_stats", "reference_models"),
                            "token log-probabilities + reference models trained without "
-                           "each record", "offline LiRA: Φ((s − μ_out)/σ_out)"),
+                           "each record", "offline LiRA: Φ((s − μ_out)/σ_out)",
+                           "reference models"),
     "rmia": Signal("rmia", rmia_signal, ("token_stats", "reference_models", "population"),
                    "token log-probabilities + reference models + population records",
-                   "offline RMIA, γ = 1 (Zarifzadeh et al. 2024)"),
+                   "offline RMIA, γ = 1 (Zarifzadeh et al. 2024)", "reference models"),
     "blind": Signal("blind", blind_signal, ("text", "labels"), "text only (no model)",
                     "model-free TF-IDF classifier: checks the split, not a model (Das et al. "
-                    "2024)"),
+                    "2024)", "text only (no model)"),
 }
 
 # Signals that look at the data only: one score for the whole audit, not per model.

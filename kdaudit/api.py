@@ -1,36 +1,32 @@
 """The Python API beyond `run`: audit any models a user brings; rebuild a run's report."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
 from typing import Mapping, Sequence
 
-from kdaudit.audit_inputs import audit_length, check_record_sets, check_tokenizer, \
+from kdaudit.audit import AuditContext, AuditResult, AuditSet, ModelInfo, audit_model, \
+    combine, compute_pass, plain, reference_models, reference_pass
+from kdaudit.audit.privacy import spent_privacy
+from kdaudit.audit.inputs import audit_length, check_record_sets, check_tokenizer, \
     model_context, source_config, truncation_note
-from kdaudit.audit import AuditResult, AuditSet, ModelInfo, assemble, compute_extraction, \
-    compute_generations, compute_pass
-from attacks.mia import SIGNALS, ReferenceModels
-from kdaudit.config import AuditConfig, config_from_dict
+from kdaudit.config import AuditConfig, ConfigError, config_from_dict
 from kdaudit.data.canaries import read_canaries
 from kdaudit.data.records import Record, load_records
-from kdaudit.privacy_audit import canary_rows, heuristic_row, spent_delta, spent_rows
 
+Source = object   # a model folder, a hub name, or a loaded model
+RecordsArg = Sequence[Record] | str | Path
 
 
 def _role(model_id: str) -> str:
+    """The role of a user-named model, by the documented naming convention: "teacher…" is a
+    teacher, "nokd" the no-KD baseline, anything else a student."""
     if model_id.startswith("teacher"):
         return "teacher"
-    if model_id == "nokd":
-        return "baseline"
-    return "base" if model_id.startswith("base") else "student"
+    return "baseline" if model_id == "nokd" else "student"
 
 
-def _records(x: Sequence[Record] | str | Path, what: str,
-             mapping: str | None = None) -> list[Record]:
+def _records(x: RecordsArg, what: str, mapping: str | None = None) -> list[Record]:
     records = load_records(x, mapping=mapping) if isinstance(x, (str, Path)) else list(x)
     if not records:
         raise ValueError(f"{what}: no records")
@@ -50,59 +46,65 @@ def read_inclusion(path: str | Path) -> set[str]:
     return {line.strip() for line in path.read_text().splitlines() if line.strip()}
 
 
-def audit_models(models: Mapping[str, object], members: Sequence[Record] | str | Path,
-                 nonmembers: Sequence[Record] | str | Path, *,
-                 bases: Mapping[str, object] | None = None, tokenizer=None,
-                 signals: Sequence[str] | None = None, config: AuditConfig | None = None,
-                 references: Mapping[str, Sequence[tuple[object, set[str]]]] | None = None,
-                 population: Sequence[Record] | str | Path | None = None,
-                 canaries: str | Path | None = None, external: str | Path | None = None,
-                 max_length: int | None = None, seed: int = 0,
-                 mapping: str | None = None) -> AuditResult:
-    """Attack every model in `models` ({id: HF folder, hub name or loaded model}).
+def _load(source: Source):
+    from kdaudit.models import load_model
 
-    `bases` maps a model id to its pre-fine-tuning base, which calibrates `ref_base` and is
-    audited too (a base never saw the members: its AUC should sit near 0.5). `references`
-    maps a model id to its LiRA/RMIA reference models, each with the set of record ids it was
-    trained on; `population` (other records of the same distribution) enables RMIA;
-    `canaries` (a run's data/canaries.jsonl) adds canary exposure and the one-run ε bound;
-    `external` (a model folder or hub name, with its own tokenizer) enables `ref_ext`.
-    All models must share one tokenizer (`tokenizer`, or the first model's folder's).
-    `max_length` (tokens per record) defaults to the smallest context among the models and
-    may not exceed any; longer records lose the start of their prompt, and the report says
-    how many. Every input is checked before the first model runs.
-    """
-    from kdaudit.models import load_model, load_tokenizer
+    return load_model(source) if isinstance(source, (str, Path)) else source
 
+
+def _audit_config(config: AuditConfig | None, signals: Sequence[str] | None,
+                  external: Source | None) -> AuditConfig:
+    """The audit's config: `signals` replace the config's (AuditConfig checks the names); an
+    external model adds ref_ext."""
     cfg = config or AuditConfig()
     if signals is not None:
         cfg = AuditConfig(**{**cfg.__dict__, "signals": list(signals)})
-    if external is not None and signals is None and "ref_ext" not in cfg.signals:
+    elif external is not None and "ref_ext" not in cfg.signals:
         cfg = AuditConfig(**{**cfg.__dict__, "signals": [*cfg.signals, "ref_ext"]})
-    unknown = [s for s in cfg.signals if s not in SIGNALS]
-    if unknown:
-        raise ValueError(f"unknown signal(s) {unknown}; available: {sorted(SIGNALS)}")
     if "ref_ext" in cfg.signals and external is None and signals is not None:
-        raise ValueError("signal 'ref_ext' needs an independent model: pass external=PATH")
-    names = tuple(str(x) if isinstance(x, (str, Path)) else label
-                  for x, label in ((members, "members"), (nonmembers, "non-members")))
-    aset = AuditSet(_records(members, names[0], mapping), _records(nonmembers, names[1], mapping))
-    check_record_sets(aset.members, aset.nonmembers, names=names)
-    pop = _records(population, "population", mapping) if population is not None else None
-    # one audited base per distinct base model, however many models share it
+        raise ConfigError("signal 'ref_ext' needs an independent model: pass external=PATH "
+                          "(kdaudit audit --external PATH)")
+    return cfg
+
+
+def _info(model_id: str, source: Source, base: str | None) -> ModelInfo:
+    """A user's model: its role by name; a kdaudit DP model (privacy.json beside it) is
+    private, at the total ε its training spent."""
+    spent = spent_privacy(source)
+    if spent is None:
+        return ModelInfo(model_id, _role(model_id), base)
+    eps = spent.get("epsilon")
+    return ModelInfo(model_id, _role(model_id), base, method=model_id,
+                     epsilon=float("inf") if eps is None else float(eps), private=True)
+
+
+def _with_bases(models: Mapping[str, Source], bases: Mapping[str, Source] | None
+                ) -> tuple[dict[str, Source], list[ModelInfo]]:
+    """Every model to score ({id: source}) and its record: one audited base per distinct base
+    model, however many models share it."""
+    if not models:
+        raise ConfigError("audit_models: name at least one model (kdaudit audit --teacher PATH "
+                          "or --student NAME=PATH)")
     base_ids: dict[str, str] = {}
-    sources: dict[str, object] = dict(models)
+    sources: dict[str, Source] = dict(models)
     for mid, base in (bases or {}).items():
         key = str(base) if isinstance(base, (str, Path)) else f"object:{id(base)}"
         if key not in base_ids:
             base_ids[key] = f"base:{mid}"
             sources[f"base:{mid}"] = base
         base_ids[mid] = base_ids[key]
-    infos = [ModelInfo(mid, _role(mid), base_ids.get(mid)) for mid in models]
+    infos = [_info(mid, src, base_ids.get(mid)) for mid, src in models.items()]
     infos += [ModelInfo(bid, "base", None, f"base model {sources[bid]}")
               for bid in sources if bid not in models]
-    refs = {f"{mid} reference {k}": ref for mid, rs in (references or {}).items()
-            for k, (ref, _) in enumerate(rs)}
+    return sources, infos
+
+
+def _context(sources: Mapping[str, Source], refs: Mapping[str, Source], aset: AuditSet,
+             tokenizer, max_length: int | None, external: Source | None):
+    """(tokenizer, max_length, notes): the length every model can take, the tokenizer (the
+    first model folder's unless given), and what the report should say about the inputs."""
+    from kdaudit.models import load_tokenizer
+
     contexts = {mid: model_context(source_config(src))
                 for mid, src in {**sources, **refs,
                                  **({"external": external} if external else {})}.items()}
@@ -116,89 +118,80 @@ def audit_models(models: Mapping[str, object], members: Sequence[Record] | str |
     notes = [n for mid, src in {**sources, **refs}.items()
              if src is not first and (n := check_tokenizer(mid, src, tokenizer))]
     truncated = truncation_note(aset.records, tokenizer, max_length, why)
-    notes += [truncated] if truncated else []
+    return tokenizer, max_length, notes + ([truncated] if truncated else [])
+
+
+def audit_models(models: Mapping[str, Source], members: RecordsArg, nonmembers: RecordsArg, *,
+                 bases: Mapping[str, Source] | None = None, tokenizer=None,
+                 signals: Sequence[str] | None = None, config: AuditConfig | None = None,
+                 references: Mapping[str, Sequence[tuple[Source, set[str]]]] | None = None,
+                 population: RecordsArg | None = None, canaries: str | Path | None = None,
+                 external: Source | None = None, max_length: int | None = None, seed: int = 0,
+                 mapping: str | None = None) -> AuditResult:
+    """Attack every model in `models` ({id: HF folder, hub name or loaded model}).
+
+    An id starting with "teacher" is audited as a teacher, "nokd" as the no-KD baseline, any
+    other as a student. `bases` maps a model id to its pre-fine-tuning base, which calibrates
+    `ref_base` and is audited too (a base never saw the members: its AUC should sit near
+    0.5). `references` maps a model id to its LiRA/RMIA reference models, each with the set
+    of record ids it was trained on; `population` (other records of the same distribution)
+    enables RMIA; `canaries` (a run's data/canaries.jsonl) adds canary exposure and the
+    one-run ε bound; `external` (a model folder or hub name, with its own tokenizer) enables
+    `ref_ext`. All models must share one tokenizer (`tokenizer`, or the first model's
+    folder's). `max_length` (tokens per record) defaults to the smallest context among the
+    models and may not exceed any; longer records lose the start of their prompt, and the
+    report says how many. Every input is checked before the first model runs.
+    """
+    cfg = _audit_config(config, signals, external)
+    names = tuple(str(x) if isinstance(x, (str, Path)) else label
+                  for x, label in ((members, "members"), (nonmembers, "non-members")))
+    aset = AuditSet(_records(members, names[0], mapping), _records(nonmembers, names[1], mapping))
+    check_record_sets(aset.members, aset.nonmembers, names=names)
+    pop = _records(population, "population", mapping) if population is not None else None
+    sources, infos = _with_bases(models, bases)
+    references = {mid: rs for mid, rs in (references or {}).items() if rs}
+    refs = {f"{mid} reference {k}": ref for mid, rs in references.items()
+            for k, (ref, _) in enumerate(rs)}
+    tokenizer, max_length, notes = _context(sources, refs, aset, tokenizer, max_length, external)
     planted = read_canaries(canaries) if canaries is not None else []
     if canaries is not None and not planted:
         raise FileNotFoundError(f"{canaries}: no canaries found")
+    ctx = AuditContext(aset, tokenizer, cfg, max_length, seed, planted, pop)
 
-    mem_records = [aset.records[i] for i in aset.memorization_subset(cfg.memorization_records)]
-    passes, gens, extraction, privacy = {}, {}, {}, []
+    audits = {}
     for info in infos:
-        src = sources[info.id]
-        model = load_model(src) if isinstance(src, (str, Path)) else src
+        model = _load(sources[info.id])
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise ValueError(f"model '{info.id}': its vocabulary is smaller than the tokenizer's "
                              f"({len(tokenizer)}); all audited models must share a tokenizer")
-        passes[info.id] = compute_pass(model, tokenizer, aset.records, cfg,
-                                       max_length=max_length, desc=info.id)
-        privacy += spent_rows(info.id, src)   # a kdaudit DP model's privacy.json
-        if info.role != "base":
-            gens[info.id] = compute_generations(model, tokenizer, mem_records, cfg,
-                                                max_length=max_length,
-                                                desc=f"generate {info.id}")
-            extraction[info.id] = compute_extraction(model, tokenizer, mem_records, cfg,
-                                                     max_length=max_length, seed=seed,
-                                                     desc=info.id)
-            if planted:
-                privacy += canary_rows(info.id, model, tokenizer, planted,
-                                       candidates=cfg.canary_candidates,
-                                       k_fraction=cfg.canary_guess_fraction,
-                                       max_length=max_length, batch_size=cfg.batch_size,
-                                       seed=seed, delta=spent_delta(src))
-            privacy.append(heuristic_row(info.id, -passes[info.id].stats.nll(), aset.labels,
-                                         seed, "loss"))
-    ext_stats, ext_per_byte = None, False
-    if external is not None:
-        ext_tok = load_tokenizer(external)
-        ext_stats = compute_pass(load_model(external), ext_tok, aset.records, _plain(cfg),
-                                 max_length=max_length, desc="external").stats
-        ext_per_byte = ext_tok.get_vocab() != tokenizer.get_vocab()
-    ref_models = {mid: _reference_models(rs, passes[mid], aset, pop, sources[mid], tokenizer,
-                                         cfg, max_length)
-                  for mid, rs in (references or {}).items() if rs}
-    result = assemble(infos, aset, passes, gens, tokenizer, cfg, references=ref_models,
-                      extraction=extraction, max_length=max_length, seed=seed,
-                      external=ext_stats, external_per_byte=ext_per_byte,
-                      config={"audit": cfg.__dict__, "max_length": max_length,
-                              "models": {k: str(v) for k, v in sources.items()}})
-    result.privacy = pd.DataFrame(privacy, columns=["model", "metric", "value", "note"])
+        audits[info.id] = audit_model(ctx, info.id, model, trained=info.role != "base",
+                                      folder=sources[info.id], population=info.id in references)
+    ref_models = {mid: reference_models(ctx, audits[mid], [
+        (reference_pass(ctx, _load(ref), f"reference {k}"), inside)
+        for k, (ref, inside) in enumerate(rs)]) for mid, rs in references.items()}
+    result = combine(ctx, infos, audits, references=ref_models,
+                     **_external_pass(ctx, external),
+                     config={"audit": cfg.__dict__, "max_length": max_length,
+                             "models": {k: str(v) for k, v in sources.items()}})
     result.notes = notes
     return result
 
 
-def _reference_models(refs, target_pass, aset: AuditSet, population, target, tokenizer,
-                      cfg: AuditConfig, max_length: int) -> ReferenceModels:
-    """Mean response log-probabilities of K references (and the target) for LiRA / RMIA."""
-    from kdaudit.models import load_model
+def _external_pass(ctx: AuditContext, external: Source | None) -> dict:
+    """`ref_ext`'s statistics (per byte when its tokenizer differs), as `combine` keywords."""
+    from kdaudit.models import load_model, load_tokenizer
 
-    ids = [r.id for r in aset.records]
-    logq, included, pop_logq = [], [], []
-    as_model = (lambda m: load_model(m) if isinstance(m, (str, Path)) else m)
-    for k, (ref, inside) in enumerate(refs):
-        model = as_model(ref)
-        logq.append(-compute_pass(model, tokenizer, aset.records, _plain(cfg),
-                                  max_length=max_length, desc=f"reference {k}").stats.nll())
-        included.append([i in inside for i in ids])
-        if population is not None:
-            pop_logq.append(-compute_pass(model, tokenizer, population, _plain(cfg),
-                                          max_length=max_length,
-                                          desc=f"reference {k} population").stats.nll())
-    pop_target = None
-    if population is not None:
-        pop_target = -compute_pass(as_model(target), tokenizer, population, _plain(cfg),
-                                   max_length=max_length, desc="target population").stats.nll()
-    return ReferenceModels(np.array(logq), np.array(included, dtype=bool),
-                           pop_target, np.array(pop_logq) if pop_logq else None)
-
-
-def _plain(cfg: AuditConfig) -> AuditConfig:
-    """The audit config without the extra passes: references need token statistics only."""
-    return dataclasses.replace(cfg, signals=["loss"], block_risk=False)
+    if external is None:
+        return {}
+    tok = load_tokenizer(external)
+    stats = compute_pass(load_model(external), tok, ctx.audit_set.records, plain(ctx.cfg),
+                         max_length=ctx.max_length, desc="external").stats
+    return {"external": stats, "external_per_byte": tok.get_vocab() != ctx.tokenizer.get_vocab()}
 
 
 def report_run(run_dir: str | Path, *, redact: bool = True) -> dict[str, Path]:
     """Rewrite `run_dir/report/` from the run's stored statistics and generations."""
-    from kdaudit.pipeline import Pipeline
+    from kdaudit.pipeline import RunContext, roster, scoring
 
     run_dir = Path(run_dir)
     manifest = run_dir / "manifest.json"
@@ -206,13 +199,11 @@ def report_run(run_dir: str | Path, *, redact: bool = True) -> dict[str, Path]:
         raise FileNotFoundError(f"{run_dir}: no manifest.json; is this a kdaudit run directory?")
     cfg = config_from_dict(json.loads(manifest.read_text())["config"])
     cfg.out_dir, cfg.name = str(run_dir.parent), run_dir.name
-    pipe = Pipeline(cfg, log=lambda _: None)
-    missing = [m.id for m in pipe.models() if not pipe.dir.stats(m.id).exists()]
+    run = RunContext(cfg, log=lambda _: None)
+    missing = [m.id for m in roster.models(run) if not run.dir.stats(m.id).exists()]
     if missing:
         raise FileNotFoundError(f"{run_dir}: the run has not scored {missing} yet; finish it "
                                 f"with `kdaudit run` first")
-    from kdaudit.audit_stages import SHOW_SECRETS_RUN
-
-    return pipe.assemble().write_report(run_dir / "report", title=f"kdaudit risk report: "
-                                        f"{cfg.name}", redact=redact,
-                                        show_secrets_hint=SHOW_SECRETS_RUN)
+    return scoring.assemble_run(run).write_report(
+        run_dir / "report", title=f"kdaudit risk report: {cfg.name}", redact=redact,
+        show_secrets_hint=scoring.SHOW_SECRETS_RUN)

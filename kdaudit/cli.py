@@ -14,7 +14,7 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {"seed": args.seed, "out_dir": args.out, "name": args.name}
     cfg = load_config(args.preset, args.config, **overrides)
     result = run(cfg)
-    if hasattr(result, "families"):
+    if result.families:
         for family, r in result.families.items():
             print(f"\n== {family}")
             _print_summary(r.audit, r.report)
@@ -60,32 +60,19 @@ def _named(values: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from attacks.mia import SIGNALS
     from kdaudit import audit_models
     from kdaudit.api import read_inclusion
 
     models = {"teacher": args.teacher} if args.teacher else {}
     students = _named(args.student, "--student")
-    clash = set(students) & {"teacher"}
-    if clash:
+    if "teacher" in students:
         raise ConfigError("--student: the name 'teacher' is reserved for --teacher")
     models.update(students)
-    unknown = [s for s in (args.signals or "").split(",") if s.strip() and s.strip() not in SIGNALS]
-    if unknown:
-        raise ConfigError(f"--signals: unknown signal(s) {unknown}; available: {sorted(SIGNALS)}")
-    if not models:
-        raise ConfigError("kdaudit audit: name at least one model (--teacher PATH or "
-                          "--student NAME=PATH)")
     bases = {}
     if args.teacher_base and args.teacher:
         bases["teacher"] = args.teacher_base
     if args.student_base:
         bases.update({name: args.student_base for name in students})
-    cfg = AuditConfig(redact=not args.show_secrets, canary_candidates=args.canary_candidates)
-    if args.signals:
-        cfg.signals = [s.strip() for s in args.signals.split(",") if s.strip()]
-    elif args.external:
-        cfg.signals = [*cfg.signals, "ref_ext"]
     references: dict[str, list] = {}
     for v in args.reference or []:
         name, sep, rest = v.partition("=")
@@ -95,11 +82,12 @@ def _audit(args: argparse.Namespace) -> int:
                               f"an audited model ({sorted(models)}) and MASKFILE lists the "
                               f"record ids the reference was trained on")
         references.setdefault(name, []).append((path, read_inclusion(mask)))
-    result = audit_models(models, args.members, args.nonmembers, bases=bases,
-                          signals=cfg.signals, config=cfg, references=references,
-                          population=args.population, canaries=args.canaries,
-                          external=args.external, max_length=args.max_length, seed=args.seed,
-                          mapping=args.mapping)
+    signals = [s.strip() for s in args.signals.split(",") if s.strip()] if args.signals else None
+    cfg = AuditConfig(redact=not args.show_secrets, canary_candidates=args.canary_candidates)
+    result = audit_models(models, args.members, args.nonmembers, bases=bases, signals=signals,
+                          config=cfg, references=references, population=args.population,
+                          canaries=args.canaries, external=args.external,
+                          max_length=args.max_length, seed=args.seed, mapping=args.mapping)
     out = Path(args.out)
     result.write_tables(out / "tables")
     _print_summary(result, result.write_report(
@@ -111,41 +99,25 @@ def _audit(args: argparse.Namespace) -> int:
 def _student(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from kdaudit.distil import train_private_student, train_student
-    from kdaudit.train.methods import METHODS
+    from kdaudit.distil import StudentJob, train_student
 
     cfg = load_config(args.preset, args.config)
     flags = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr),
                                ("batch_size", args.batch_size)) if v}
-    train = dataclasses.replace(cfg.student, **flags)
-    common = dict(student_base=args.student_base, data=args.data, out=args.out,
-                  tokenizer=args.tokenizer, kd=cfg.kd, seed=args.seed, mapping=args.mapping,
-                  max_length=args.max_length or cfg.data.max_length)
-    if METHODS[args.method].privacy:
-        if args.epsilon is None:
-            raise ConfigError(f"--method {args.method}: give the total budget --epsilon E "
-                              f"(inf trains the same recipe without noise)")
-        if args.validation:
-            raise ConfigError(f"--validation: method '{args.method}' has no validation schedule")
-        # the DP-SGD runs take [dp_train] (and the flags); a synthetic-data student [student]
-        dp_train = dataclasses.replace(cfg.dp_train, **flags)
-        result = train_private_student(
-            args.method, epsilon=args.epsilon, teacher=args.teacher,
-            teacher_base=args.teacher_base, delta=args.delta,
-            max_grad_norm=args.max_grad_norm or cfg.dp.max_grad_norm, train=train,
-            dp_train=dp_train, synthetic_records=cfg.dp.synthetic_records,
-            synthetic_tokens=cfg.dp.synthetic_tokens, no_repeat_ngram=cfg.dp.no_repeat_ngram,
-            categories=[c.strip() for c in args.categories.split(",") if c.strip()]
-            if args.categories else None, **common)
-    else:
-        given = [f for f, v in (("--epsilon", args.epsilon), ("--teacher-base", args.teacher_base),
-                                ("--delta", args.delta), ("--categories", args.categories))
-                 if v is not None]
-        if given:
-            raise ConfigError(f"{', '.join(given)}: only for the DP methods (distildp, "
-                              f"synthetic_only, dpsgd_student, dpkd)")
-        result = train_student(args.method, teacher=args.teacher, validation=args.validation,
-                               train=train, mixed_precision=cfg.mixed_precision, **common)
+    # DP-SGD runs take [dp_train] (and the flags); the other students [student]
+    result = train_student(StudentJob(
+        args.method, student_base=args.student_base, data=args.data, out=args.out,
+        teacher=args.teacher, validation=args.validation, tokenizer=args.tokenizer,
+        train=dataclasses.replace(cfg.student, **flags), kd=cfg.kd,
+        max_length=args.max_length or cfg.data.max_length, seed=args.seed,
+        mapping=args.mapping, mixed_precision=cfg.mixed_precision, epsilon=args.epsilon,
+        teacher_base=args.teacher_base, delta=args.delta,
+        max_grad_norm=args.max_grad_norm or cfg.dp.max_grad_norm,
+        dp_train=dataclasses.replace(cfg.dp_train, **flags),
+        synthetic_records=cfg.dp.synthetic_records, synthetic_tokens=cfg.dp.synthetic_tokens,
+        no_repeat_ngram=cfg.dp.no_repeat_ngram,
+        categories=None if args.categories is None else
+        [c.strip() for c in args.categories.split(",") if c.strip()]))
     print(f"{args.method}: {result.steps} steps in {result.seconds:.0f} s, loss "
           f"{result.first_loss:.3f} → {result.last_loss:.3f}; saved to {args.out}")
     if result.privacy:
@@ -158,30 +130,17 @@ def _student(args: argparse.Namespace) -> int:
 def _teacher(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from kdaudit.config import DPConfig
-    from kdaudit.distil import train_teacher
+    from kdaudit.distil import TeacherJob, train_teacher
 
-    use_lmo = args.mechanism == "lmo"
-    if use_lmo and not args.dp:
-        raise ConfigError("--mechanism lmo is a DP-SGD noise mechanism: add --dp")
-    if use_lmo and args.lmo_params is None:
-        raise ConfigError("--mechanism lmo needs --lmo-params FILE (an LMO-DP parameter file, "
-                          "e.g. kdaudit/dp/lmo_reference.toml)")
-    if args.lmo_params is not None and not use_lmo:
-        raise ConfigError("--lmo-params goes with --mechanism lmo")
-    if use_lmo and args.epsilon is not None:
-        raise ConfigError("--epsilon does not apply to --mechanism lmo: its noise is set by "
-                          "--lmo-params, and the epsilon it claims is reported after training")
     cfg = load_config(args.preset, args.config)
     train = dataclasses.replace(cfg.teacher, **{k: v for k, v in (
         ("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v})
-    dp = DPConfig(**({"epsilon": args.epsilon} if args.epsilon is not None else {}),
-                  delta=args.delta, max_grad_norm=args.max_grad_norm, mechanism=args.mechanism,
-                  lmo_params=str(args.lmo_params) if use_lmo else None) if args.dp else None
-    result = train_teacher(base=args.base, data=args.data, out=args.out, dp=dp,
-                           tokenizer=args.tokenizer, train=train,
-                           max_length=args.max_length or cfg.data.max_length, seed=args.seed,
-                           mapping=args.mapping)
+    result = train_teacher(TeacherJob(
+        base=args.base, data=args.data, out=args.out, dp=args.dp, epsilon=args.epsilon,
+        delta=args.delta, max_grad_norm=args.max_grad_norm, mechanism=args.mechanism,
+        lmo_params=args.lmo_params, tokenizer=args.tokenizer, train=train,
+        max_length=args.max_length or cfg.data.max_length, seed=args.seed,
+        mapping=args.mapping))
     print(f"teacher: {result.steps} steps in {result.seconds:.0f} s, loss "
           f"{result.first_loss:.3f} → {result.last_loss:.3f}; saved to {args.out}")
     if result.privacy and result.privacy.get("mechanism") == "lmo":

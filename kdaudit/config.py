@@ -22,7 +22,7 @@ from kdaudit.errors import ConfigError
 from kdaudit.train.config import DPConfig, KDConfig, TrainConfig, validate_kd
 
 __all__ = ["AuditConfig", "ConfigError", "DPConfig", "DPRunConfig", "DataConfig", "KDConfig",
-           "ModelsConfig", "RunConfig", "TrainConfig", "load_config", "presets", "validate",
+           "ModelsConfig", "RunConfig", "TrainConfig", "load_config", "presets",
            "validate_kd"]
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -45,6 +45,15 @@ class DataConfig:
     canaries_repeated: int = 0          # canaries for exposure, each inserted canary_repeats×
     canary_repeats: int = 10
     canaries_once: int = 0              # canaries for the one-run ε bound, each in with p = ½
+
+    def __post_init__(self) -> None:
+        for name in ("n_members", "n_nonmembers"):
+            if getattr(self, name) < 2:
+                raise ConfigError(f"data.{name}: expected at least 2, got {getattr(self, name)}")
+        if self.n_validation < 0 or self.n_public < 0:
+            raise ConfigError("data.n_public and data.n_validation must be ≥ 0")
+        if self.max_length < 16:
+            raise ConfigError(f"data.max_length: expected at least 16, got {self.max_length}")
 
 
 @dataclass
@@ -74,6 +83,17 @@ class DPRunConfig:
     # so few samples parse. 0 turns it off; 2 reproduces the paper's setting.
     no_repeat_ngram: int = 0
 
+    def __post_init__(self) -> None:
+        bad = [e for e in self.epsilons if not e > 0]
+        if bad or not self.epsilons:
+            raise ConfigError(f"dp.epsilons: expected a non-empty list of ε > 0 (inf for "
+                              f"non-private), got {self.epsilons}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError(f"dp.delta: expected 0 < δ < 1, got {self.delta}")
+        if self.max_grad_norm <= 0 or self.synthetic_records < 1 or self.synthetic_tokens < 8:
+            raise ConfigError("dp: expected max_grad_norm > 0, synthetic_records ≥ 1 and "
+                              "synthetic_tokens ≥ 8")
+
 
 @dataclass
 class AuditConfig:
@@ -94,6 +114,16 @@ class AuditConfig:
     utility_records: int = 200          # non-members answered greedily for ROUGE-L (0 = off)
     utility_tokens: int = 64            # longest greedy answer
     redact: bool = True                 # redact secrets in report examples
+
+    def __post_init__(self) -> None:
+        from attacks.mia import SIGNALS
+
+        unknown = [s for s in self.signals if s not in SIGNALS]
+        if unknown:
+            raise ConfigError(f"audit.signals: unknown signal(s) {unknown}; available: "
+                              f"{sorted(SIGNALS)}")
+        if not 0 < self.mink_k <= 1:
+            raise ConfigError(f"audit.mink_k: expected 0 < k ≤ 1, got {self.mink_k}")
 
 
 @dataclass
@@ -119,6 +149,34 @@ class RunConfig:
     dp_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8.0, lr=2e-3,
                                                                       batch_size=64))
     audit: AuditConfig = field(default_factory=AuditConfig)
+
+    def __post_init__(self) -> None:
+        """The checks that span sections; each section checks its own fields."""
+        from kdaudit.train.methods import METHODS
+
+        if self.reference_models < 0 or 0 < self.reference_models < 4:
+            raise ConfigError(f"reference_models: expected 0 (off) or at least 4 (LiRA needs "
+                              f"two references on each side of every record), got "
+                              f"{self.reference_models}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"methods: unknown method(s) {unknown}; implemented: "
+                              f"{sorted(k for k in METHODS if METHODS[k].student)}")
+        if "ref_ext" in self.audit.signals and not self.models.external:
+            raise ConfigError("audit.signals: 'ref_ext' needs an independent model: set "
+                              "models.external = \"builtin\" or a model folder / hub name")
+        validate_kd(self.kd)
+        if len(set(self.families)) != len(self.families):
+            raise ConfigError(f"families: a family is listed twice in {self.families}")
+        for role in ("teacher", "student") if self.families else ():
+            name = getattr(self.models, role)
+            if "{family}" not in name:
+                raise ConfigError(f"models.{role}: with several families it must contain "
+                                  f"the placeholder '{{family}}', e.g. '{{family}}-tiny-{role}'; "
+                                  f"got {name!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"mixed_precision: expected 'no', 'bf16' or 'fp16', got "
+                              f"{self.mixed_precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -205,64 +263,9 @@ def load_config(preset: str | None = "tiny", config_file: str | Path | None = No
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides:
         cfg = _overlay(cfg, overrides, "overrides")
-    validate(cfg)
     return cfg
 
 
 def config_from_dict(d: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from `RunConfig.to_dict()` output (e.g. a manifest)."""
     return _overlay(RunConfig(), d, "config")
-
-
-def validate(cfg: RunConfig) -> None:
-    from kdaudit.train.methods import METHODS
-    from attacks.mia import SIGNALS
-
-    d = cfg.data
-    for name in ("n_members", "n_nonmembers"):
-        if getattr(d, name) < 2:
-            raise ConfigError(f"data.{name}: expected at least 2, got {getattr(d, name)}")
-    if d.n_validation < 0 or d.n_public < 0:
-        raise ConfigError("data.n_public and data.n_validation must be ≥ 0")
-    if d.max_length < 16:
-        raise ConfigError(f"data.max_length: expected at least 16, got {d.max_length}")
-    if cfg.reference_models < 0 or 0 < cfg.reference_models < 4:
-        raise ConfigError(f"reference_models: expected 0 (off) or at least 4 (LiRA needs two "
-                          f"references on each side of every record), got "
-                          f"{cfg.reference_models}")
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"methods: unknown method(s) {unknown}; implemented: "
-                          f"{sorted(k for k in METHODS if METHODS[k].student)}")
-    if "ref_ext" in cfg.audit.signals and not cfg.models.external:
-        raise ConfigError("audit.signals: 'ref_ext' needs an independent model: set "
-                          "models.external = \"builtin\" or a model folder / hub name")
-    unknown = [s for s in cfg.audit.signals if s not in SIGNALS]
-    if unknown:
-        raise ConfigError(f"audit.signals: unknown signal(s) {unknown}; available: "
-                          f"{sorted(SIGNALS)}")
-    if not 0 < cfg.audit.mink_k <= 1:
-        raise ConfigError(f"audit.mink_k: expected 0 < k ≤ 1, got {cfg.audit.mink_k}")
-    validate_kd(cfg.kd)
-    if cfg.families:
-        if len(set(cfg.families)) != len(cfg.families):
-            raise ConfigError(f"families: a family is listed twice in {cfg.families}")
-        for role in ("teacher", "student"):
-            name = getattr(cfg.models, role)
-            if "{family}" not in name:
-                raise ConfigError(f"models.{role}: with several families it must contain "
-                                  f"the placeholder '{{family}}', e.g. '{{family}}-tiny-{role}'; "
-                                  f"got {name!r}")
-    p = cfg.dp
-    bad = [e for e in p.epsilons if not e > 0]
-    if bad or not p.epsilons:
-        raise ConfigError(f"dp.epsilons: expected a non-empty list of ε > 0 (inf for "
-                          f"non-private), got {p.epsilons}")
-    if p.delta is not None and not 0 < p.delta < 1:
-        raise ConfigError(f"dp.delta: expected 0 < δ < 1, got {p.delta}")
-    if p.max_grad_norm <= 0 or p.synthetic_records < 1 or p.synthetic_tokens < 8:
-        raise ConfigError("dp: expected max_grad_norm > 0, synthetic_records ≥ 1 and "
-                          "synthetic_tokens ≥ 8")
-    if cfg.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"mixed_precision: expected 'no', 'bf16' or 'fp16', got "
-                          f"{cfg.mixed_precision!r}")

@@ -33,7 +33,7 @@ def tiny_lm(tmp_path_factory):
     from kdaudit.data.corpus import generate_records
     from kdaudit.data.template import encode_record, format_text
     from kdaudit.models import build_zoo_model, train_tokenizer
-    from kdaudit.train.loop import train
+    from kdaudit.train.loop import TrainJob, train
     from kdaudit.train.methods import METHODS
 
     records = generate_records(60, seed=7)
@@ -41,9 +41,9 @@ def tiny_lm(tmp_path_factory):
     model = build_zoo_model("gpt2-smoke-teacher", tok, seed=0)
     examples = [encode_record(r, tok, 160) for r in records[:30]]
     out = tmp_path_factory.mktemp("tiny_lm") / "model"
-    train(model, examples, METHODS["sft"], TrainConfig(epochs=3, batch_size=8, lr=5e-3,
-                                                       checkpoint_every=0),
-          out_dir=out, seed=0, pad_id=tok.pad_token_id, tokenizer=tok, desc=None)
+    train(TrainJob(model, examples, METHODS["sft"],
+                   TrainConfig(epochs=3, batch_size=8, lr=5e-3, checkpoint_every=0),
+                   out_dir=out, seed=0, pad_id=tok.pad_token_id, tokenizer=tok, desc=None))
     model.eval()
     torch.manual_seed(0)
     return model, tok, records, out

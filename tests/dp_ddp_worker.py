@@ -17,10 +17,10 @@ tok = train_tokenizer([format_text(r) for r in generate_records(100, seed=31)], 
 examples = [encode_record(r, tok, 64) for r in generate_records(48, seed=32)]
 model = build_zoo_model("gpt2-smoke-student", tok, seed=0)
 sizes = []
-result = loop.train(model, examples, METHODS["sft"], TrainConfig(epochs=1, batch_size=8),
-                    out_dir=sys.argv[1], seed=0, pad_id=tok.pad_token_id, desc=None,
-                    dp=plan(len(examples), 8, 1, DPConfig(epsilon=4.0)),
-                    callbacks=[lambda step, record: sizes.append(record["batch_size"])])
+result = loop.train(loop.TrainJob(
+    model, examples, METHODS["sft"], TrainConfig(epochs=1, batch_size=8), out_dir=sys.argv[1],
+    seed=0, pad_id=tok.pad_token_id, desc=None, dp=plan(len(examples), 8, 1, DPConfig(epsilon=4.0)),
+    callbacks=[lambda step, record: sizes.append(record["batch_size"])]))
 checksum = float(sum(p.double().sum() for p in model.parameters()))
 print("RESULT", json.dumps({"rank": dist.get_rank(), "world": dist.get_world_size(),
                             "steps": result.steps, "sizes": sizes, "checksum": checksum,

@@ -77,7 +77,7 @@ def test_missing_references_are_reported_not_faked(tiny_lm):
 def test_targeted_extraction_prompts_with_text_before_the_secret(tiny_lm, monkeypatch):
     """The prompt ends right before the record's first hidden secret; a continuation that
     starts with the secret counts as extracted, anything else does not."""
-    import kdaudit.audit as audit
+    import kdaudit.audit.passes as audit
     from kdaudit.audit import compute_extraction, hidden_secrets
 
     model, tok, records, _ = tiny_lm

@@ -171,7 +171,7 @@ def test_max_length_beyond_a_models_context_is_refused(tiny_lm, tmp_path, capsys
 
 
 def test_truncated_records_are_counted(tiny_lm):
-    from kdaudit.audit_inputs import truncation_note
+    from kdaudit.audit.inputs import truncation_note
     from kdaudit.data.template import encode_record
 
     _, tok, records, _ = tiny_lm

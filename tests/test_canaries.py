@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from kdaudit.data.canaries import make_canaries, read_canaries, training_records, write_canaries
-from kdaudit.privacy_audit import canary_rows, heuristic_row
+from kdaudit.audit.privacy import canary_rows, heuristic_row
 
 
 def test_canaries_are_seeded_half_included_and_fresh(tmp_path):

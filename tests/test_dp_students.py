@@ -1,6 +1,7 @@
 """The DP students (docs/methods.md §7): their losses, budgets and accounting, and each one end to end."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -44,7 +45,8 @@ def test_per_sequence_losses_average_each_sequence_first(setup):
     batch = collate(examples[:5], tok.pad_token_id)
     torch.manual_seed(0)
     s, t = torch.randn(2, *batch.input_ids.shape, len(tok))
-    params = {**method_params(METHODS["dpkd"], KDConfig(kd_ratio=0.5)), "per_sequence": True}
+    params = dataclasses.replace(method_params(METHODS["dpkd"], KDConfig(kd_ratio=0.5)),
+                                 per_sequence=True)
     loss, _ = METHODS["dpkd"].loss(s, t, batch, params)
     # right padding: a row alone has the same logits at its real positions
     rows = [METHODS["dpkd"].loss(s[i:i + 1, :len(examples[i].input_ids)],
@@ -52,10 +54,13 @@ def test_per_sequence_losses_average_each_sequence_first(setup):
                                  collate(examples[i:i + 1], tok.pad_token_id), params)[0]
             for i in range(5)]
     assert loss.item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
-    token_mean, _ = METHODS["dpkd"].loss(s, t, batch, {**params, "per_sequence": False})
+    token_mean, _ = METHODS["dpkd"].loss(s, t, batch,
+                                         dataclasses.replace(params, per_sequence=False))
     assert token_mean.item() != pytest.approx(loss.item(), rel=1e-4)   # lengths differ
     assert {"sft", "nokd", "kd", "dpsgd_student", "dpkd"} <= set(DP_METHODS)
     assert not {"seqkd", "gkd", "distildp"} & set(DP_METHODS)
+    assert DP_METHODS == ("pretrain", "sft", "nokd", "kd", "synthetic_only", "dpsgd_student",
+                          "dpkd")
 
 
 def test_distildp_loss_mixes_hard_and_soft_labels(setup):
@@ -65,9 +70,10 @@ def test_distildp_loss_mixes_hard_and_soft_labels(setup):
     s, t = torch.randn(2, *batch.input_ids.shape, len(tok))
     params = method_params(METHODS["distildp"], KDConfig())
     ce, _ = METHODS["nokd"].loss(s, None, batch, params)
-    kd, _ = METHODS["kd"].loss(s, t, batch, {**params, "kd_ratio": 1.0})
+    kd, _ = METHODS["kd"].loss(s, t, batch, dataclasses.replace(params, kd_ratio=1.0))
     for w in (0.0, 0.4, 1.0):
-        got, parts = METHODS["distildp"].loss(s, t, batch, {**params, "soft_label_weight": w})
+        got, parts = METHODS["distildp"].loss(s, t, batch,
+                                              dataclasses.replace(params, soft_label_weight=w))
         assert got.item() == pytest.approx((1 - w) * ce.item() + w * kd.item(), rel=1e-5)
     assert "hidden_mse" not in parts
 
@@ -78,9 +84,10 @@ def test_hidden_alignment_trains_a_projection_and_saves_the_student_alone(setup,
     teacher = build_zoo_model("gpt2-smoke-teacher", tok, seed=1)     # width 64
     assert student.config.hidden_size != teacher.config.hidden_size
     cfg = TrainConfig(epochs=3, batch_size=8, lr=5e-3, log_every=1, checkpoint_every=0)
-    loop.train(student, examples, METHODS["distildp"], cfg, out_dir=tmp_path / "s", seed=0,
-               pad_id=tok.pad_token_id, tokenizer=tok, teacher=teacher, desc=None,
-               params=method_params(METHODS["distildp"], KDConfig(hidden_weight=1.0)))
+    loop.train(loop.TrainJob(
+        student, examples, METHODS["distildp"], cfg, out_dir=tmp_path / "s", seed=0,
+        pad_id=tok.pad_token_id, tokenizer=tok, teacher=teacher, desc=None,
+        params=method_params(METHODS["distildp"], KDConfig(hidden_weight=1.0))))
     log = [json.loads(x) for x in (tmp_path / "s" / "train_log.jsonl").read_text().splitlines()]
     mse = [r["hidden_mse"] for r in log]
     assert mse[-1] < 0.7 * mse[0]
@@ -121,9 +128,10 @@ def writer(setup, tmp_path_factory):
     model = build_zoo_model("gpt2-smoke-teacher", tok, seed=0)
     out = tmp_path_factory.mktemp("writer") / "base"
     examples = dps.teacher_examples(records[:4], tok, 256, control_codes=True)
-    loop.train(model, examples, METHODS["sft"], TrainConfig(epochs=60, batch_size=4, lr=1e-2,
-                                                            checkpoint_every=0),
-               out_dir=out, seed=0, pad_id=tok.pad_token_id, tokenizer=tok, desc=None)
+    loop.train(loop.TrainJob(
+        model, examples, METHODS["sft"],
+        TrainConfig(epochs=60, batch_size=4, lr=1e-2, checkpoint_every=0),
+        out_dir=out, seed=0, pad_id=tok.pad_token_id, tokenizer=tok, desc=None))
     return out
 
 

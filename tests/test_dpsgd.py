@@ -32,10 +32,10 @@ def test_dp_teacher_fine_tunes_with_poisson_batches(setup, tmp_path, family):
     tok, examples = setup
     model = build_zoo_model(f"{family}-smoke-student", tok, seed=0)
     cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, log_every=1)
-    result = loop.train(model, examples, METHODS["sft"], cfg, out_dir=tmp_path / "m", seed=0,
-                        pad_id=tok.pad_token_id, desc=None, tokenizer=tok,
-                        dp=dp_plan(len(examples), 8, 2, DPConfig(epsilon=4.0,
-                                                                 max_grad_norm=1.0)))
+    result = loop.train(loop.TrainJob(
+        model, examples, METHODS["sft"], cfg, out_dir=tmp_path / "m", seed=0,
+        pad_id=tok.pad_token_id, desc=None, tokenizer=tok,
+        dp=dp_plan(len(examples), 8, 2, DPConfig(epsilon=4.0, max_grad_norm=1.0))))
     sizes = [r["batch_size"] for r in _log(tmp_path / "m") if "batch_size" in r]
     assert len(set(sizes)) > 1                       # Poisson: batch sizes vary
     q = 8 / 48
@@ -81,9 +81,10 @@ def test_without_noise_and_clipping_a_dp_step_is_an_sgd_step(setup):
 def test_opt_is_refused_with_the_reason(setup, tmp_path):
     tok, examples = setup
     with pytest.raises(ValueError, match="not available for opt models: its decoder layers"):
-        loop.train(build_zoo_model("opt-smoke-student", tok), examples, METHODS["sft"],
-                   TrainConfig(), out_dir=tmp_path / "x", seed=0, pad_id=tok.pad_token_id,
-                   desc=None, dp=dp_plan(len(examples), 16, 1.0, DPConfig()))
+        loop.train(loop.TrainJob(
+            build_zoo_model("opt-smoke-student", tok), examples, METHODS["sft"], TrainConfig(),
+            out_dir=tmp_path / "x", seed=0, pad_id=tok.pad_token_id, desc=None,
+            dp=dp_plan(len(examples), 16, 1.0, DPConfig())))
 
 
 def test_dp_config_is_checked_and_sampling_methods_are_refused(setup, tmp_path):
@@ -91,10 +92,11 @@ def test_dp_config_is_checked_and_sampling_methods_are_refused(setup, tmp_path):
         DPConfig(epsilon=0)
     tok, examples = setup
     with pytest.raises(ValueError, match="DP-SGD supports"):   # its data is written in training
-        loop.train(build_zoo_model("gpt2-smoke-student", tok), examples, METHODS["gkd"],
-                   TrainConfig(), out_dir=tmp_path / "x", seed=0, pad_id=tok.pad_token_id,
-                   teacher=build_zoo_model("gpt2-smoke-teacher", tok), desc=None,
-                   dp=dp_plan(len(examples), 16, 1.0, DPConfig()))
+        loop.train(loop.TrainJob(
+            build_zoo_model("gpt2-smoke-student", tok), examples, METHODS["gkd"], TrainConfig(),
+            out_dir=tmp_path / "x", seed=0, pad_id=tok.pad_token_id,
+            teacher=build_zoo_model("gpt2-smoke-teacher", tok), desc=None,
+            dp=dp_plan(len(examples), 16, 1.0, DPConfig())))
 
 
 def test_an_empty_poisson_batch_still_adds_noise(setup):

@@ -26,7 +26,7 @@ from kdaudit.data.corpus import generate_records
 from kdaudit.dp.dpsgd import plan
 from kdaudit.data.template import encode_record, format_text
 from kdaudit.models import build_zoo_model, train_tokenizer
-from kdaudit.privacy_audit import canary_rows
+from kdaudit.audit.privacy import canary_rows
 from kdaudit.train import loop
 from kdaudit.train.methods import METHODS
 
@@ -58,9 +58,9 @@ def _audit(setup, tmp_path_factory, seed: int, dp: DPConfig | None) -> dict:
     examples = [encode_record(r, tok, MAX_LENGTH) for r in members + training_records(canaries)]
     model = build_zoo_model("gpt2-smoke-student", tok, seed=seed)
     out = tmp_path_factory.mktemp(f"teacher-{'dp' if dp else 'plain'}-{seed}") / "model"
-    result = loop.train(model, examples, METHODS["sft"], CFG, out_dir=out, seed=seed,
-                        pad_id=tok.pad_token_id, desc=None,
-                        dp=plan(len(examples), CFG.batch_size, CFG.epochs, dp) if dp else None)
+    result = loop.train(loop.TrainJob(
+        model, examples, METHODS["sft"], CFG, out_dir=out, seed=seed, pad_id=tok.pad_token_id,
+        desc=None, dp=plan(len(examples), CFG.batch_size, CFG.epochs, dp) if dp else None))
     model.eval()
 
     once = [c for c in canaries if c.kind == "once"]

@@ -1,6 +1,7 @@
 """The six KD techniques: each draws the data its definition says and optimises its objective."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from kdaudit.data.template import encode_record, format_text
 from kdaudit.models import build_zoo_model, load_model, train_tokenizer
 from kdaudit.train import loop, objectives, sources
 from kdaudit.train.batching import collate
+from kdaudit.train.config import KDParams
 from kdaudit.train.methods import METHODS, method_params, minillm_loss, minillm_returns
 from kdaudit.train.sampling import sample_responses
 from kdaudit.train.sources import AdaptiveSchedule, BatchSource
@@ -28,7 +30,7 @@ def setup():
     return tok, examples, validation
 
 
-def _params(method: str, **kd) -> dict:
+def _params(method: str, **kd) -> KDParams:
     return method_params(METHODS[method], KDConfig(max_new_tokens=8, eval_every=2, **kd))
 
 
@@ -108,11 +110,13 @@ def test_each_objective_matches_its_definition(method, fn):
 
 
 def test_llama_students_default_to_half_kd_ratio():
-    assert method_params(METHODS["kd"], KDConfig(), "llama")["kd_ratio"] == 0.5
-    assert method_params(METHODS["kd"], KDConfig(), "gpt2")["kd_ratio"] == 1.0
-    assert method_params(METHODS["kd"], KDConfig(kd_ratio=0.3), "llama")["kd_ratio"] == 0.3
-    assert method_params(METHODS["gkd"], KDConfig())["on_policy_fraction"] == 0.5
-    assert method_params(METHODS["imitkd"], KDConfig())["on_policy_fraction"] == 1.0
+    assert method_params(METHODS["kd"], KDConfig(), "llama").kd_ratio == 0.5
+    assert method_params(METHODS["kd"], KDConfig(), "gpt2").kd_ratio == 1.0
+    assert method_params(METHODS["kd"], KDConfig(kd_ratio=0.3), "llama").kd_ratio == 0.3
+    assert method_params(METHODS["gkd"], KDConfig()).on_policy_fraction == 0.5
+    assert method_params(METHODS["imitkd"], KDConfig()).on_policy_fraction == 1.0
+    assert method_params(METHODS["kd"]).on_policy_fraction == 0.0
+    assert not method_params(METHODS["kd"]).per_sequence
 
 
 def test_minillm_returns_are_length_normalised_and_discounted():
@@ -129,7 +133,7 @@ def test_minillm_returns_are_length_normalised_and_discounted():
 
 def _minillm_reference(s, t, batch, params):
     """MiniLLM's loss written token by token (docs/methods.md §4), for autograd to differentiate."""
-    a, c, gamma = params["teacher_mix_alpha"], params["minillm_clip"], params["minillm_discount"]
+    a, c, gamma = params.teacher_mix_alpha, params.minillm_clip, params.minillm_discount
     lq_old, lp_old = batch.extras["student_logprob"], batch.extras["teacher_logprob"]
     terms = []
     for b in range(s.shape[0]):
@@ -222,11 +226,11 @@ def _train(method, setup, tmp_path, monkeypatch, epochs=1.0, **kd):
     def count(s, record):
         step[0] = s
 
-    result = loop.train(student, examples, METHODS[method], TrainConfig(
+    result = loop.train(loop.TrainJob(student, examples, METHODS[method], TrainConfig(
         epochs=epochs, batch_size=8, lr=1e-3), out_dir=tmp_path / method, seed=0,
         pad_id=tok.pad_token_id, teacher=teacher if METHODS[method].needs_teacher else None,
         params=_params(method, **kd), desc=None, callbacks=[count], validation=validation,
-        max_length=80)
+        max_length=80))
     return student, teacher, spy.calls, [s for s in seen if s[0] >= 0], result
 
 
@@ -293,17 +297,18 @@ def test_on_policy_training_resumes_to_the_same_weights(setup, tmp_path):
     def fresh():
         return build_zoo_model("gpt2-smoke-student", tok, seed=0)
 
-    loop.train(fresh(), examples, METHODS["imitkd"], cfg, out_dir=tmp_path / "a", **kw)
+    loop.train(loop.TrainJob(fresh(), examples, METHODS["imitkd"], cfg, out_dir=tmp_path / "a",
+                             **kw))
 
     def crash(step, record):
         if step == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        loop.train(fresh(), examples, METHODS["imitkd"], cfg, out_dir=tmp_path / "b",
-                   callbacks=[crash], **kw)
-    resumed = loop.train(fresh(), examples, METHODS["imitkd"], cfg, out_dir=tmp_path / "b",
-                         **kw)
+        loop.train(loop.TrainJob(fresh(), examples, METHODS["imitkd"], cfg,
+                                 out_dir=tmp_path / "b", callbacks=[crash], **kw))
+    resumed = loop.train(loop.TrainJob(fresh(), examples, METHODS["imitkd"], cfg,
+                                       out_dir=tmp_path / "b", **kw))
     assert resumed.resumed_from == 4
     a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
@@ -317,20 +322,17 @@ def test_adaptive_method_needs_validation(setup):
                     seed=0, max_length=80)
 
 
-class _Tracking(dict):
-    """Method parameters that remember which keys were read."""
+class _Tracking(KDParams):
+    """Method parameters that remember which of their fields were read (`read`)."""
 
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        self.read: set[str] = set()
+    def __getattribute__(self, name):
+        if name in KDParams.__dataclass_fields__:
+            object.__getattribute__(self, "read").add(name)
+        return object.__getattribute__(self, name)
 
-    def __getitem__(self, key):
-        self.read.add(key)
-        return super().__getitem__(key)
-
-    def get(self, key, default=None):
-        self.read.add(key)
-        return super().get(key, default)
+    @property
+    def read(self) -> set[str]:
+        return self.__dict__.setdefault("_read", set())
 
 
 @pytest.mark.parametrize("method", [*KD_METHODS, "nokd", "distildp"])
@@ -343,13 +345,14 @@ def test_a_method_reads_only_the_kd_fields_it_declares(setup, tmp_path, method):
     spec = METHODS[method]
     kd = KDConfig(max_new_tokens=8, eval_every=2, distillm_init_prob=1.0,
                   hidden_weight=0.5 if spec.hidden else 0.0)
-    params = _Tracking(method_params(spec, kd))
-    loop.train(build_zoo_model("gpt2-smoke-student", tok, seed=0), examples[:16], spec,
-               TrainConfig(epochs=2, batch_size=8, checkpoint_every=0), out_dir=tmp_path / "m",
-               seed=0, pad_id=tok.pad_token_id, params=params, desc=None, max_length=80,
-               teacher=build_zoo_model("gpt2-smoke-teacher", tok, seed=1).eval()
-               if spec.needs_teacher else None,
-               validation=validation if spec.adaptive else ())
+    params = _Tracking(**dataclasses.asdict(method_params(spec, kd)))
+    loop.train(loop.TrainJob(
+        build_zoo_model("gpt2-smoke-student", tok, seed=0), examples[:16], spec,
+        TrainConfig(epochs=2, batch_size=8, checkpoint_every=0), out_dir=tmp_path / "m",
+        seed=0, pad_id=tok.pad_token_id, params=params, desc=None, max_length=80,
+        teacher=build_zoo_model("gpt2-smoke-teacher", tok, seed=1).eval()
+        if spec.needs_teacher else None,
+        validation=validation if spec.adaptive else ()))
     kd_names = {f.name for f in fields(KDConfig)}
     assert params.read & kd_names <= set(spec.kd_fields)
     assert bool(params.read & kd_names) == (method != "nokd")   # the tracking sees reads

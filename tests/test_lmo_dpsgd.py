@@ -32,11 +32,11 @@ def setup():
 def _train(tok, examples, out, seed=0):
     model = build_zoo_model("gpt2-smoke-student", tok, seed=0)
     cfg = TrainConfig(epochs=0.5, batch_size=8, lr=1e-3, log_every=1)
-    return loop.train(model, examples, METHODS["sft"], cfg, out_dir=out, seed=seed,
-                      pad_id=tok.pad_token_id, desc=None, tokenizer=tok,
-                      dp=dpsgd.plan(len(examples), 8, 0.5,
-                                    DPConfig(mechanism="lmo", lmo_params=str(REFERENCE),
-                                             max_grad_norm=1.0)))
+    return loop.train(loop.TrainJob(
+        model, examples, METHODS["sft"], cfg, out_dir=out, seed=seed, pad_id=tok.pad_token_id,
+        desc=None, tokenizer=tok,
+        dp=dpsgd.plan(len(examples), 8, 0.5, DPConfig(mechanism="lmo", lmo_params=str(REFERENCE),
+                                                       max_grad_norm=1.0))))
 
 
 def test_lmo_training_reports_the_labelled_numbers_of_the_run(setup, tmp_path):

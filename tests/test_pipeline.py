@@ -1,6 +1,7 @@
 """End to end on the smoke preset: a run killed mid-stage resumes, a finished run is skipped."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -8,7 +9,7 @@ import pandas as pd
 import pytest
 
 from kdaudit.config import load_config
-from kdaudit.pipeline import Pipeline
+from kdaudit.pipeline import run_one
 from kdaudit.train import loop
 
 pytestmark = pytest.mark.slow
@@ -24,24 +25,24 @@ def interrupted_then_resumed(tmp_path_factory, monkeypatch_module):
     cfg = load_config("smoke", out_dir=str(out), student={"checkpoint_every": 4})
     real_train = loop.train
 
-    def train_killed_in_kd(*args, desc="", callbacks=(), **kw):
+    def train_killed_in_kd(job):
         def kill(step, record):
             if step == 6:
                 raise Killed("simulated crash")
-        extra = [kill] if desc.startswith("kd") else []
-        return real_train(*args, desc=desc, callbacks=[*callbacks, *extra], **kw)
+        extra = [kill] if job.desc.startswith("kd") else []
+        return real_train(dataclasses.replace(job, callbacks=[*job.callbacks, *extra]))
 
     logs1: list[str] = []
     monkeypatch_module.setattr(loop, "train", train_killed_in_kd)
     with pytest.raises(Killed):
-        Pipeline(cfg, log=logs1.append).run()
+        run_one(cfg, log=logs1.append)
     manifest1 = json.loads((out / "smoke" / "manifest.json").read_text())
     monkeypatch_module.setattr(loop, "train", real_train)
 
     logs2: list[str] = []
-    result = Pipeline(cfg, log=logs2.append).run()
+    result = run_one(cfg, log=logs2.append)
     logs3: list[str] = []
-    Pipeline(cfg, log=logs3.append).run()
+    run_one(cfg, log=logs3.append)
     return cfg, out / "smoke", manifest1, logs2, logs3, result
 
 
@@ -84,7 +85,7 @@ def test_a_knob_of_a_method_not_in_the_run_retrains_nothing(interrupted_then_res
     other = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, skew_alpha=0.3,
                                                             loss_eps=0.2, jsd_beta=0.5))
     logs: list[str] = []
-    Pipeline(other, log=logs.append).run()
+    run_one(other, log=logs.append)
     assert logs and all(line.startswith("[skip]") for line in logs)
 
 
@@ -92,9 +93,9 @@ def test_recomputed_stage_reruns_what_depends_on_it(interrupted_then_resumed):
     cfg, run_dir, *_ = interrupted_then_resumed
     (run_dir / "private" / "kd.generations.parquet").unlink()
     logs: list[str] = []
-    Pipeline(cfg, log=logs.append).run()
+    run_one(cfg, log=logs.append)
     ran = [line[7:] for line in logs if line.startswith("[run ]")]
-    assert ran == ["generate:kd", "audit", "report"]
+    assert ran == ["audit:kd", "audit", "report"]
 
 
 def test_run_directory_and_report(interrupted_then_resumed):
@@ -136,26 +137,30 @@ def test_run_directory_and_report(interrupted_then_resumed):
     assert set(result.audit.split_check) == {"blind"}
 
 
-def test_audit_models_reproduces_the_run_tables(interrupted_then_resumed):
-    from kdaudit import audit_models
+def test_the_run_caches_exactly_what_auditing_a_model_returns(interrupted_then_resumed):
+    """The run audits each model with `kdaudit.audit.audit_model`, the function
+    `audit_models` calls, and only caches its result: what the cache gives back equals a
+    fresh call on the same model, array for array and row for row."""
+    from kdaudit.audit import audit_model
+    from kdaudit.models import load_model
+    from kdaudit.pipeline import RunContext
+    from kdaudit.pipeline.scoring import audit_context, load_audit
 
     cfg, run_dir, *_ = interrupted_then_resumed
-    models = run_dir / "models"
-    audit = audit_models({"teacher": models / "teacher", "kd": models / "kd"},
-                         members=run_dir / "data" / "members.jsonl",
-                         nonmembers=run_dir / "data" / "nonmembers.jsonl",
-                         bases={"teacher": models / "base_teacher", "kd": models / "base_student"},
-                         config=cfg.audit, max_length=cfg.data.max_length, seed=cfg.seed)
-    run_mia = pd.read_csv(run_dir / "tables" / "mia.csv")
-    for model in ("teacher", "kd"):
-        ours = audit.mia[audit.mia.model == model].set_index(["signal", "metric"]).value
-        theirs = run_mia[run_mia.model == model].set_index(["signal", "metric"]).value
-        pd.testing.assert_series_equal(ours.sort_index(), theirs.sort_index(), rtol=1e-6,
-                                       check_names=False)
-    run_memo = pd.read_csv(run_dir / "tables" / "memorization.csv")
-    ours = audit.memorization.query("model == 'kd' and metric == 'match_rate'").value.to_numpy()
-    theirs = run_memo.query("model == 'kd' and metric == 'match_rate'").value.to_numpy()
-    assert ours.tolist() == pytest.approx(theirs.tolist(), abs=1e-9)
+    run = RunContext(cfg, log=lambda _: None)
+    fresh = audit_model(audit_context(run), "kd", load_model(run_dir / "models" / "kd"),
+                        trained=True, folder=run_dir / "models" / "kd")
+    cached = load_audit(run, "kd")
+    for name, value in fresh.scored.stats.__dict__.items():
+        assert (getattr(cached.scored.stats, name) == value).all(), name
+    assert (cached.scored.lowercase.logprob == fresh.scored.lowercase.logprob).all()
+    assert cached.generations == fresh.generations
+    pd.testing.assert_frame_equal(cached.extraction.reset_index(drop=True),
+                                  fresh.extraction.reset_index(drop=True))
+    assert cached.responses == fresh.responses
+    columns = ["model", "metric", "value", "note"]
+    pd.testing.assert_frame_equal(pd.DataFrame(cached.privacy)[columns],
+                                  pd.DataFrame(fresh.privacy)[columns])
 
 
 def test_report_command_rewrites_report_with_and_without_redaction(interrupted_then_resumed):
@@ -216,7 +221,7 @@ def test_reference_models_enable_lira_and_rmia(tmp_path):
     cfg = load_config("smoke", out_dir=str(tmp_path), reference_models=4, methods=["nokd", "kd"],
                       data={"canaries_repeated": 0, "canaries_once": 0},
                       audit={"signals": ["loss", "lira", "lira_offline", "rmia"]})
-    result = Pipeline(cfg, log=lambda _: None).run()
+    result = run_one(cfg, log=lambda _: None)
     run_dir = tmp_path / "smoke"
     half = [json.loads(x)["id"] for x in (run_dir / "data" / "reference_0.jsonl").read_text()
             .splitlines()]
@@ -282,7 +287,7 @@ def dp_run(interrupted_then_resumed):
                       dp={"epsilons": [2.0, float("inf")]},
                       dp_train={"epochs": 1.0, "batch_size": 32, "lr": 3e-3})
     logs: list[str] = []
-    return cfg, Pipeline(cfg, log=logs.append).run(), logs
+    return cfg, run_one(cfg, log=logs.append), logs
 
 
 def test_dp_students_are_trained_accounted_and_audited(dp_run):

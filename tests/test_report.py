@@ -429,20 +429,31 @@ def _dp_inputs(lower_bound: float = 0.4) -> dict:
     roles = {"teacher": "teacher", "nokd": "baseline", "kd": "student",
              "teacher_dp@eps8": "teacher", **{m: "student" for m in DP_PPL
                                               if not m.startswith("teacher")}}
+    # each model's method and ε as the pipeline records them (never parsed from the id)
+    facts = {"distildp@eps1": ("distildp", 1.0), "distildp@eps8": ("distildp", 8.0),
+             "distildp@epsinf": ("distildp", math.inf), "dpsgd_student@eps1": ("dpsgd_student", 1.0),
+             "dpsgd_student@eps8": ("dpsgd_student", 8.0), "teacher_dp@eps8": ("teacher_dp", 8.0)}
     models = pd.DataFrame({"model": list(roles), "role": list(roles.values()),
-                           "description": "", "base": "gpt2"})
+                           "description": "", "base": "gpt2",
+                           "method": [facts.get(m, (m,))[0] for m in roles],
+                           "epsilon": [facts.get(m, (m, math.inf))[1] for m in roles],
+                           "private": [m in facts for m in roles]})
     return dict(mia=mia, utility=utility, privacy=privacy, models=models)
 
 
-def test_parse_model_id() -> None:
-    from kdaudit.report.frontier import parse_model_id
-    assert parse_model_id("distildp@eps2") == ("distildp", 2.0)
-    assert parse_model_id(f"dpkd@eps{0.5:g}") == ("dpkd", 0.5)
-    assert parse_model_id(f"synthetic_only@eps{1e-5:g}") == ("synthetic_only", 1e-5)
-    assert parse_model_id("dpsgd_student@epsinf") == ("dpsgd_student", math.inf)
-    assert parse_model_id("kd") == ("kd", math.inf)
-    method, eps = parse_model_id("odd@run3")
-    assert method == "odd" and math.isnan(eps)
+def test_frontier_takes_method_and_epsilon_from_the_model_table() -> None:
+    """Method and ε are data: an id that looks like another method's changes nothing, and a
+    model table without the columns makes each model its own non-private method."""
+    from kdaudit.report.frontier import frontier_points
+    inputs = _dp_inputs()
+    models = inputs["models"].copy()
+    models.loc[models.model == "distildp@eps8", ["method", "epsilon"]] = ["renamed", 3.0]
+    p = frontier_points(inputs["mia"], inputs["utility"], inputs["privacy"], models)
+    row = p.set_index("model").loc["distildp@eps8"]
+    assert (row["method"], row["epsilon"], bool(row["private"])) == ("renamed", 3.0, True)
+    bare = inputs["models"][["model", "role", "description", "base"]]
+    p = frontier_points(inputs["mia"], inputs["utility"], inputs["privacy"], bare)
+    assert not p["private"].any() and (p["method"] == p["model"]).all()
 
 
 def test_frontier_points() -> None:
@@ -451,7 +462,8 @@ def test_frontier_points() -> None:
     # a TPR that is not reachable, and a model whose TPR row is missing
     mia = inputs["mia"]
     unreachable = (mia.model == "distildp@eps8") & (mia.metric == "tpr_at_1pct")
-    mia.loc[unreachable, ["value", "note"]] = [math.nan, "smallest reachable FPR 2%"]
+    # the smallest reachable FPR comes from the row's data (1 / n_nonmembers), not its note
+    mia.loc[unreachable, ["value", "note", "n_nonmembers"]] = [math.nan, "any text", 50]
     mia = mia[~((mia.model == "dpsgd_student@eps8") & (mia.metric == "tpr_at_1pct"))]
     p = frontier_points(mia, inputs["utility"], inputs["privacy"], inputs["models"])
     # students and the baseline only (no teacher, DP or not), DP methods first in ε order

@@ -4,13 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdaudit.config import TrainConfig, load_config
+from kdaudit.config import KDConfig, TrainConfig, load_config
 from kdaudit.data.corpus import generate_records
 from kdaudit.data.template import encode_record, format_text
 from kdaudit.models import build_zoo_model, load_model, train_tokenizer
 from kdaudit.train import loop, objectives
 from kdaudit.train.batching import batch_order, collate
-from kdaudit.train.methods import METHODS
+from kdaudit.train.methods import METHODS, method_params
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,10 @@ def test_kd_loss_mixes_ce_and_tempered_forward_kl(setup):
     torch.manual_seed(0)
     v = len(tok)
     s, t = torch.randn(*b.input_ids.shape, v), torch.randn(*b.input_ids.shape, v)
-    ce, _ = METHODS["nokd"].loss(s, None, b, {})
+    ce, _ = METHODS["nokd"].loss(s, None, b, method_params(METHODS["nokd"]))
     kl = objectives.forward_kl(s[:, :-1], t[:, :-1], b.target_mask[:, 1:], temperature=2.0)
-    loss, parts = METHODS["kd"].loss(s, t, b, {"kd_ratio": 0.3, "temperature": 2.0})
+    params = method_params(METHODS["kd"], KDConfig(kd_ratio=0.3, temperature=2.0))
+    loss, parts = METHODS["kd"].loss(s, t, b, params)
     torch.testing.assert_close(loss, 0.7 * ce + 0.3 * 4.0 * kl)
     assert parts["forward_kl"] == pytest.approx(kl.item())
 
@@ -60,8 +61,9 @@ def test_interrupted_training_resumes_to_the_same_weights(setup, tmp_path):
     def fresh():
         return build_zoo_model("gpt2-smoke-student", tok, seed=0)
 
-    straight = loop.train(fresh(), examples, METHODS["sft"], cfg, out_dir=tmp_path / "a",
-                          seed=0, pad_id=tok.pad_token_id, run_key="k", desc=None)
+    straight = loop.train(loop.TrainJob(fresh(), examples, METHODS["sft"], cfg,
+                                        out_dir=tmp_path / "a", seed=0,
+                                        pad_id=tok.pad_token_id, run_key="k", desc=None))
 
     class Crash(Exception):
         pass
@@ -71,11 +73,13 @@ def test_interrupted_training_resumes_to_the_same_weights(setup, tmp_path):
             raise Crash
 
     with pytest.raises(Crash):
-        loop.train(fresh(), examples, METHODS["sft"], cfg, out_dir=tmp_path / "b", seed=0,
-                   pad_id=tok.pad_token_id, run_key="k", desc=None, callbacks=[crash_at_7])
+        loop.train(loop.TrainJob(fresh(), examples, METHODS["sft"], cfg, out_dir=tmp_path / "b",
+                                 seed=0, pad_id=tok.pad_token_id, run_key="k", desc=None,
+                                 callbacks=[crash_at_7]))
     assert not (tmp_path / "b").exists() and (tmp_path / "b.ckpt").exists()
-    resumed = loop.train(fresh(), examples, METHODS["sft"], cfg, out_dir=tmp_path / "b",
-                         seed=0, pad_id=tok.pad_token_id, run_key="k", desc=None)
+    resumed = loop.train(loop.TrainJob(fresh(), examples, METHODS["sft"], cfg,
+                                       out_dir=tmp_path / "b", seed=0,
+                                       pad_id=tok.pad_token_id, run_key="k", desc=None))
     assert resumed.resumed_from == 6 and resumed.steps == straight.steps == 10
     a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
@@ -94,11 +98,12 @@ def test_checkpoint_of_other_inputs_is_discarded(setup, tmp_path):
 
     model = build_zoo_model("gpt2-smoke-student", tok, seed=0)
     with pytest.raises(KeyboardInterrupt):
-        loop.train(model, examples, METHODS["sft"], cfg, out_dir=tmp_path / "m", seed=0,
-                   pad_id=tok.pad_token_id, run_key="old", desc=None, callbacks=[stop_at_3])
-    again = loop.train(build_zoo_model("gpt2-smoke-student", tok, seed=0), examples,
-                       METHODS["sft"], cfg, out_dir=tmp_path / "m", seed=0,
-                       pad_id=tok.pad_token_id, run_key="new", desc=None)
+        loop.train(loop.TrainJob(model, examples, METHODS["sft"], cfg, out_dir=tmp_path / "m",
+                                 seed=0, pad_id=tok.pad_token_id, run_key="old", desc=None,
+                                 callbacks=[stop_at_3]))
+    again = loop.train(loop.TrainJob(build_zoo_model("gpt2-smoke-student", tok, seed=0),
+                                     examples, METHODS["sft"], cfg, out_dir=tmp_path / "m",
+                                     seed=0, pad_id=tok.pad_token_id, run_key="new", desc=None))
     assert again.resumed_from == 0
 
 
@@ -108,8 +113,9 @@ def test_kd_refuses_mismatched_vocabularies(setup, tmp_path):
     student = build_zoo_model("gpt2-smoke-student", tok)
     teacher = build_zoo_model("gpt2-smoke-teacher", other)
     with pytest.raises(ValueError, match="vocabularies differ"):
-        loop.train(student, examples, METHODS["kd"], TrainConfig(), out_dir=tmp_path / "x",
-                   seed=0, pad_id=tok.pad_token_id, teacher=teacher, desc=None)
+        loop.train(loop.TrainJob(student, examples, METHODS["kd"], TrainConfig(),
+                                 out_dir=tmp_path / "x", seed=0, pad_id=tok.pad_token_id,
+                                 teacher=teacher, desc=None))
 
 
 def test_pretrained_bases_are_cached_per_machine(monkeypatch):

@@ -60,7 +60,7 @@ def cached_base(cfg: RunConfig, preset: str, tokenizer, texts: list[str]) -> Pat
     """Path of the pretrained base of zoo `preset`, pretraining it when not cached."""
     from kdaudit.data.template import Encoded
     from kdaudit.models.zoo import build_zoo_model
-    from kdaudit.train.loop import train
+    from kdaudit.train.loop import TrainJob, train
     from kdaudit.train.methods import METHODS
 
     path = cache_root(cfg) / "bases" / f"{preset}-{base_key(cfg, preset)}"
@@ -71,9 +71,10 @@ def cached_base(cfg: RunConfig, preset: str, tokenizer, texts: list[str]) -> Pat
         ids = tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         examples.append(Encoded(ids[:cfg.data.max_length], response_start=1))
     model = build_zoo_model(preset, tokenizer, seed=cfg.seed)
-    train(model, examples, METHODS["pretrain"], cfg.pretrain, out_dir=path, seed=cfg.seed,
-          pad_id=tokenizer.pad_token_id, tokenizer=tokenizer, run_key=path.name,
-          mixed_precision=cfg.mixed_precision, desc=f"pretrain {preset}")
+    train(TrainJob(model, examples, METHODS["pretrain"], cfg.pretrain, out_dir=path,
+                   seed=cfg.seed, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                   run_key=path.name, mixed_precision=cfg.mixed_precision,
+                   desc=f"pretrain {preset}"))
     atomic_write_json(path / "kdaudit_base.json", {"preset": preset, "key": path.name,
                                                    "pretrain_texts": len(texts)})
     return path

@@ -2,13 +2,13 @@
 one point per (method, ε) with the student's perplexity on non-members, its strongest
 membership signal, and the ε its accountant gives beside the empirical lower bound.
 
-Model ids of DP-trained models are `<method>@eps<ε>` (ε as Python's `f"{e:g}"`, `inf` for
-the non-private variant of a DP method); ids without `@` are non-private (ε = ∞).
+Each model's method, ε and whether a DP recipe trained it (the ε = ∞ variant of a DP method
+included) come from the model table's `method`, `epsilon` and `private` columns, set where
+the model was named; a table without them makes every model its own non-private method.
 """
 from __future__ import annotations
 
 import math
-import re
 from typing import Sequence
 
 import pandas as pd
@@ -19,28 +19,19 @@ from kdaudit.report.verdicts import MODEL_FREE_SIGNALS
 FRONTIER_ROLES = ("student", "baseline")
 ACCOUNTED = "epsilon_accounted"
 LOWER_BOUND = "epsilon_lower_bound_one_run"
-COLUMNS = ["model", "method", "epsilon", "perplexity", "signal", "auc", "ci_low", "ci_high",
+COLUMNS = ["model", "method", "epsilon", "private", "perplexity", "signal", "auc", "ci_low", "ci_high",
            "tpr_at_1pct", "tpr_ci_low", "tpr_ci_high", "tpr_note", "n_nonmembers",
            "epsilon_accounted", "epsilon_lower_bound"]
-_EPS = re.compile(r"eps(.+)")
 
 
-def parse_model_id(model: str) -> tuple[str, float]:
-    """("distildp", 2.0) for "distildp@eps2", ("distildp", inf) for "distildp@epsinf" and
-    ("kd", inf) for "kd"; ε is NaN when the suffix after "@" is not `eps<number>`."""
-    method, at, suffix = str(model).partition("@")
-    if not at:
-        return method, math.inf
-    m = _EPS.fullmatch(suffix)
-    try:
-        return method, float(m.group(1)) if m else math.nan
-    except ValueError:
-        return method, math.nan
-
-
-def is_dp(model: str) -> bool:
-    """True for the model id of a DP method (`<method>@eps<ε>`, the ε = ∞ variant included)."""
-    return "@" in str(model)
+def model_facts(models: pd.DataFrame | None) -> dict[str, tuple[str, float, bool]]:
+    """model → (method, ε, private) from the model table's columns."""
+    if models is None or models.empty or "method" not in models:
+        return {}
+    eps = models["epsilon"] if "epsilon" in models else [math.inf] * len(models)
+    private = models["private"] if "private" in models else [False] * len(models)
+    return {str(m): (str(k), num(e), bool(p))
+            for m, k, e, p in zip(models["model"], models["method"], eps, private)}
 
 
 def eps_label(epsilon: float) -> str:
@@ -72,8 +63,8 @@ def _perplexity(utility: pd.DataFrame | None) -> dict[str, float]:
 def frontier_points(mia: pd.DataFrame | None, utility: pd.DataFrame | None,
                     privacy: pd.DataFrame | None, models: pd.DataFrame | None) -> pd.DataFrame:
     """One row per student or baseline model (every model when `models` has no roles) that
-    has a perplexity on non-members, with the COLUMNS above: method and ε parsed from the id
-    (inf when non-private), the model signal with the highest AUC and its CI, the TPR at 1%
+    has a perplexity on non-members, with the COLUMNS above: method, ε and `private` from the
+    model table (`model_facts`), the model signal with the highest AUC and its CI, the TPR at 1%
     FPR of that same signal (NaN when missing or not reachable; `tpr_note` then says why),
     signal NaN when the model has no AUC,
     the accounted ε and the one-run lower bound (NaN where there is none).
@@ -99,11 +90,13 @@ def frontier_points(mia: pd.DataFrame | None, utility: pd.DataFrame | None,
         tpr = tpr.set_index(["model", "signal"])
     accounted, bound = _metric(privacy, ACCOUNTED), _metric(privacy, LOWER_BOUND)
 
+    facts = model_facts(models)
     points = []
     for model in order:
-        method, epsilon = parse_model_id(model)
+        method, epsilon, private = facts.get(model, (model, math.inf, False))
         p = dict.fromkeys(COLUMNS, math.nan)
-        p.update(model=model, method=method, epsilon=epsilon, perplexity=ppl[model],
+        p.update(model=model, method=method, epsilon=epsilon, private=private,
+                 perplexity=ppl[model],
                  signal=None, tpr_note=None, epsilon_accounted=accounted.get(model, math.nan),
                  epsilon_lower_bound=bound.get(model, math.nan))
         own = auc[auc["model"] == model] if len(auc) else auc
@@ -117,23 +110,24 @@ def frontier_points(mia: pd.DataFrame | None, utility: pd.DataFrame | None,
                 p.update(tpr_at_1pct=num(t["value"]), tpr_ci_low=num(t.get("ci_low")),
                          tpr_ci_high=num(t.get("ci_high")))
                 if math.isnan(p["tpr_at_1pct"]):
-                    p["tpr_note"] = unreachable(t.get("note"), t.get("n_nonmembers"))
+                    p["tpr_note"] = unreachable(t.get("n_nonmembers"))
         points.append(p)
     frame = pd.DataFrame(points, columns=COLUMNS)
     if frame.empty:
         return frame
-    methods = list(dict.fromkeys(frame.loc[frame["model"].map(is_dp), "method"]))
-    frame["_ref"] = ~frame["model"].map(is_dp)
+    private = frame["private"].astype(bool)
+    methods = list(dict.fromkeys(frame.loc[private, "method"]))
+    frame["_ref"] = ~private
     frame["_method"] = frame["method"].map({m: i for i, m in enumerate(methods)}).fillna(0)
-    frame["_eps"] = frame["epsilon"].where(frame["model"].map(is_dp), 0.0).fillna(math.inf)
+    frame["_eps"] = frame["epsilon"].where(private, 0.0).fillna(math.inf)
     frame["_pos"] = range(len(frame))
     frame = frame.sort_values(["_ref", "_method", "_eps", "_pos"], kind="stable")
     return frame.drop(columns=["_ref", "_method", "_eps", "_pos"]).reset_index(drop=True)
 
 
 def has_dp(points: pd.DataFrame | None) -> bool:
-    """True when any point is a DP model (its id has "@")."""
-    return points is not None and not points.empty and bool(points["model"].map(is_dp).any())
+    """True when any point is a model a DP recipe trained."""
+    return points is not None and not points.empty and bool(points["private"].astype(bool).any())
 
 
 def _fmt_eps(x: float) -> str:

@@ -6,32 +6,16 @@ escapes it, Markdown escapes pipes), so a number reads the same in report.html a
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import pandas as pd
 
+from attacks.metrics import FPR_TARGETS
 from attacks.mia import SIGNALS
 from kdaudit.report.verdicts import MODEL_FREE_SIGNALS, SignalCheck
 
-TPR_METRICS = {"tpr_at_1pct": "TPR @ 1% FPR", "tpr_at_0_1pct": "TPR @ 0.1% FPR"}
-
-# What each signal assumes the attacker can access (docs/methods.md §8).
-SIGNAL_ACCESS = {
-    "loss": "token log-probs",
-    "zlib": "token log-probs",
-    "lowercase": "token log-probs (2 passes)",
-    "mink": "token log-probs",
-    "minkpp": "full distributions",
-    "ref_base": "token log-probs + base model",
-    "ref_ext": "token log-probs + reference model",
-    "mope": "weights",
-    "lira": "reference models",
-    "lira_offline": "reference models",
-    "rmia": "reference models",
-    "blind": "text only (no model)",
-}
+TPR_METRICS = {key: f"TPR @ {label} FPR" for key, _, label in FPR_TARGETS}
 
 # (metric, split, column title, format) of the memorization table, in display order.
 MEMORIZATION_COLUMNS = [
@@ -43,7 +27,6 @@ MEMORIZATION_COLUMNS = [
     ("secret_extraction", "members", "Secret extraction (members)", "{:.3f}"),
 ]
 
-_MIN_FPR_NOTE = re.compile(r"smallest reachable FPR\s*([0-9.]+\s*%)", re.IGNORECASE)
 
 
 @dataclass
@@ -97,11 +80,9 @@ def fmt_ci(value: object, lo: object = None, hi: object = None, *, pct: bool = F
     return f"{f(v)} [{f(lo_)}, {f(hi_)}]"
 
 
-def unreachable(note: object, n_nonmembers: object) -> str:
-    """The cell of a TPR that could not be reached: "n/a (min FPR 0.5%)"."""
-    m = _MIN_FPR_NOTE.search(str(note)) if not missing(note) else None
-    if m:
-        return f"n/a (min FPR {m.group(1).replace(' ', '')})"
+def unreachable(n_nonmembers: object) -> str:
+    """The cell of a TPR that could not be reached: "n/a (min FPR 0.5%)", the smallest FPR
+    one false positive among the non-members gives."""
     n = num(n_nonmembers)
     if n > 0:
         return f"n/a (min FPR {100 / n:.2g}%)"
@@ -180,14 +161,14 @@ def results_table(mia: pd.DataFrame, checks: Sequence[SignalCheck],
                 continue
             metric = {str(r.metric): r for r in group.itertuples()}
             auc = metric.get("auc")
-            cells = [model, signal, SIGNAL_ACCESS.get(signal, ""),
+            cells = [model, signal, SIGNALS[signal].access_short if signal in SIGNALS else "",
                      "—" if auc is None else fmt_ci(auc.value, auc.ci_low, auc.ci_high)]
             for name in TPR_METRICS:
                 r = metric.get(name)
                 if r is None:
                     cells.append("—")
                 elif math.isnan(num(r.value)):
-                    cells.append(unreachable(r.note, r.n_nonmembers))
+                    cells.append(unreachable(r.n_nonmembers))
                 else:
                     cells.append(fmt_ci(r.value, r.ci_low, r.ci_high, pct=True))
             first = group.iloc[0]

@@ -49,6 +49,36 @@ class KDConfig:
     hidden_weight: float = 0.0          # DistilDP: weight of the hidden-state MSE
 
 
+@dataclass(frozen=True)
+class KDParams:
+    """The KD hyperparameters one run trains with: a `KDConfig` with every None resolved by
+    the method's and the student family's defaults (`kdaudit.train.methods.method_params`).
+
+    Losses and batch sources read these attributes and nothing else, so a default lives in one
+    place. `per_sequence` (set by DP-SGD) asks a loss for the mean over the batch of each
+    sequence's mean token loss: one example's gradient then ignores the others' lengths.
+    """
+    kd_ratio: float
+    temperature: float
+    on_policy_fraction: float
+    jsd_beta: float
+    skew_alpha: float
+    teacher_mix_alpha: float
+    minillm_clip: float
+    minillm_discount: float
+    replay_size: int
+    replay_ratio: float
+    distillm_init_prob: float
+    loss_eps: float
+    eval_every: int
+    max_new_tokens: int
+    sample_temperature: float
+    top_p: float
+    soft_label_weight: float
+    hidden_weight: float
+    per_sequence: bool = False
+
+
 @dataclass
 class DPConfig:
     """DP-SGD (docs/methods.md §5–§6): Gaussian noise solved from a target (ε, δ), or the LMO-DP

@@ -2,7 +2,8 @@
 
 A method supplies its loss (see `methods.py`); the loop supplies batching, the optimizer and
 schedule, Accelerate (device, precision, distribution), progress, a json-lines training log,
-and checkpoints (safetensors) from which an interrupted run resumes.
+and checkpoints (safetensors) from which an interrupted run resumes. DP-SGD is a strategy the
+loop calls (`DPSGD`, Opacus) where plain training has `NoDP`: the steps are the same.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,11 +22,40 @@ from kdaudit.data.template import Encoded
 from kdaudit.store import atomic_write_json, publish_dir
 from kdaudit.train import dp as opacus_dp
 from kdaudit.train.batching import batch_order
-from kdaudit.train.config import TrainConfig
+from kdaudit.train.config import KDParams, TrainConfig
 from kdaudit.train.methods import DP_METHODS, Method, method_params
 from kdaudit.train.sources import BatchSource
 
 StepCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainJob:
+    """What one run of the loop needs.
+
+    `params` are the method's parameters (`methods.method_params`; None: the method's
+    defaults); `validation` feeds DistiLLM's schedule; `max_length` bounds prompt + sampled
+    response. `run_key` identifies the inputs: a checkpoint left by an interrupted run with the
+    same key is resumed, one with another key is discarded. `dp` (a plan from
+    `kdaudit.dp.dpsgd.plan`) makes the run DP-SGD.
+    """
+    model: Any
+    examples: Sequence[Encoded]
+    method: Method
+    cfg: TrainConfig
+    out_dir: str | Path
+    seed: int
+    pad_id: int
+    tokenizer: Any = None
+    teacher: Any = None
+    params: KDParams | None = None
+    run_key: str = ""
+    mixed_precision: str = "no"
+    desc: str | None = "train"
+    callbacks: Sequence[StepCallback] = ()
+    validation: Sequence[Encoded] = ()
+    max_length: int | None = None
+    dp: opacus_dp.DPPlan | None = None
 
 
 @dataclass
@@ -38,176 +68,331 @@ class TrainResult:
     privacy: dict[str, Any] | None = None   # DP-SGD: the ε spent (kdaudit.dp.accounting)
 
 
+# -- DP strategies: what differs between plain training and DP-SGD ------------------------------
+class NoDP:
+    """Plain training: Accelerate wraps model, optimizer and scheduler; each process takes its
+    share of the length-grouped batch order; gradients are clipped by their global norm; the
+    run checkpoints and resumes."""
+
+    clips_by_norm = True
+    checkpoints = True
+
+    def setup(self, model, method: Method, params: KDParams, device) -> KDParams:
+        return params
+
+    def steps(self, order: list[list[int]], world: int) -> int:
+        return len(order) // world
+
+    def wrap(self, model, optimizer, schedule: Callable, accelerator, n_examples: int,
+             seed: int):
+        return accelerator.prepare(model, optimizer, schedule(optimizer))
+
+    def batches(self, order: list[list[int]], accelerator) -> list[list[int]]:
+        """This process's batches: every `world`-th of the order, from its rank."""
+        world = accelerator.num_processes
+        return order[accelerator.process_index::world][:len(order) // world]
+
+    def noise_only_step(self, optimizer) -> None:
+        raise RuntimeError("an empty batch outside DP-SGD")
+
+    def log_parts(self, idx: Sequence[int]) -> dict[str, float]:
+        return {}
+
+    def unwrap(self, model, accelerator):
+        return accelerator.unwrap_model(model)
+
+    def account(self, steps: int) -> dict[str, Any] | None:
+        return None
+
+
+class DPSGD:
+    """DP-SGD with a plan (`kdaudit.train.dp`): per-sequence losses, Opacus's per-sample
+    clipping and the plan's noise, its own Poisson batches per process (never handed to
+    Accelerate, which would re-batch them), the plan's number of steps; a run restarts rather
+    than resumes, and the plan's accounting says what it spent."""
+
+    clips_by_norm = False
+    checkpoints = False
+
+    def __init__(self, plan: opacus_dp.DPPlan):
+        self.plan = plan
+        self.order: list[list[int]] = []
+
+    def setup(self, model, method: Method, params: KDParams, device) -> KDParams:
+        """Refuse what DP-SGD cannot train; per-sequence means, so that one example's gradient
+        ignores the others' lengths."""
+        if not method.dp_sgd:
+            raise ValueError(f"DP-SGD supports the methods {DP_METHODS}, not '{method.name}'")
+        params = replace(params, per_sequence=True)
+        opacus_dp.check_supported(model)
+        model.to(device)
+        return params
+
+    def steps(self, order: list[list[int]], world: int) -> int:
+        return self.plan.steps
+
+    def wrap(self, model, optimizer, schedule: Callable, accelerator, n_examples: int,
+             seed: int):
+        """Opacus's model and optimizer (DPDDP across processes, each rank its own seed), the
+        Poisson batches drawn, then the schedule on the private optimizer."""
+        world, rank = accelerator.num_processes, accelerator.process_index
+        model, optimizer, poisson, _ = opacus_dp.make_private(
+            model, optimizer, n_examples, self.plan,
+            seed if world == 1 else seed * 1_000_003 + rank, distributed=world > 1)
+        self.order = opacus_dp.poisson_batches(poisson, self.plan.steps)
+        return model, optimizer, schedule(optimizer)
+
+    def batches(self, order: list[list[int]], accelerator) -> list[list[int]]:
+        return self.order
+
+    def noise_only_step(self, optimizer) -> None:
+        opacus_dp.noise_only_step(optimizer)
+
+    def log_parts(self, idx: Sequence[int]) -> dict[str, float]:
+        return {"batch_size": float(len(idx))}
+
+    def unwrap(self, model, accelerator):
+        return opacus_dp.unwrap(model)
+
+    def account(self, steps: int) -> dict[str, Any] | None:
+        return self.plan.account(steps) if self.plan.account else None
+
+
+# -- the run -------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """The prepared pieces of one run, shared by its steps."""
+    job: TrainJob
+    params: KDParams
+    accelerator: Any
+    dp: NoDP | DPSGD
+    source: BatchSource
+    model: Any                  # as wrapped (Accelerate or Opacus)
+    optimizer: Any
+    scheduler: Any
+    teacher: Any                # as prepared by Accelerate, or None
+    student: Any                # the plain model inside `model`
+    plain_teacher: Any
+    projection: torch.nn.Module | None   # DistilDP's hidden-state projection, or None
+    batches: list[list[int]]
+
+
 def _checkpoint_dir(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".ckpt")
 
 
-def train(model, examples: Sequence[Encoded], method: Method, cfg: TrainConfig, *,
-          out_dir: str | Path, seed: int, pad_id: int, tokenizer=None, teacher=None,
-          params: dict[str, Any] | None = None, run_key: str = "", mixed_precision: str = "no",
-          desc: str = "train", callbacks: Sequence[StepCallback] = (),
-          validation: Sequence[Encoded] = (), max_length: int | None = None,
-          dp: opacus_dp.DPPlan | None = None) -> TrainResult:
-    """Train `model` on `examples` with `method`'s loss and data source; save it to `out_dir`
-    (safetensors).
+def train(job: TrainJob) -> TrainResult:
+    """Train `job.model` on `job.examples` with the method's loss and data source; save it to
+    `job.out_dir` (safetensors).
 
-    `params` are the method's parameters (`methods.method_params`); `validation` feeds
-    DistiLLM's schedule; `max_length` bounds prompt + sampled response. `run_key` identifies
-    the inputs; a checkpoint left by an interrupted run with the same key is resumed, one with
-    another key is discarded. With `dp` (a plan from `kdaudit.dp.dpsgd.plan`), training is
-    DP-SGD (`kdaudit.train.dp`): Poisson batches, per-sample clipping, the plan's noise and
-    number of steps; it restarts rather than resumes, and `privacy.json` beside the model
-    records the ε the plan's accounting says was spent.
+    With `job.dp`, training is DP-SGD (`kdaudit.train.dp`): Poisson batches, per-sample
+    clipping, the plan's noise and number of steps; it restarts rather than resumes, and
+    `privacy.json` beside the model records the ε the plan's accounting says was spent.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_cosine_schedule_with_warmup
-
-    out_dir = Path(out_dir)
+    _check(job)
+    out_dir = Path(job.out_dir)
     ckpt = _checkpoint_dir(out_dir)
-    params = params if params is not None else method_params(method)
-    if method.needs_teacher and teacher is None:
-        raise ValueError(f"method '{method.name}' needs a teacher model")
-    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
-        raise ValueError(f"method '{method.name}': teacher and student vocabularies differ "
-                         f"({teacher.config.vocab_size} vs {model.config.vocab_size}); "
-                         f"distillation needs one shared tokenizer")
-
-    accelerator = Accelerator(mixed_precision=mixed_precision)
-    set_seed(seed)
-    source = BatchSource(method, examples, params, pad_id=pad_id,
-                         eos_id=model.config.eos_token_id,
-                         seed=seed * 1_000_003 + accelerator.process_index,
-                         max_length=max_length or max(len(e.input_ids) for e in examples),
-                         validation=validation)
-    order = batch_order([len(e.input_ids) for e in examples], cfg.batch_size, cfg.epochs, seed)
-    if cfg.max_steps:
-        order = (order * (cfg.max_steps // len(order) + 1))[:cfg.max_steps]
-    world, rank = accelerator.num_processes, accelerator.process_index
-    total = len(order) // world if world > 1 else len(order)
-
-    model.train()
-    plan = dp
-    if plan is not None:
-        if method.name not in DP_METHODS:
-            raise ValueError(f"DP-SGD supports the methods {DP_METHODS}, not '{method.name}'")
-        # per-sequence means: one example's gradient ignores the others' lengths
-        params = {**params, "per_sequence": True}
-        total = plan.steps
-        opacus_dp.check_supported(model)
-        model.to(accelerator.device)
-    # DistilDP's hidden-state term: the student's last hidden state through a learned
-    # projection onto the teacher's width (the identity when the widths agree)
-    hidden = bool(method.hidden and params.get("hidden_weight"))
-    projection = torch.nn.Identity()
-    if hidden:
-        d_s, d_t = model.config.hidden_size, teacher.config.hidden_size
-        if d_s != d_t:
-            projection = torch.nn.Linear(d_s, d_t, bias=False)
-        model.add_module("kdaudit_projection", projection)   # trained, saved without it
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2]
-    no_decay = [p for n, p in trainable if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    if plan is not None:   # Opacus's Poisson loader is never handed to Accelerate
-        model, optimizer, poisson, _ = opacus_dp.make_private(
-            model, optimizer, len(examples), plan,
-            seed if world == 1 else seed * 1_000_003 + rank, distributed=world > 1)
-        order = opacus_dp.poisson_batches(poisson, total)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    if plan is None:
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if teacher is not None:
-        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
-        teacher.eval()
-
-    start = _resume(accelerator, ckpt, run_key, total, source, fresh=plan is not None)
+    run = _prepare(job)
+    total, accelerator = len(run.batches), run.accelerator
+    start = _resume(accelerator, ckpt, job.run_key, total, run.source,
+                    fresh=not run.dp.checkpoints)
     log_path = ckpt / "train_log.jsonl"
-
-    student = accelerator.unwrap_model(model) if plan is None else opacus_dp.unwrap(model)
-    plain_teacher = accelerator.unwrap_model(teacher) if teacher is not None else None
-    source.prepare(student, plain_teacher)
+    run.source.prepare(run.student, run.plain_teacher)
     first_loss = last_loss = float("nan")
     t0 = time.time()
-    bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total, initial=start, desc=job.desc, unit="step", dynamic_ncols=True,
                disable=not accelerator.is_main_process, mininterval=1.0)
     # one process writes the log and the checkpoint's shared files; the others only train
     with (log_path.open("a") if accelerator.is_main_process else open(os.devnull, "w")) as log:
         for step in range(start, total):
-            # DP-SGD: each rank has its own Poisson batches (Opacus's distributed sampler)
-            idx = order[step * world + rank] if world > 1 and plan is None else order[step]
-            if plan is not None and not idx:   # an empty Poisson batch: the step is noise only
-                opacus_dp.noise_only_step(optimizer)
-                scheduler.step()
+            idx = run.batches[step]
+            if not idx:   # an empty Poisson batch (DP-SGD): the step is noise only
+                run.dp.noise_only_step(run.optimizer)
+                run.scheduler.step()
                 bar.update(1)
                 continue
-            batch, origin = source.next_batch(idx, student, plain_teacher)
-            batch = batch.to(accelerator.device)
-            with accelerator.autocast():
-                out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                            position_ids=batch.position_ids, output_hidden_states=hidden)
-                logits = out.logits
-                teacher_logits = None
-                if method.needs_teacher:
-                    with torch.no_grad():
-                        t_out = teacher(input_ids=batch.input_ids,
-                                        attention_mask=batch.attention_mask,
-                                        position_ids=batch.position_ids,
-                                        output_hidden_states=hidden)
-                    teacher_logits = t_out.logits
-                if hidden:
-                    batch.extras["student_hidden"] = projection(out.hidden_states[-1])
-                    batch.extras["teacher_hidden"] = t_out.hidden_states[-1]
-            loss, parts = method.loss(logits, teacher_logits, batch, params)
-            if plan is not None:
-                parts["batch_size"] = float(len(idx))
-            accelerator.backward(loss)
-            if cfg.grad_clip and plan is None:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            last_loss = loss.item()
+            last_loss, parts, origin = _step(run, idx)
             if step == start:
                 first_loss = last_loss
-            record = {"step": step + 1, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                      **{k: float(v) for k, v in parts.items()},
-                      **{k: float(v) for k, v in origin.items()},
-                      **source.after_step(step + 1, student, plain_teacher)}
-            if ((step + 1) % cfg.log_every == 0 or step + 1 == total or step == start
-                    or "val_loss" in record):
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+            record = _record(run, step, last_loss, parts, origin)
+            _log(log, record, step, start, total, job.cfg.log_every)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
-            for cb in callbacks:
+            for cb in job.callbacks:
                 cb(step + 1, record)
-            if (cfg.checkpoint_every and plan is None and (step + 1) % cfg.checkpoint_every == 0
-                    and step + 1 < total):
-                _save_checkpoint(accelerator, ckpt, source, step + 1, run_key)
+            every = job.cfg.checkpoint_every
+            if every and run.dp.checkpoints and (step + 1) % every == 0 and step + 1 < total:
+                _save_checkpoint(accelerator, ckpt, run.source, step + 1, job.run_key)
     bar.close()
 
     accelerator.wait_for_everyone()
-    privacy = plan.account(total) if plan is not None and plan.account else None
-    if accelerator.is_main_process:
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if hidden:
-            del student.kdaudit_projection
-        student.save_pretrained(str(tmp), safe_serialization=True)
-        if privacy is not None:
-            atomic_write_json(tmp / "privacy.json", privacy)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        shutil.copy(log_path, tmp / "train_log.jsonl")
-        publish_dir(tmp, out_dir)
-        shutil.rmtree(ckpt, ignore_errors=True)
+    privacy = run.dp.account(total)
+    _save_model(run, out_dir, log_path, privacy)
     accelerator.free_memory()
     return TrainResult(steps=total, seconds=time.time() - t0, first_loss=first_loss,
-                       last_loss=last_loss, resumed_from=start,
-                       privacy=privacy)
+                       last_loss=last_loss, resumed_from=start, privacy=privacy)
+
+
+def _check(job: TrainJob) -> None:
+    """A teacher where the method needs one, sharing the student's vocabulary."""
+    method, teacher = job.method, job.teacher
+    if method.needs_teacher and teacher is None:
+        raise ValueError(f"method '{method.name}' needs a teacher model")
+    if teacher is not None and teacher.config.vocab_size != job.model.config.vocab_size:
+        raise ValueError(f"method '{method.name}': teacher and student vocabularies differ "
+                         f"({teacher.config.vocab_size} vs {job.model.config.vocab_size}); "
+                         f"distillation needs one shared tokenizer")
+
+
+def _prepare(job: TrainJob) -> _Run:
+    """Seeds, the batch source and order, the optimizer and schedule, all wrapped for the
+    devices (Accelerate) and for DP-SGD when the job asks for it. The order of these calls is
+    the order of the random draws: keep it."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    params = job.params if job.params is not None else method_params(job.method)
+    dp = DPSGD(job.dp) if job.dp is not None else NoDP()
+    accelerator = Accelerator(mixed_precision=job.mixed_precision)
+    set_seed(job.seed)
+    source = BatchSource(job.method, job.examples, params, pad_id=job.pad_id,
+                         eos_id=job.model.config.eos_token_id,
+                         seed=job.seed * 1_000_003 + accelerator.process_index,
+                         max_length=job.max_length or max(len(e.input_ids)
+                                                          for e in job.examples),
+                         validation=job.validation)
+    order = _order(job)
+    total = dp.steps(order, accelerator.num_processes)
+    job.model.train()
+    params = dp.setup(job.model, job.method, params, accelerator.device)
+    projection = _attach_projection(job.model, job.teacher, job.method, params)
+    model, optimizer, scheduler = dp.wrap(job.model, _optimizer(job.model, job.cfg),
+                                          _scheduler(job.cfg, total), accelerator,
+                                          len(job.examples), job.seed)
+    teacher = plain_teacher = None
+    if job.teacher is not None:
+        teacher = accelerator.prepare_model(job.teacher, evaluation_mode=True)
+        teacher.eval()
+        plain_teacher = accelerator.unwrap_model(teacher)
+    return _Run(job, params, accelerator, dp, source, model, optimizer, scheduler, teacher,
+                dp.unwrap(model, accelerator), plain_teacher, projection,
+                dp.batches(order, accelerator))
+
+
+def _order(job: TrainJob) -> list[list[int]]:
+    """Every step's example indices: seeded, length-grouped epochs, cycled to `max_steps`."""
+    cfg = job.cfg
+    order = batch_order([len(e.input_ids) for e in job.examples], cfg.batch_size, cfg.epochs,
+                        job.seed)
+    if cfg.max_steps:
+        order = (order * (cfg.max_steps // len(order) + 1))[:cfg.max_steps]
+    return order
+
+
+def _attach_projection(model, teacher, method: Method, params: KDParams
+                       ) -> torch.nn.Module | None:
+    """DistilDP's hidden-state term: the student's last hidden state through a learned
+    projection onto the teacher's width (the identity when the widths agree), registered on
+    the model so that the optimizer trains it (it is saved without it). None without the
+    term."""
+    if not (method.hidden and params.hidden_weight):
+        return None
+    d_s, d_t = model.config.hidden_size, teacher.config.hidden_size
+    projection = torch.nn.Linear(d_s, d_t, bias=False) if d_s != d_t else torch.nn.Identity()
+    model.add_module("kdaudit_projection", projection)
+    return projection
+
+
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on biases and norms)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2]
+    no_decay = [p for n, p in trainable if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def _scheduler(cfg: TrainConfig, total: int) -> Callable:
+    """Cosine decay after a linear warm-up, made for the optimizer once it is wrapped."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return lambda optimizer: get_cosine_schedule_with_warmup(
+        optimizer, int(cfg.warmup_ratio * total), total)
+
+
+def _forward(run: _Run, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(student logits, teacher logits or None); with DistilDP's hidden term, both models'
+    last hidden states go into `batch.extras`, the student's through the projection."""
+    hidden = run.projection is not None
+    with run.accelerator.autocast():
+        out = run.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids, output_hidden_states=hidden)
+        teacher_logits = None
+        if run.job.method.needs_teacher:
+            with torch.no_grad():
+                t_out = run.teacher(input_ids=batch.input_ids,
+                                    attention_mask=batch.attention_mask,
+                                    position_ids=batch.position_ids,
+                                    output_hidden_states=hidden)
+            teacher_logits = t_out.logits
+        if hidden:
+            batch.extras["student_hidden"] = run.projection(out.hidden_states[-1])
+            batch.extras["teacher_hidden"] = t_out.hidden_states[-1]
+    return out.logits, teacher_logits
+
+
+def _step(run: _Run, idx: Sequence[int]) -> tuple[float, dict[str, float], dict[str, float]]:
+    """One optimisation step on these examples: (loss, the loss's parts, where the batch's
+    rows came from)."""
+    batch, origin = run.source.next_batch(idx, run.student, run.plain_teacher)
+    batch = batch.to(run.accelerator.device)
+    logits, teacher_logits = _forward(run, batch)
+    loss, parts = run.job.method.loss(logits, teacher_logits, batch, run.params)
+    parts.update(run.dp.log_parts(idx))
+    run.accelerator.backward(loss)
+    if run.job.cfg.grad_clip and run.dp.clips_by_norm:
+        run.accelerator.clip_grad_norm_(run.model.parameters(), run.job.cfg.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss.item(), parts, origin
+
+
+def _record(run: _Run, step: int, loss: float, parts: dict[str, float],
+            origin: dict[str, float]) -> dict[str, float]:
+    """The step's log record; DistiLLM's schedule evaluates here (`source.after_step`)."""
+    return {"step": step + 1, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
+            **{k: float(v) for k, v in parts.items()},
+            **{k: float(v) for k, v in origin.items()},
+            **run.source.after_step(step + 1, run.student, run.plain_teacher)}
+
+
+def _log(log, record: dict[str, float], step: int, start: int, total: int,
+         every: int) -> None:
+    """Every `every` steps, the first and the last, and every validation loss."""
+    if (step + 1) % every == 0 or step + 1 == total or step == start or "val_loss" in record:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+
+def _save_model(run: _Run, out_dir: Path, log_path: Path,
+                privacy: dict[str, Any] | None) -> None:
+    """The main process publishes the model (without the projection), the tokenizer, the
+    training log and `privacy.json`, then removes the checkpoint."""
+    if not run.accelerator.is_main_process:
+        return
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if run.projection is not None:
+        del run.student.kdaudit_projection
+    run.student.save_pretrained(str(tmp), safe_serialization=True)
+    if privacy is not None:
+        atomic_write_json(tmp / "privacy.json", privacy)
+    if run.job.tokenizer is not None:
+        run.job.tokenizer.save_pretrained(str(tmp))
+    shutil.copy(log_path, tmp / "train_log.jsonl")
+    publish_dir(tmp, out_dir)
+    shutil.rmtree(_checkpoint_dir(out_dir), ignore_errors=True)
 
 
 def _resume(accelerator, ckpt: Path, run_key: str, total: int, source: BatchSource, *,

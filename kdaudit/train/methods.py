@@ -4,9 +4,11 @@ A loss takes the model's logits, the teacher's logits (or None), the batch and t
 parameters, and returns (scalar loss, named parts for the log). Positions are shifted here
 once: logits at t predict the token at t+1, scored where `target_mask[:, t+1]` is set.
 
-With `params["per_sequence"]` a loss that supports it is the mean over the batch of each
-sequence's mean token loss, so one example's gradient does not depend on the others' lengths:
-the sensitivity DP-SGD assumes. `DP_METHODS` are the methods whose loss supports it.
+The parameters are a `KDParams`, every default already resolved (`method_params`): a loss
+reads attributes and declares the KDConfig fields it reads in `reads`. With
+`params.per_sequence` a loss that supports it is the mean over the batch of each sequence's
+mean token loss, so one example's gradient does not depend on the others' lengths: the
+sensitivity DP-SGD assumes. `DP_METHODS` are the methods that declare `dp_sgd`.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ import torch.nn.functional as F
 
 from kdaudit.train import objectives
 from kdaudit.train.batching import Batch
+from kdaudit.train.config import KDConfig, KDParams
 
-LossFn = Callable[[torch.Tensor, torch.Tensor | None, Batch, dict[str, Any]],
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, Batch, KDParams],
                   tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -44,7 +47,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
 
 def ce_loss(logits, teacher_logits, batch, params):
     s, y, m = shifted(logits, batch)
-    loss = cross_entropy(s, y, m, per_sequence=params.get("per_sequence", False))
+    loss = cross_entropy(s, y, m, per_sequence=params.per_sequence)
     return loss, {"ce": loss.item(), "objective": loss.item()}
 
 
@@ -54,8 +57,7 @@ ce_loss.reads = ()   # the KDConfig fields a loss reads (`Method.kd_fields`)
 def kd_loss(logits, teacher_logits, batch, params):
     """(1 − kd_ratio)·CE + kd_ratio·τ²·KL(p_teacher ‖ q_student) on the batch's responses
     (ground truth for kd, teacher samples for seqkd)."""
-    ratio, tau = params.get("kd_ratio", 1.0), params.get("temperature", 1.0)
-    per_sequence = params.get("per_sequence", False)
+    ratio, tau, per_sequence = params.kd_ratio, params.temperature, params.per_sequence
     s, y, m = shifted(logits, batch)
     t = teacher_logits[:, :-1]
     ce = cross_entropy(s, y, m, per_sequence=per_sequence)
@@ -76,7 +78,7 @@ def distildp_loss(logits, teacher_logits, batch, params):
     w is `soft_label_weight`; the hidden term compares the last hidden states over real
     tokens, the student's through the loop's learned projection P (`batch.extras`
     "student_hidden" and "teacher_hidden", present when hidden_weight > 0)."""
-    w, tau, hw = params["soft_label_weight"], params["temperature"], params["hidden_weight"]
+    w, tau, hw = params.soft_label_weight, params.temperature, params.hidden_weight
     s, y, m = shifted(logits, batch)
     ce = cross_entropy(s, y, m)
     kl = objectives.forward_kl(s, teacher_logits[:, :-1], m, temperature=tau)
@@ -98,9 +100,9 @@ def divergence_loss(name: str, **param_fields: str) -> LossFn:
     """τ²·D(teacher, student) on the batch's responses, D a divergence of `objectives`;
     `param_fields` maps the divergence's keyword (beta, alpha) to its config field."""
     def loss_fn(logits, teacher_logits, batch, params):
-        tau = params.get("temperature", 1.0)
+        tau = params.temperature
         s, _, m = shifted(logits, batch)
-        kw = {k: params[field] for k, field in param_fields.items()}
+        kw = {k: getattr(params, field) for k, field in param_fields.items()}
         value = objectives.DIVERGENCES[name](s, teacher_logits[:, :-1], m, temperature=tau, **kw)
         return tau ** 2 * value, {name: value.item(), "objective": value.item()}
 
@@ -132,7 +134,7 @@ def minillm_loss(logits, teacher_logits, batch, params):
     differentiated exactly over the vocabulary. Sampling-time log probabilities come in
     `batch.extras` ("student_logprob", "teacher_logprob", aligned with the tokens).
     """
-    alpha, clip = params["teacher_mix_alpha"], params["minillm_clip"]
+    alpha, clip = params.teacher_mix_alpha, params.minillm_clip
     s, y, m = shifted(logits, batch)
     mf = m.float()
     lq_old = batch.extras["student_logprob"][:, 1:]
@@ -145,7 +147,7 @@ def minillm_loss(logits, teacher_logits, batch, params):
         else:
             weight = torch.ones_like(lq_old)
         rewards = lp_old - lq_old
-        advantage = weight * minillm_returns(rewards, mf, params["minillm_discount"])
+        advantage = weight * minillm_returns(rewards, mf, params.minillm_discount)
     ratio = (lq - lq_old).exp()
     surrogate = torch.maximum(-advantage * ratio,
                               -advantage * ratio.clamp(1 - clip, 1 + clip))
@@ -191,6 +193,8 @@ class Method:
     # trains on the private records themselves with DP-SGD
     privacy: str | None = None
     hidden: bool = False        # the loss may align hidden states (DistilDP's hidden_weight)
+    # DP-SGD can train it: its loss honours `per_sequence` and its data is fixed (no sampling)
+    dp_sgd: bool = False
 
     @property
     def kd_fields(self) -> tuple[str, ...]:
@@ -214,13 +218,13 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "pretrain": Method("pretrain", ce_loss, student=False,
+    "pretrain": Method("pretrain", ce_loss, student=False, dp_sgd=True,
                        description="next-token CE on every token of public pre-training text"),
-    "sft": Method("sft", ce_loss, student=False,
+    "sft": Method("sft", ce_loss, student=False, dp_sgd=True,
                   description="supervised fine-tuning: CE on response tokens"),
-    "nokd": Method("nokd", ce_loss,
+    "nokd": Method("nokd", ce_loss, dp_sgd=True,
                    description="student base fine-tuned on public ground truth, no teacher"),
-    "kd": Method("kd", kd_loss, needs_teacher=True,
+    "kd": Method("kd", kd_loss, needs_teacher=True, dp_sgd=True,
                  description="word-level KD: forward KL to the teacher on public ground truth"),
     "seqkd": Method("seqkd", kd_loss, needs_teacher=True, data="teacher_samples",
                     description="sequence-level KD: forward KL on teacher responses to public "
@@ -249,34 +253,33 @@ METHODS: dict[str, Method] = {
                        hidden=True,
                        description="DistilDP: synthetic records written by a DP teacher, hard "
                                    "and soft labels (and optional hidden-state alignment)"),
-    "synthetic_only": Method("synthetic_only", ce_loss, privacy="synthetic",
+    "synthetic_only": Method("synthetic_only", ce_loss, privacy="synthetic", dp_sgd=True,
                              description="the DP teacher's synthetic records with hard labels "
                                          "only (DistilDP with soft_label_weight 0)"),
-    "dpsgd_student": Method("dpsgd_student", ce_loss, privacy="private",
+    "dpsgd_student": Method("dpsgd_student", ce_loss, privacy="private", dp_sgd=True,
                             description="DP-SGD fine-tuning of the student base on the private "
                                         "records, no teacher"),
     "dpkd": Method("dpkd", kd_loss, needs_teacher=True, privacy="private",
+                   dp_sgd=True,
                    description="DP-SGD of the student with the KD loss from a DP teacher on the "
                                "private records (ε split between the two)"),
 }
 
-# methods whose loss honours `per_sequence` and whose data is fixed: DP-SGD can train them
-DP_METHODS = tuple(k for k, m in METHODS.items()
-                   if m.loss in (ce_loss, kd_loss) and m.data == "ground_truth")
+# the methods DP-SGD can train (`Method.dp_sgd`)
+DP_METHODS = tuple(k for k, m in METHODS.items() if m.dp_sgd)
 
 
-def method_params(method: Method, kd: Any | None = None, family: str | None = None
-                  ) -> dict[str, Any]:
+def method_params(method: Method, kd: KDConfig | None = None, family: str | None = None
+                  ) -> KDParams:
     """The parameters a method trains with: the KD config, with fields left at None filled
-    by the method's defaults (kd_ratio: 0.5 for LLaMA-family students, else 1.0)."""
-    from kdaudit.train.config import KDConfig
-
-    params = dataclasses.asdict(kd if kd is not None else KDConfig())
+    by the method's defaults (kd_ratio: 0.5 for LLaMA-family students, else 1.0;
+    on_policy_fraction: 0 unless the method sets it)."""
+    values = dataclasses.asdict(kd if kd is not None else KDConfig())
     for key, value in method.defaults:
-        if params.get(key) is None:
-            params[key] = value
-    if params.get("kd_ratio") is None:
-        params["kd_ratio"] = 0.5 if family == "llama" else 1.0
-    if params.get("on_policy_fraction") is None:
-        params["on_policy_fraction"] = 0.0
-    return params
+        if values[key] is None:
+            values[key] = value
+    if values["kd_ratio"] is None:
+        values["kd_ratio"] = 0.5 if family == "llama" else 1.0
+    if values["on_policy_fraction"] is None:
+        values["on_policy_fraction"] = 0.0
+    return KDParams(**values)

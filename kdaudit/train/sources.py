@@ -20,6 +20,7 @@ import torch
 
 from kdaudit.data.template import Encoded
 from kdaudit.train.batching import Batch, collate
+from kdaudit.train.config import KDParams
 from kdaudit.train.methods import Method
 from kdaudit.train.sampling import sample_responses
 
@@ -48,7 +49,7 @@ class AdaptiveSchedule:
 class BatchSource:
     """Training batches for one method; `next_batch` may sample from the live model."""
 
-    def __init__(self, method: Method, examples: Sequence[Encoded], params: dict[str, Any], *,
+    def __init__(self, method: Method, examples: Sequence[Encoded], params: KDParams, *,
                  pad_id: int, eos_id: int | None, seed: int, max_length: int,
                  validation: Sequence[Encoded] = ()):
         self.method, self.params = method, params
@@ -58,7 +59,7 @@ class BatchSource:
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.buffer: list[Encoded] = []
-        self.schedule = AdaptiveSchedule(params["distillm_init_prob"], params["loss_eps"]) \
+        self.schedule = AdaptiveSchedule(params.distillm_init_prob, params.loss_eps) \
             if method.adaptive else None
         self.prepared = method.data != "teacher_samples"
         if method.adaptive and not self.validation:
@@ -67,15 +68,15 @@ class BatchSource:
 
     # -- sampling --------------------------------------------------------------------------
     def _prompt(self, e: Encoded) -> list[int]:
-        room = max(1, self.max_length - self.params["max_new_tokens"])
+        room = max(1, self.max_length - self.params.max_new_tokens)
         return e.input_ids[:e.response_start][-room:]
 
     def _sample(self, chosen: Sequence[Encoded], model, teacher=None, mix: float = 0.0):
         prompts = [self._prompt(e) for e in chosen]
-        samples = sample_responses(model, prompts, max_new_tokens=self.params["max_new_tokens"],
+        samples = sample_responses(model, prompts, max_new_tokens=self.params.max_new_tokens,
                                    pad_id=self.pad_id, eos_id=self.eos_id, teacher=teacher,
-                                   teacher_mix=mix, temperature=self.params["sample_temperature"],
-                                   top_p=self.params["top_p"], generator=self.generator)
+                                   teacher_mix=mix, temperature=self.params.sample_temperature,
+                                   top_p=self.params.top_p, generator=self.generator)
         return [Encoded(p + s.tokens, len(p)) for p, s in zip(prompts, samples)], samples
 
     def prepare(self, model, teacher) -> None:
@@ -92,13 +93,13 @@ class BatchSource:
             return 1.0
         if self.method.data != "student_samples":
             return 0.0
-        return self.schedule.prob if self.schedule else self.params["on_policy_fraction"]
+        return self.schedule.prob if self.schedule else self.params.on_policy_fraction
 
     def next_batch(self, idx: Sequence[int], model, teacher) -> tuple[Batch, dict[str, float]]:
         """The batch for these example indices, and counts of where its rows came from."""
         chosen = [self.examples[i] for i in idx]
         if self.method.data == "mixture":
-            rows, samples = self._sample(chosen, model, teacher, self.params["teacher_mix_alpha"])
+            rows, samples = self._sample(chosen, model, teacher, self.params.teacher_mix_alpha)
             extras = {"student_logprob": [s.student_logprob for s in samples],
                       "teacher_logprob": [s.teacher_logprob for s in samples]}
             return collate(rows, self.pad_id, extras), {"generated": len(rows)}
@@ -106,12 +107,12 @@ class BatchSource:
             return collate(chosen, self.pad_id), {"generated": 0}
         n_replay = 0
         if self.method.replay:
-            want = int(round(self.params["replay_ratio"] * len(chosen)))
+            want = int(round(self.params.replay_ratio * len(chosen)))
             n_replay = want if len(self.buffer) >= want else 0
         replayed = self.rng.sample(self.buffer, n_replay) if n_replay else []
         fresh, _ = self._sample(chosen[:len(chosen) - n_replay], model)
         if self.method.replay:
-            self.buffer = (self.buffer + fresh)[-self.params["replay_size"]:]
+            self.buffer = (self.buffer + fresh)[-self.params.replay_size:]
         return collate(fresh + replayed, self.pad_id), {"generated": len(fresh),
                                                         "replayed": len(replayed)}
 
@@ -136,7 +137,7 @@ class BatchSource:
 
     def after_step(self, step: int, model, teacher) -> dict[str, float]:
         """DistiLLM: every `eval_every` steps, the validation loss drives the schedule."""
-        if self.schedule is None or step % self.params["eval_every"]:
+        if self.schedule is None or step % self.params.eval_every:
             return {}
         val = self.validation_loss(model, teacher)
         self.schedule.update(val)

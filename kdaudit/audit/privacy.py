@@ -67,7 +67,7 @@ def canary_rows(model_id: str, model, tokenizer, canaries: Sequence[Canary], *,
     return rows
 
 
-def _spent(source: object) -> dict | None:
+def spent_privacy(source: object) -> dict | None:
     """The `privacy.json` kdaudit wrote beside a DP model (None for other models, hub names
     and loaded model objects)."""
     if not isinstance(source, (str, Path)) or not (Path(source) / "privacy.json").is_file():
@@ -78,7 +78,7 @@ def _spent(source: object) -> dict | None:
 def spent_rows(model_id: str, source: object) -> list[dict]:
     """What a model's DP training spent: the accounted ε (Gaussian DP-SGD), or LMO-DP's
     claimed ε beside a lower bound on its true ε; nothing for a model without privacy.json."""
-    spent = _spent(source)
+    spent = spent_privacy(source)
     if spent is None:
         return []
     if spent.get("mechanism") == "lmo":
@@ -94,7 +94,7 @@ def spent_rows(model_id: str, source: object) -> list[dict]:
 
 def spent_delta(source: object) -> float:
     """The δ a kdaudit DP model was trained at (0 for a model without privacy.json)."""
-    return float((_spent(source) or {}).get("delta") or 0.0)
+    return float((spent_privacy(source) or {}).get("delta") or 0.0)
 
 
 def _num(x) -> float:

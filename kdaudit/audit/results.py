@@ -1,12 +1,7 @@
-"""Run the attack suite over a set of models and gather tidy tables.
-
-The pipeline and `audit_models` share this code: per model one forward pass over members
-and non-members (`attacks.scoring.token_stats`) and one batch of greedy generations; the
-signals, metrics and memorization numbers are then pure functions of those.
-"""
+"""The tables of an audit, as pure functions of per-model passes and generations: signals,
+ROC metrics, per-block risk, memorization, and the riskiest records."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,24 +10,29 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from attacks.blocks import block_mope_scores, mope_scores
-from attacks.memorization import greedy_generate, match_metrics, sample_generate, secret_hits
-from attacks.metrics import roc_metrics
+from attacks.memorization import match_metrics, secret_hits
+from attacks.metrics import FPR_TARGETS, roc_metrics
 from attacks.mia import MODEL_FREE, SIGNALS, ReferenceModels, SignalInputs
-from attacks.scoring import TokenStats, token_stats
+from attacks.scoring import TokenStats
+from kdaudit.audit.passes import ModelPass, hidden_secrets
 from kdaudit.config import AuditConfig
 from kdaudit.data.records import Record
-from kdaudit.data.template import encode_prompt, encode_record, format_prompt
+from kdaudit.data.template import encode_record
 
 
 @dataclass
 class ModelInfo:
-    """One audited model: its id, role (teacher / student / baseline / base) and base id."""
+    """One audited model: its id, role (teacher / student / baseline / base), base id, and the
+    method and ε that made it (ε = ∞ for a model trained without DP). They are set where the
+    model is named and travel as columns of the report's model table, never parsed from ids."""
 
     id: str
     role: str
     base: str | None = None
     description: str = ""
+    method: str | None = None
+    epsilon: float = math.inf
+    private: bool = False       # trained by a DP recipe (its ε = ∞ variant included)
 
 
 @dataclass
@@ -54,118 +54,6 @@ class AuditSet:
         """Indices of the first n members and first n non-members (all where fewer)."""
         m = len(self.members)
         return list(range(min(n, m))) + list(range(m, m + min(n, len(self.nonmembers))))
-
-
-@dataclass
-class ModelPass:
-    """What one model yields on the audited records; signals and tables derive from it."""
-
-    stats: TokenStats                       # the one shared forward pass
-    lowercase: TokenStats | None = None     # responses lowercased (the `lowercase` signal)
-    mope: np.ndarray | None = None          # (N,) whole-model MoPe
-    blocks: np.ndarray | None = None        # (n_blocks, N) per-block MoPe
-
-    def save(self, path: str | Path) -> None:
-        arrays = {f"stats_{k}": v for k, v in self.stats.__dict__.items()}
-        if self.lowercase is not None:
-            arrays.update({f"lower_{k}": v for k, v in self.lowercase.__dict__.items()})
-        for name in ("mope", "blocks"):
-            if getattr(self, name) is not None:
-                arrays[name] = getattr(self, name)
-        path = Path(path)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ModelPass":
-        with np.load(path) as z:
-            def stats(prefix):
-                keys = ("logprob", "mean", "var", "offsets")
-                if f"{prefix}_logprob" not in z:
-                    return None
-                return TokenStats(*(z[f"{prefix}_{k}"] for k in keys))
-            return cls(stats("stats"), stats("lower"), z["mope"] if "mope" in z else None,
-                       z["blocks"] if "blocks" in z else None)
-
-
-def compute_pass(model, tokenizer, records: Sequence[Record], cfg: AuditConfig, *,
-                 max_length: int, desc: str = "") -> ModelPass:
-    """Score `records` under `model`: the shared token statistics, plus the extra passes that
-    the configured signals need (lowercased text, weight perturbations, per-block risk)."""
-    def encode(recs):
-        enc = [encode_record(r, tokenizer, max_length) for r in recs]
-        return [e.input_ids for e in enc], [e.response_start for e in enc]
-
-    ids, starts = encode(records)
-    kw = dict(pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size)
-    out = ModelPass(token_stats(model, ids, starts, desc=f"score {desc}", **kw))
-    if "lowercase" in cfg.signals:
-        lower = [dataclasses.replace(r, response=r.response.lower()) for r in records]
-        out.lowercase = token_stats(model, *encode(lower), desc=f"lowercase {desc}", **kw)
-    if "mope" in cfg.signals:
-        out.mope = mope_scores(model, ids, starts, sigma=cfg.perturbation_sigma,
-                               n_perturbations=cfg.perturbations, **kw)
-    if cfg.block_risk:
-        out.blocks = block_mope_scores(model, ids, starts, sigma=cfg.perturbation_sigma,
-                                       n_perturbations=cfg.perturbations, **kw)
-    return out
-
-
-def compute_generations(model, tokenizer, records: Sequence[Record], cfg: AuditConfig, *,
-                        max_length: int, desc: str | None = None) -> list[list[int]]:
-    prompts = [encode_prompt(r, tokenizer, max_length - cfg.memorization_tokens)
-               for r in records]
-    return greedy_generate(model, prompts, max_new_tokens=cfg.memorization_tokens,
-                           pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                           batch_size=cfg.batch_size, desc=desc)
-
-
-def hidden_secrets(record: Record) -> list[str]:
-    """The record's secrets that its prompt does not already show."""
-    prompt = format_prompt(record)
-    return [s for s in record.secrets if s and s not in prompt]
-
-
-def compute_extraction(model, tokenizer, records: Sequence[Record], cfg: AuditConfig, *,
-                       max_length: int, seed: int = 0, desc: str = "") -> pd.DataFrame:
-    """Per record: targeted extraction (greedy continuation of the text that precedes its
-    first hidden secret) and, when `cfg.extraction_samples` > 0, sampled extraction (the most
-    likely of n top-k samples reveals a hidden secret)."""
-    rows = {r.id: {"record_id": r.id, "targeted": np.nan, "sampled": np.nan} for r in records}
-    targets = []
-    for r in records:
-        secrets = hidden_secrets(r)
-        at = [(r.response.find(s), s) for s in secrets if r.response.find(s) >= 0]
-        if at:
-            pos, secret = min(at)
-            targets.append((r, secret, r.response[:pos]))
-    if targets:
-        # tokenized as in training (prompt and response apart); the space before the secret
-        # is left for the model, as training text never ends a token sequence with it
-        lengths = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) + 2
-                   for _, s, _ in targets]
-        room = max(1, max_length - max(cfg.memorization_tokens, *lengths))
-        prompts = [(encode_prompt(r, tokenizer, max_length) +
-                    tokenizer(prefix.rstrip(), add_special_tokens=False)["input_ids"]
-                    )[-room:] for r, _, prefix in targets]
-        gen = greedy_generate(model, prompts, max_new_tokens=max(lengths),
-                              pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                              batch_size=cfg.batch_size, desc=f"targeted {desc}")
-        for (r, secret, _), g in zip(targets, gen):
-            rows[r.id]["targeted"] = float(tokenizer.decode(g, skip_special_tokens=True)
-                                           .lstrip().startswith(secret.lstrip()))
-    if cfg.extraction_samples > 0:
-        prompts = [encode_prompt(r, tokenizer, max_length - cfg.memorization_tokens)
-                   for r in records]
-        samples = sample_generate(model, prompts, n=cfg.extraction_samples,
-                                  max_new_tokens=cfg.memorization_tokens,
-                                  pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                                  batch_size=cfg.batch_size, seed=seed, desc=f"sample {desc}")
-        for r, cands in zip(records, samples):
-            best = tokenizer.decode(cands[0][0], skip_special_tokens=True)
-            rows[r.id]["sampled"] = float(any(s in best for s in hidden_secrets(r)))
-    return pd.DataFrame(list(rows.values()), columns=["record_id", "targeted", "sampled"])
 
 
 @dataclass
@@ -240,10 +128,8 @@ def _mia_rows(model: str, signal: str, scores: np.ndarray, labels: np.ndarray,
               n_bootstrap: int, seed: int) -> tuple[list[dict], tuple[np.ndarray, np.ndarray]]:
     m = roc_metrics(scores, labels, n_bootstrap=n_bootstrap, seed=seed)
     rows = []
-    for metric, ci_key in (("auc", "auc_ci"), ("tpr_at_1pct", "tpr_at_1pct_ci"),
-                           ("tpr_at_0_1pct", "tpr_at_0_1pct_ci")):
-        value, ci = m[metric], m[ci_key]
-        fpr_label = {"tpr_at_1pct": "1%", "tpr_at_0_1pct": "0.1%"}.get(metric)
+    for metric, fpr_label in (("auc", None), *((k, label) for k, _, label in FPR_TARGETS)):
+        value, ci = m[metric], m[f"{metric}_ci"]
         note = "" if value is not None or fpr_label is None else (
             f"FPR {fpr_label} not reachable with {m['n_nonmembers']} non-members; smallest "
             f"reachable FPR {m['min_fpr']:.2%}")
@@ -336,7 +222,8 @@ def assemble(models: Sequence[ModelInfo], audit_set: AuditSet, passes: Mapping[s
              stats[i.id].offsets[len(audit_set.members)]:].mean()))}
         for i in trained])
     model_table = pd.DataFrame([{"model": i.id, "role": i.role, "base": i.base or "",
-                                 "description": i.description} for i in models])
+                                 "description": i.description, "method": i.method or i.id,
+                                 "epsilon": i.epsilon, "private": i.private} for i in models])
     blocks = _block_rows(trained, passes, labels, cfg.n_bootstrap, seed)
     mia = pd.DataFrame(mia_rows)
     return AuditResult(mia=mia, memorization=memo, utility=utility, signals=signals,

@@ -165,7 +165,6 @@ class RunConfig:
         if "ref_ext" in self.audit.signals and not self.models.external:
             raise ConfigError("audit.signals: 'ref_ext' needs an independent model: set "
                               "models.external = \"builtin\" or a model folder / hub name")
-        validate_kd(self.kd)
         if len(set(self.families)) != len(self.families):
             raise ConfigError(f"families: a family is listed twice in {self.families}")
         for role in ("teacher", "student") if self.families else ():

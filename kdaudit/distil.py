@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from kdaudit.config import ConfigError, DPConfig, KDConfig, TrainConfig, validate_kd
+from kdaudit.config import ConfigError, DPConfig, KDConfig, TrainConfig
 from kdaudit.data.records import Record, load_records
 from kdaudit.data.template import encode_record
 from kdaudit.models import load_model, load_tokenizer
@@ -130,7 +130,6 @@ class StudentJob:
             if METHODS[method].needs_teacher and self.teacher is None:
                 raise ConfigError(f"method '{method}' distils from a teacher: give --teacher "
                                   f"PATH")
-        validate_kd(self.kd)
 
     def _check_private(self) -> None:
         from kdaudit.dp import students as dps

@@ -48,6 +48,9 @@ class KDConfig:
     soft_label_weight: float = 0.4      # DistilDP: weight of the teacher's soft labels
     hidden_weight: float = 0.0          # DistilDP: weight of the hidden-state MSE
 
+    def __post_init__(self) -> None:
+        validate_kd(self)
+
 
 @dataclass(frozen=True)
 class KDParams:

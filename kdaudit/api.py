@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from kdaudit.audit import AuditContext, AuditResult, AuditSet, ModelInfo, audit_model, \
-    combine, compute_pass, plain, reference_models, reference_pass
+    assemble, external_pass, reference_models, reference_pass
 from kdaudit.audit.privacy import spent_privacy
 from kdaudit.audit.inputs import audit_length, check_record_sets, check_tokenizer, \
     model_context, source_config, truncation_note
@@ -169,24 +169,21 @@ def audit_models(models: Mapping[str, Source], members: RecordsArg, nonmembers: 
     ref_models = {mid: reference_models(ctx, audits[mid], [
         (reference_pass(ctx, _load(ref), f"reference {k}"), inside)
         for k, (ref, inside) in enumerate(rs)]) for mid, rs in references.items()}
-    result = combine(ctx, infos, audits, references=ref_models,
-                     **_external_pass(ctx, external),
-                     config={"audit": cfg.__dict__, "max_length": max_length,
-                             "models": {k: str(v) for k, v in sources.items()}})
+    result = assemble(ctx, infos, audits, references=ref_models,
+                      external=_external_pass(ctx, external),
+                      config={"audit": cfg.__dict__, "max_length": max_length,
+                              "models": {k: str(v) for k, v in sources.items()}})
     result.notes = notes
     return result
 
 
-def _external_pass(ctx: AuditContext, external: Source | None) -> dict:
-    """`ref_ext`'s statistics (per byte when its tokenizer differs), as `combine` keywords."""
+def _external_pass(ctx: AuditContext, external: Source | None):
+    """`ref_ext`'s statistics and whether to compare per byte (None without a model)."""
     from kdaudit.models import load_model, load_tokenizer
 
     if external is None:
-        return {}
-    tok = load_tokenizer(external)
-    stats = compute_pass(load_model(external), tok, ctx.audit_set.records, plain(ctx.cfg),
-                         max_length=ctx.max_length, desc="external").stats
-    return {"external": stats, "external_per_byte": tok.get_vocab() != ctx.tokenizer.get_vocab()}
+        return None
+    return external_pass(ctx, load_model(external), load_tokenizer(external))
 
 
 def report_run(run_dir: str | Path, *, redact: bool = True) -> dict[str, Path]:

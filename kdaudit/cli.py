@@ -183,7 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Audit how much private fine-tuning data leaks from a teacher language "
                     "model into the students distilled from it.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_run_parser, _add_audit_parser, _add_teacher_parser, _add_student_parser):
+        add(sub)
+    from kdaudit.dp.cli import add_privacy_parser
 
+    add_privacy_parser(sub)
+    _add_report_parser(sub)
+    return parser
+
+
+def _add_run_parser(sub) -> None:
+    """`kdaudit run`: the whole pipeline from a preset or a config file."""
     p = sub.add_parser("run", help="run the whole pipeline (data, teacher, students, attacks, "
                                    "report) from a preset or a config file",
                        description="Generate or load data, fine-tune the teacher on the "
@@ -198,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for data split, initialisation and order")
     p.set_defaults(fn=_run)
 
+
+def _add_audit_parser(sub) -> None:
+    """`kdaudit audit`: attack models a user brings."""
     p = sub.add_parser("audit", help="attack models you bring (any Hugging Face causal LM "
                                      "folders or hub names) and write the risk report",
                        description="Score members and non-members under every model with every "
@@ -239,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not redact private details in example text")
     p.set_defaults(fn=_audit)
 
+
+def _add_teacher_parser(sub) -> None:
+    """`kdaudit teacher`: fine-tune a teacher, optionally with DP-SGD."""
     p = sub.add_parser("teacher", help="fine-tune a teacher on private records, optionally "
                                        "with DP-SGD",
                        description="Fine-tune BASE on DATA (the private records) and save it to "
@@ -267,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the trained teacher")
     p.set_defaults(fn=_teacher)
 
+
+def _add_student_parser(sub) -> None:
+    """`kdaudit student`: distil one student with one method."""
     from kdaudit.distil import student_methods
 
     p = sub.add_parser("student", help="distil one student from a teacher with one KD method",
@@ -303,10 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the trained student")
     p.set_defaults(fn=_student)
 
-    from kdaudit.dp.cli import add_privacy_parser
 
-    add_privacy_parser(sub)
-
+def _add_report_parser(sub) -> None:
+    """`kdaudit report`: rewrite a finished run's report."""
     p = sub.add_parser("report", help="(re)write the report of a finished run directory",
                        description="Rebuild report.html and report.md from the tables and "
                                    "scores of RUN_DIR without recomputing anything.")
@@ -314,7 +332,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-secrets", action="store_true",
                    help="do not redact private details in example text")
     p.set_defaults(fn=_report)
-    return parser
 
 
 def _quiet_transformers() -> None:

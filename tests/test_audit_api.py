@@ -134,7 +134,7 @@ def test_single_pass_signals_share_one_forward_pass_per_batch(tiny_lm):
 def test_blind_baseline_flags_a_shifted_split(tmp_path):
     """Non-members drawn from other categories than members: the model-free classifier
     separates them, and the report warns that the split is confounded."""
-    from kdaudit.audit import AuditSet, ModelInfo, ModelPass, assemble
+    from kdaudit.audit import AuditContext, AuditSet, assemble
     from kdaudit.data.corpus import CATEGORIES
 
     pool = generate_records(1600, seed=21)
@@ -142,14 +142,14 @@ def test_blind_baseline_flags_a_shifted_split(tmp_path):
     members = [r for r in pool if r.category in first][:300]
     nonmembers = [r for r in pool if r.category not in first][:300]
     cfg = AuditConfig(signals=["blind"], n_bootstrap=50)
-    result = assemble([], AuditSet(members, nonmembers), {}, {}, None, cfg, max_length=64)
+    result = assemble(AuditContext(AuditSet(members, nonmembers), None, cfg, 64), [], {})
     assert result.split_check["blind"] > 0.6
     paths = result.write_report(tmp_path)
     assert "Warning: the model-free blind baseline" in paths["md"].read_text()
 
     mixed = pool[:600]
     random.Random(0).shuffle(mixed)           # one random split of one pool: no shift
-    sound = assemble([], AuditSet(mixed[:300], mixed[300:]), {}, {}, None, cfg, max_length=64)
+    sound = assemble(AuditContext(AuditSet(mixed[:300], mixed[300:]), None, cfg, 64), [], {})
     assert 0.42 <= sound.split_check["blind"] <= 0.58
 
 

@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from kdaudit.audit import AuditResult
-from kdaudit.report import verdicts, write_report, write_suite_report
+from kdaudit.report import ReportTables, verdicts, write_report, write_suite_report
 from kdaudit.report.plots import leakage_heatmap, training_curves
 from kdaudit.report.redact import REDACTED, redact
 from kdaudit.report.render import config_text, fence, heatmap_table
@@ -126,7 +126,9 @@ def reports(tmp_path_factory) -> dict[bool, dict[str, str]]:
     for on in (True, False):
         if not on:  # only the examples matter here: skip the ROC plots to save time
             inputs["roc"] = {}
-        paths = write_report(tmp_path_factory.mktemp(f"redact_{on}"), redact=on, **inputs)
+        tables = ReportTables(**{k: v for k, v in inputs.items() if k != "run_info"})
+        paths = write_report(tmp_path_factory.mktemp(f"redact_{on}"), tables, redact=on,
+                             run_info=inputs["run_info"])
         out[on] = {k: paths[k].read_text(encoding="utf-8") for k in ("html", "md")}
         out[on]["paths"] = paths
     return out
@@ -253,8 +255,9 @@ def test_html_escaping(reports) -> None:
 
 def test_missing_optional_inputs(tmp_path) -> None:
     mia, _ = _synthetic()
-    paths = write_report(tmp_path, mia=mia, roc={}, memorization=None, utility=pd.DataFrame(),
-                         examples=pd.DataFrame(), models=None, config={})
+    paths = write_report(tmp_path, ReportTables(mia=mia, roc={}, memorization=None,
+                                                utility=pd.DataFrame(), examples=pd.DataFrame(),
+                                                models=None, config={}))
     md = paths["md"].read_text()
     for message in ("No ROC curves were provided", "No memorization results were provided",
                     "No utility results were provided", "No example generations were provided",
@@ -380,7 +383,7 @@ def test_training_csv_and_family_pass_through(tmp_path) -> None:
 def test_unreachable_tpr_heatmap_is_a_note(tmp_path) -> None:
     mia = _synthetic()[0]
     mia.loc[mia.metric == "tpr_at_1pct", "value"] = math.nan  # too few non-members for 1%
-    paths = write_report(tmp_path / "one", mia=mia)
+    paths = write_report(tmp_path / "one", ReportTables(mia=mia))
     md, html = paths["md"].read_text(), paths["html"].read_text()
     assert "heatmap_auc" in paths and "heatmap_tpr_at_1pct" not in paths
     note = "No TPR at 1% FPR heatmap: no model has a value for it"
@@ -508,7 +511,8 @@ def dp_reports(tmp_path_factory) -> dict[str, dict]:
     """Reports with DP models: accounting consistent ("ok") and violated ("bad")."""
     out = {}
     for name, bound in (("ok", 0.4), ("bad", 3.2)):
-        paths = write_report(tmp_path_factory.mktemp(f"dp_{name}"), **_dp_inputs(bound))
+        paths = write_report(tmp_path_factory.mktemp(f"dp_{name}"),
+                             ReportTables(**_dp_inputs(bound)))
         out[name] = {k: paths[k].read_text(encoding="utf-8") for k in ("html", "md")}
         out[name]["paths"] = paths
     return out

@@ -2,66 +2,24 @@
 
 `audit_model` runs everything that needs the model itself (its passes, generations,
 extraction, canaries, greedy answers) and returns a `ModelAudit`; `reference_pass` scores a
-LiRA / RMIA reference model. `combine` then turns the audits of every model into the tables,
-with no model loaded. The pipeline calls the same functions and only caches what they return.
+LiRA / RMIA reference model and `external_pass` ref_ext's independent model.
+`kdaudit.audit.results.assemble` then turns the audits of every model into the tables, with no
+model loaded. The pipeline calls the same functions and only caches what they return.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
-import pandas as pd
 
 from attacks.mia import ReferenceModels
 from attacks.scoring import TokenStats
-from kdaudit.audit.passes import ModelPass, compute_extraction, compute_generations, \
-    compute_pass
+from kdaudit.audit.context import AuditContext, ModelAudit
+from kdaudit.audit.passes import compute_extraction, compute_generations, compute_pass
 from kdaudit.audit.privacy import canary_rows, heuristic_row, spent_delta, spent_rows
-from kdaudit.audit.results import AuditResult, AuditSet, ModelInfo, assemble
 from kdaudit.config import AuditConfig
-from kdaudit.data.canaries import Canary
-from kdaudit.data.records import Record
-
-PRIVACY_COLUMNS = ["model", "metric", "value", "note"]
-
-
-@dataclass
-class AuditContext:
-    """What every model of one audit is scored on, and how."""
-
-    audit_set: AuditSet
-    tokenizer: Any
-    cfg: AuditConfig
-    max_length: int
-    seed: int = 0
-    canaries: Sequence[Canary] = ()               # planted canaries: exposure, one-run ε
-    population: Sequence[Record] | None = None    # other records of the distribution (RMIA)
-
-    @property
-    def memorization_records(self) -> list[Record]:
-        subset = self.audit_set.memorization_subset(self.cfg.memorization_records)
-        return [self.audit_set.records[i] for i in subset]
-
-    @property
-    def utility_records(self) -> list[Record]:
-        """The non-members a model answers greedily for ROUGE-L."""
-        return self.audit_set.nonmembers[:self.cfg.utility_records]
-
-
-@dataclass
-class ModelAudit:
-    """What one model yields. `population`: its mean response log-probability on the RMIA
-    population; generations, extraction and responses exist for trained models only."""
-
-    scored: ModelPass
-    population: np.ndarray | None = None
-    generations: list[list[int]] | None = None
-    extraction: pd.DataFrame | None = None       # record_id, targeted, sampled
-    responses: list[str] | None = None           # greedy answers to ctx.utility_records
-    privacy: list[dict] = field(default_factory=list)
 
 
 def plain(cfg: AuditConfig) -> AuditConfig:
@@ -120,6 +78,14 @@ def reference_pass(ctx: AuditContext, model, desc: str) -> ModelAudit:
     return out
 
 
+def external_pass(ctx: AuditContext, model, tokenizer) -> tuple[TokenStats, bool]:
+    """`ref_ext`'s independent model, scored with its own tokenizer: (its token statistics,
+    whether they must be compared per byte because its tokenizer differs)."""
+    own = dataclasses.replace(ctx, tokenizer=tokenizer, population=None)
+    stats = reference_pass(own, model, "external").scored.stats
+    return stats, tokenizer.get_vocab() != ctx.tokenizer.get_vocab()
+
+
 def reference_models(ctx: AuditContext, target: ModelAudit,
                      references: Sequence[tuple[ModelAudit, set[str]]]) -> ReferenceModels:
     """LiRA / RMIA inputs from K scored references, each with the ids it trained on."""
@@ -130,27 +96,3 @@ def reference_models(ctx: AuditContext, target: ModelAudit,
                                     dtype=bool),
                            target.population,
                            np.array(pop) if all(p is not None for p in pop) and pop else None)
-
-
-def combine(ctx: AuditContext, infos: Sequence[ModelInfo], audits: Mapping[str, ModelAudit], *,
-            references: Mapping[str, ReferenceModels] | None = None,
-            external: TokenStats | None = None, external_per_byte: bool = False,
-            config: dict[str, Any] | None = None) -> AuditResult:
-    """Every model's audit into the tables: signals, metrics, memorization, privacy, utility."""
-    from kdaudit.utility import utility_rows
-
-    gens = {k: a.generations for k, a in audits.items() if a.generations is not None}
-    extraction = {k: a.extraction for k, a in audits.items() if a.extraction is not None}
-    result = assemble(infos, ctx.audit_set, {k: a.scored for k, a in audits.items()}, gens,
-                      ctx.tokenizer, ctx.cfg, max_length=ctx.max_length, references=references,
-                      external=external, external_per_byte=external_per_byte,
-                      extraction=extraction, seed=ctx.seed, config=config)
-    result.privacy = pd.DataFrame([row for i in infos for row in audits[i.id].privacy],
-                                  columns=PRIVACY_COLUMNS)
-    answered = ctx.utility_records
-    result.utility = pd.concat(
-        [result.utility] + [pd.DataFrame(utility_rows(i.id, audits[i.id].responses,
-                                                      [r.response for r in answered]))
-                            for i in infos if audits[i.id].responses is not None],
-        ignore_index=True)
-    return result

@@ -1,5 +1,5 @@
-"""The tables of an audit, as pure functions of per-model passes and generations: signals,
-ROC metrics, per-block risk, memorization, and the riskiest records."""
+"""The tables of an audit, as pure functions of every model's `ModelAudit`: signals, ROC
+metrics, per-block risk, memorization, privacy, utility and the riskiest records."""
 from __future__ import annotations
 
 import math
@@ -14,75 +14,28 @@ from attacks.memorization import match_metrics, secret_hits
 from attacks.metrics import FPR_TARGETS, roc_metrics
 from attacks.mia import MODEL_FREE, SIGNALS, ReferenceModels, SignalInputs
 from attacks.scoring import TokenStats
+from kdaudit.audit.context import AuditContext, AuditSet, ModelAudit, ModelInfo
 from kdaudit.audit.passes import ModelPass, hidden_secrets
-from kdaudit.config import AuditConfig
 from kdaudit.data.records import Record
 from kdaudit.data.template import encode_record
+from kdaudit.report.contents import ReportTables
 
-
-@dataclass
-class ModelInfo:
-    """One audited model: its id, role (teacher / student / baseline / base), base id, and the
-    method and ε that made it (ε = ∞ for a model trained without DP). They are set where the
-    model is named and travel as columns of the report's model table, never parsed from ids."""
-
-    id: str
-    role: str
-    base: str | None = None
-    description: str = ""
-    method: str | None = None
-    epsilon: float = math.inf
-    private: bool = False       # trained by a DP recipe (its ε = ∞ variant included)
-
+PRIVACY_COLUMNS = ["model", "metric", "value", "note"]
 
 @dataclass
-class AuditSet:
-    """The records under attack: members (label 1) then non-members (label 0)."""
+class AuditResult(ReportTables):
+    """The tidy tables of one audit (the fields of `ReportTables`) and each model's
+    per-record scores (`scores`: record_id, label, category, one column per signal).
+    `training` is empty for models audited without their training logs."""
 
-    members: list[Record]
-    nonmembers: list[Record]
-
-    @property
-    def records(self) -> list[Record]:
-        return self.members + self.nonmembers
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.r_[np.ones(len(self.members)), np.zeros(len(self.nonmembers))].astype(int)
-
-    def memorization_subset(self, n: int) -> list[int]:
-        """Indices of the first n members and first n non-members (all where fewer)."""
-        m = len(self.members)
-        return list(range(min(n, m))) + list(range(m, m + min(n, len(self.nonmembers))))
-
-
-@dataclass
-class AuditResult:
-    """Tidy tables of one audit; `write_report` renders them.
-
-    `models` has one row per audited model (model, role, base, description, and optionally
-    family, e.g. gpt2 / opt / llama, passed through unchanged). `training` has one row per
-    logged training step: model, step, loss, plus whatever numeric columns the method logs
-    (ce, forward_kl, objective, lr, val_loss, student_data_prob, ...); it is empty for models
-    audited without their training logs.
-    """
-
-    mia: pd.DataFrame
-    memorization: pd.DataFrame
-    utility: pd.DataFrame
-    signals: pd.DataFrame
-    scores: dict[str, pd.DataFrame]
-    roc: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
-    examples: pd.DataFrame
-    models: pd.DataFrame
+    scores: dict[str, pd.DataFrame] = field(default_factory=dict)
     blocks: pd.DataFrame = field(default_factory=pd.DataFrame)
     privacy: pd.DataFrame = field(default_factory=pd.DataFrame)
     riskiest: pd.DataFrame = field(default_factory=pd.DataFrame)
     training: pd.DataFrame = field(
         default_factory=lambda: pd.DataFrame(columns=["model", "step", "loss"]))
     config: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)   # facts about the inputs (truncation, …)
-    secrets: list[str] = field(default_factory=list, repr=False)   # the records' declared
+    notes: list[str] = field(default_factory=list)
 
     def write_tables(self, out_dir: str | Path) -> None:
         """The tidy tables as CSV files: mia, memorization, utility, signals, blocks, privacy
@@ -101,12 +54,7 @@ class AuditResult:
         this report without redaction (named in the redacted one)."""
         from kdaudit.report import write_report
 
-        return write_report(out_dir, mia=self.mia, roc=self.roc, memorization=self.memorization,
-                            utility=self.utility, examples=self.examples, models=self.models,
-                            config=self.config, title=title, run_info=run_info, redact=redact,
-                            signals=self.signals, blocks=self.blocks, privacy=self.privacy,
-                            riskiest=self.riskiest, training=self.training,
-                            input_notes=self.notes, secrets=self.secrets,
+        return write_report(out_dir, self, title=title, run_info=run_info, redact=redact,
                             show_secrets_hint=show_secrets_hint)
 
     def summary(self) -> pd.DataFrame:
@@ -142,94 +90,120 @@ def _mia_rows(model: str, signal: str, scores: np.ndarray, labels: np.ndarray,
     return rows, (np.asarray(m["fpr"]), np.asarray(m["tpr"]))
 
 
-def assemble(models: Sequence[ModelInfo], audit_set: AuditSet, passes: Mapping[str, ModelPass],
-             generations: Mapping[str, list[list[int]]], tokenizer, cfg: AuditConfig, *,
-             per_byte: Mapping[str, bool] | None = None, max_length: int,
-             references: Mapping[str, ReferenceModels] | None = None,
-             extraction: Mapping[str, pd.DataFrame] | None = None,
-             external: TokenStats | None = None, external_per_byte: bool = False,
-             seed: int = 0, config: dict[str, Any] | None = None) -> AuditResult:
-    """Signals, metrics, memorization and utility from per-model passes and generations.
+def assemble(ctx: AuditContext, models: Sequence[ModelInfo], audits: Mapping[str, ModelAudit],
+             *, references: Mapping[str, ReferenceModels] | None = None,
+             external: tuple[TokenStats, bool] | None = None,
+             config: dict[str, Any] | None = None) -> AuditResult:
+    """Every model's audit into the tables: signals, metrics, memorization, per-block risk,
+    privacy and utility. No model is loaded.
 
     `references` maps a model id to its LiRA/RMIA reference models, where there are any;
-    `external` is an independent model's pass (`ref_ext`), per byte when its tokenizer
-    differs.
-    Model-free signals (the blind baseline) are computed once and reported as model "data".
+    `external` is an independent model's statistics (`ref_ext`) and whether to compare per
+    byte (`external_pass`). Model-free signals (the blind baseline) are computed once and
+    reported as model "data".
     """
-    labels = audit_set.labels
-    records = audit_set.records
-    texts = [r.response for r in records]
-    per_byte = per_byte or {}
-    references = references or {}
-    stats = {k: p.stats for k, p in passes.items()}
+    aset, cfg = ctx.audit_set, ctx.cfg
+    passes = {k: a.scored for k, a in audits.items()}
+    if any(s in MODEL_FREE for s in cfg.signals):
+        models = [*models, ModelInfo("data", "data", None,
+                                     "the split itself, no model (blind baseline)")]
     mia_rows, roc, scores, status = [], {}, {}, []
-    free = [s for s in cfg.signals if s in MODEL_FREE]
-    if free:
-        data = ModelInfo("data", "data", None, "the split itself, no model (blind baseline)")
-        models = [*models, data]
     for info in models:
-        p = passes.get(info.id)
-        if info.id == "data":
-            inputs = SignalInputs(texts=texts, labels=labels, seed=seed)
-        else:
-            inputs = SignalInputs(stats=p.stats, texts=texts, lowercase_stats=p.lowercase,
-                                  mope=p.mope, reference_models=references.get(info.id),
-                                  mink_k=cfg.mink_k, seed=seed)
-        if info.base is not None and info.base in stats:
-            inputs.references["ref_base"] = stats[info.base]
-            inputs.reference_per_byte["ref_base"] = per_byte.get(info.id, False)
-        if external is not None and info.id != "data":
-            inputs.references["ref_ext"] = external
-            inputs.reference_per_byte["ref_ext"] = external_per_byte
-        frame = pd.DataFrame({"record_id": [r.id for r in records], "label": labels,
-                              "category": [r.category for r in records]})
-        roc[info.id] = {}
+        inputs = _signal_inputs(ctx, info, passes, (references or {}).get(info.id), external)
+        scores[info.id], roc[info.id] = _scored_frame(aset), {}
         for name in cfg.signals:
-            if (name in MODEL_FREE) != (info.id == "data"):
-                continue
-            signal = SIGNALS[name]
-            missing = signal.missing(inputs)
-            if missing:
-                status.append({"model": info.id, "signal": name, "status": "not run",
-                               "reason": f"needs {', '.join(missing)}"})
-                continue
-            frame[name] = signal(inputs)
-            ok = ~np.isnan(frame[name].to_numpy())     # LiRA: no IN/OUT reference → NaN
-            if not ok.all():
-                status.append({"model": info.id, "signal": name, "status": "partial",
-                               "reason": f"{int((~ok).sum())} records lack IN or OUT "
-                                         f"references and are left out"})
-            rows, curve = _mia_rows(info.id, name, frame[name].to_numpy()[ok], labels[ok],
-                                    cfg.n_bootstrap, seed)
-            mia_rows += rows
-            roc[info.id][name] = curve
-            status.append({"model": info.id, "signal": name, "status": "ran", "reason": ""})
-        scores[info.id] = frame
-
-    signals = pd.DataFrame([{"signal": s, "access": SIGNALS[s].access,
-                             "description": SIGNALS[s].description} for s in cfg.signals])
-    signal_status = pd.DataFrame(status, columns=["model", "signal", "status", "reason"])
-    not_run = signal_status[signal_status.status != "ran"]
-    signals["not_run_for"] = [", ".join(f"{r.model} ({r.reason})" for r in
-                                        not_run[not_run.signal == s].itertuples())
-                              for s in signals.signal]
+            if (name in MODEL_FREE) == (info.id == "data"):
+                rows, status_row = _run_signal(ctx, info.id, name, inputs, scores[info.id],
+                                               roc[info.id])
+                mia_rows += rows
+                status += status_row
     trained = [i for i in models if i.id != "data"]
-    memo, examples = _memorization(trained, audit_set, generations, tokenizer, cfg, max_length,
-                                   extraction or {})
-    utility = pd.DataFrame([
-        {"model": i.id, "metric": "perplexity", "split": "nonmembers",
-         "value": float(np.exp(-stats[i.id].logprob[
-             stats[i.id].offsets[len(audit_set.members)]:].mean()))}
-        for i in trained])
-    model_table = pd.DataFrame([{"model": i.id, "role": i.role, "base": i.base or "",
-                                 "description": i.description, "method": i.method or i.id,
-                                 "epsilon": i.epsilon, "private": i.private} for i in models])
-    blocks = _block_rows(trained, passes, labels, cfg.n_bootstrap, seed)
+    memo, examples = _memorization(trained, ctx, audits)
     mia = pd.DataFrame(mia_rows)
-    return AuditResult(mia=mia, memorization=memo, utility=utility, signals=signals,
-                       scores=scores, roc=roc, examples=examples, models=model_table,
-                       blocks=blocks, riskiest=_riskiest(mia, scores, records), config=config or {},
-                       secrets=sorted({s for r in records for s in r.secrets}))
+    result = AuditResult(
+        mia=mia, memorization=memo, utility=_utility(ctx, trained, audits),
+        signals=_signal_table(cfg.signals, status), scores=scores, roc=roc, examples=examples,
+        models=pd.DataFrame([{"model": i.id, "role": i.role, "base": i.base or "",
+                              "description": i.description, "method": i.method or i.id,
+                              "epsilon": i.epsilon, "private": i.private} for i in models]),
+        blocks=_block_rows(trained, passes, aset.labels, cfg.n_bootstrap, ctx.seed),
+        riskiest=_riskiest(mia, scores, aset.records), config=config or {},
+        secrets=sorted({s for r in aset.records for s in r.secrets}))
+    result.privacy = pd.DataFrame([row for i in trained for row in audits[i.id].privacy],
+                                  columns=PRIVACY_COLUMNS)
+    return result
+
+
+def _scored_frame(aset: AuditSet) -> pd.DataFrame:
+    """One row per audited record; each signal adds its score column."""
+    return pd.DataFrame({"record_id": [r.id for r in aset.records], "label": aset.labels,
+                         "category": [r.category for r in aset.records]})
+
+
+def _signal_inputs(ctx: AuditContext, info: ModelInfo, passes: Mapping[str, ModelPass],
+                   references: ReferenceModels | None,
+                   external: tuple[TokenStats, bool] | None) -> SignalInputs:
+    """What the signals may use for one model (only texts and labels for model "data")."""
+    texts = [r.response for r in ctx.audit_set.records]
+    if info.id == "data":
+        return SignalInputs(texts=texts, labels=ctx.audit_set.labels, seed=ctx.seed)
+    p = passes[info.id]
+    inputs = SignalInputs(stats=p.stats, texts=texts, lowercase_stats=p.lowercase, mope=p.mope,
+                          reference_models=references, mink_k=ctx.cfg.mink_k, seed=ctx.seed)
+    if info.base is not None and info.base in passes:
+        inputs.references["ref_base"] = passes[info.base].stats
+        inputs.reference_per_byte["ref_base"] = False
+    if external is not None:
+        inputs.references["ref_ext"], inputs.reference_per_byte["ref_ext"] = external
+    return inputs
+
+
+def _run_signal(ctx: AuditContext, model: str, name: str, inputs: SignalInputs,
+                frame: pd.DataFrame, roc: dict) -> tuple[list[dict], list[dict]]:
+    """Score one signal into `frame` and `roc`: (its metric rows, its status rows)."""
+    signal = SIGNALS[name]
+    missing = signal.missing(inputs)
+    if missing:
+        return [], [{"model": model, "signal": name, "status": "not run",
+                     "reason": f"needs {', '.join(missing)}"}]
+    frame[name] = signal(inputs)
+    status = []
+    ok = ~np.isnan(frame[name].to_numpy())     # LiRA: no IN/OUT reference → NaN
+    if not ok.all():
+        status.append({"model": model, "signal": name, "status": "partial",
+                       "reason": f"{int((~ok).sum())} records lack IN or OUT "
+                                 f"references and are left out"})
+    rows, roc[name] = _mia_rows(model, name, frame[name].to_numpy()[ok],
+                                ctx.audit_set.labels[ok], ctx.cfg.n_bootstrap, ctx.seed)
+    return rows, status + [{"model": model, "signal": name, "status": "ran", "reason": ""}]
+
+
+def _signal_table(signals: Sequence[str], status: list[dict]) -> pd.DataFrame:
+    """Each configured signal: access, description and where (and why) it did not run."""
+    table = pd.DataFrame([{"signal": s, "access": SIGNALS[s].access,
+                           "description": SIGNALS[s].description} for s in signals])
+    frame = pd.DataFrame(status, columns=["model", "signal", "status", "reason"])
+    not_run = frame[frame.status != "ran"]
+    table["not_run_for"] = [", ".join(f"{r.model} ({r.reason})" for r in
+                                      not_run[not_run.signal == s].itertuples())
+                            for s in table.signal]
+    return table
+
+
+def _utility(ctx: AuditContext, models: Sequence[ModelInfo],
+             audits: Mapping[str, ModelAudit]) -> pd.DataFrame:
+    """Perplexity on the non-members, then ROUGE-L of the greedy answers where there are."""
+    from kdaudit.utility import utility_rows
+
+    n = len(ctx.audit_set.members)
+    perplexity = pd.DataFrame([
+        {"model": i.id, "metric": "perplexity", "split": "nonmembers",
+         "value": float(np.exp(-s.logprob[s.offsets[n]:].mean()))}
+        for i in models for s in [audits[i.id].scored.stats]])
+    references = [r.response for r in ctx.utility_records]
+    return pd.concat([perplexity] + [
+        pd.DataFrame(utility_rows(i.id, audits[i.id].responses, references))
+        for i in models if audits[i.id].responses is not None], ignore_index=True)
 
 
 def _riskiest(mia: pd.DataFrame, scores: Mapping[str, pd.DataFrame], records: Sequence[Record],
@@ -270,18 +244,19 @@ def _block_rows(models: Sequence[ModelInfo], passes: Mapping[str, ModelPass],
     return pd.DataFrame(rows, columns=["model", "block", "n_blocks", "auc", "ci_low", "ci_high"])
 
 
-def _memorization(models: Sequence[ModelInfo], audit_set: AuditSet,
-                  generations: Mapping[str, list[list[int]]], tokenizer, cfg: AuditConfig,
-                  max_length: int, extraction: Mapping[str, pd.DataFrame]
-                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _memorization(models: Sequence[ModelInfo], ctx: AuditContext,
+                  audits: Mapping[str, ModelAudit]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Match rate / gap, longest prefix, full extraction, secrets and teacher-conditional rate."""
     columns = ["model", "metric", "split", "value", "n"]
-    if not any(info.id in generations for info in models):
+    generations = {i.id: audits[i.id].generations for i in models
+                   if audits[i.id].generations is not None}
+    if not generations:
         return pd.DataFrame(columns=columns), pd.DataFrame()
+    cfg, tokenizer, audit_set = ctx.cfg, ctx.tokenizer, ctx.audit_set
     subset = audit_set.memorization_subset(cfg.memorization_records)
     records = [audit_set.records[i] for i in subset]
     is_member = np.array([i < len(audit_set.members) for i in subset])
-    refs = [encode_record(r, tokenizer, max_length) for r in records]
+    refs = [encode_record(r, tokenizer, ctx.max_length) for r in records]
     refs = [e.input_ids[e.response_start:] for e in refs]
     hidden = [hidden_secrets(r) for r in records]   # a secret the prompt shows is no leak
     rows, example_rows, per_model = [], [], {}
@@ -297,8 +272,8 @@ def _memorization(models: Sequence[ModelInfo], audit_set: AuditSet,
         m["longest_prefix"] = m["longest_prefix"].astype(float)
         m["fully_extracted"] = m["fully_extracted"].astype(float)
         per_model[info.id] = m
-        if info.id in extraction:
-            ex = extraction[info.id].set_index("record_id").reindex([r.id for r in records])
+        if audits[info.id].extraction is not None:
+            ex = audits[info.id].extraction.set_index("record_id").reindex([r.id for r in records])
             m["targeted_extraction"] = ex["targeted"].to_numpy(dtype=float)
             m["sampled_extraction"] = ex["sampled"].to_numpy(dtype=float)
         for metric in ("match_rate", "longest_prefix", "fully_extracted", "secret_extraction",

@@ -80,14 +80,12 @@ def cached_base(cfg: RunConfig, preset: str, tokenizer, texts: list[str]) -> Pat
     return path
 
 
-EXTERNAL_SEED_OFFSET = 7_777_777
-
-
 def external_config(cfg: RunConfig) -> RunConfig:
     """The settings of the builtin external model (`ref_ext`): the same recipe as the bases but
     its own corpus seed, hence its own corpus, tokenizer and weights."""
     import dataclasses
 
-    data = dataclasses.replace(cfg.data, pretrain_seed=cfg.data.pretrain_seed
-                               + EXTERNAL_SEED_OFFSET)
-    return dataclasses.replace(cfg, data=data, seed=cfg.seed + EXTERNAL_SEED_OFFSET)
+    from kdaudit import seeds
+
+    data = dataclasses.replace(cfg.data, pretrain_seed=seeds.external(cfg.data.pretrain_seed))
+    return dataclasses.replace(cfg, data=data, seed=seeds.external(cfg.seed))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from kdaudit import seeds
 from kdaudit.audit import AuditResult
 from kdaudit.config import RunConfig
 from kdaudit.pipeline import prepare, roster, scoring
@@ -43,13 +44,13 @@ def training_stages(run: RunContext) -> list[Callable[[], Stage]]:
         teacher = "teacher" if METHODS[method].needs_teacher else None
         out.append(lambda m=method, t=teacher: train_stage(run, m, m, "public", teacher_id=t))
     for k in range(run.cfg.reference_models):
-        out.append(lambda k=k: train_stage(run, f"ref_teacher_{k}", "sft", f"reference_{k}",
-                                           seed_offset=k + 1))
+        seed = seeds.reference_model(run.cfg.seed, k)
+        out.append(lambda k=k, s=seed: train_stage(run, f"ref_teacher_{k}", "sft",
+                                                   f"reference_{k}", seed=s))
         for method in roster.public_methods(run):
             if METHODS[method].needs_teacher:
-                out.append(lambda m=method, k=k: train_stage(
-                    run, f"ref_{m}_{k}", m, "public", teacher_id=f"ref_teacher_{k}",
-                    seed_offset=k + 1))
+                out.append(lambda m=method, k=k, s=seed: train_stage(
+                    run, f"ref_{m}_{k}", m, "public", teacher_id=f"ref_teacher_{k}", seed=s))
     return out
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence, TypeVar
 
 from kdaudit.config import RunConfig
+from kdaudit import seeds
 from kdaudit.data import records as rec
 from kdaudit.data.canaries import make_canaries, training_records, write_canaries
 from kdaudit.data.corpus import generate_records, person_name
@@ -32,7 +33,7 @@ def reference_halves(pool: Sequence[T], k: int, seed: int) -> list[list[T]]:
             inside = {id(x) for x in halves[-1]}
             halves.append([x for x in pool if id(x) not in inside])
         else:
-            halves.append(random.Random(seed * 7907 + i).sample(list(pool), len(pool) // 2))
+            halves.append(random.Random(seeds.reference_half(seed, i)).sample(list(pool), len(pool) // 2))
     return halves
 
 
@@ -62,7 +63,7 @@ def make_data(run: RunContext) -> dict:
     if d.canaries_repeated or d.canaries_once:
         names = frozenset(r.secrets[0] for r in pool if r.secrets)
         canaries = make_canaries(d.canaries_repeated, d.canary_repeats, d.canaries_once,
-                                 seed=cfg.seed + 7919, exclude_names=names)
+                                 seed=seeds.canaries(cfg.seed), exclude_names=names)
         write_canaries(canaries, run.dir.data("canaries"))
         info["canaries_in_members"] = len(training_records(canaries))
     return info

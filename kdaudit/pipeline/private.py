@@ -81,23 +81,23 @@ def student_privacy(run: RunContext, method: str, epsilon: float,
 
 
 def dp_student_stage(run: RunContext, method: str, epsilon: float) -> Stage:
+    """A DP student: on the DP teacher's synthetic records (DistilDP), or DP-SGD on the
+    private records with the ε its recipe leaves the student."""
     cfg, spec = run.cfg, METHODS[method]
     teacher = dps.teacher_id(method, epsilon)
     if spec.privacy == "synthetic":
-        path = run.dir.data(synthetic_name(epsilon))
-        fit = Fit("", method, "base_student", partial(encoded, run, partial(rec.read_jsonl, path)),
-                  cfg.student, {"synthetic": run.hashes[synthetic_name(epsilon)]})
+        source = partial(rec.read_jsonl, run.dir.data(synthetic_name(epsilon)))
+        inputs, train, dp = {"synthetic": run.hashes[synthetic_name(epsilon)]}, cfg.student, None
     else:
-        budget = dps.split_budget(method, epsilon)["student"]
-        dp = dps.dp_config(budget, _delta(run, dps.teacher_kind(method) == "kd"),
-                           cfg.dp.max_grad_norm)
-        fit = Fit("", method, "base_student", partial(encoded, run, partial(private_records, run)),
-                  cfg.dp_train, {"split": "members"}, dp=dp)
-    fit.model_id = dps.model_id(method, epsilon)
-    fit.inputs["epsilon"] = epsilon
-    fit.teacher_id = teacher if spec.needs_teacher else None
-    fit.privacy = partial(student_privacy, run, method, epsilon)
-    return fit_stage(run, fit)
+        source = partial(private_records, run)
+        inputs, train = {"split": "members"}, cfg.dp_train
+        dp = dps.dp_config(dps.split_budget(method, epsilon)["student"],
+                           _delta(run, dps.teacher_kind(method) == "kd"), cfg.dp.max_grad_norm)
+    return fit_stage(run, Fit(dps.model_id(method, epsilon), method, "base_student",
+                              partial(encoded, run, source), train,
+                              {**inputs, "epsilon": epsilon},
+                              teacher_id=teacher if spec.needs_teacher else None, dp=dp,
+                              privacy=partial(student_privacy, run, method, epsilon)))
 
 
 def dp_stages(run: RunContext) -> list[Callable[[], Stage]]:

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from kdaudit.audit import AuditContext, AuditResult, AuditSet, ModelAudit, ModelInfo, \
-    ModelPass, audit_model, combine, extra_passes, reference_models, reference_pass
+    ModelPass, assemble, audit_model, external_pass, extra_passes, reference_models, \
+    reference_pass
 from kdaudit.audit.inputs import truncation_note
 from kdaudit.data.canaries import read_canaries
 from kdaudit.models import load_model, load_tokenizer
@@ -34,7 +35,7 @@ def audit_context(run: RunContext) -> AuditContext:
 
 
 # -- the cache of one model's audit ---------------------------------------------------------
-def save_audit(run: RunContext, model_id: str, audit: ModelAudit) -> None:
+def save_audit(run: RunContext, ctx: AuditContext, model_id: str, audit: ModelAudit) -> None:
     d = run.dir
     d.stats(model_id).parent.mkdir(parents=True, exist_ok=True)
     audit.scored.save(d.stats(model_id))
@@ -44,7 +45,7 @@ def save_audit(run: RunContext, model_id: str, audit: ModelAudit) -> None:
         atomic_write_frame(d.generations(model_id), audit.extraction.assign(
             tokens=audit.generations)[["record_id", "tokens", "targeted", "sampled"]])
     if audit.responses is not None:
-        answered = run.split("nonmembers")[:run.cfg.audit.utility_records]
+        answered = ctx.utility_records
         atomic_write_frame(d.responses(model_id), pd.DataFrame(
             {"record_id": [r.id for r in answered], "response": audit.responses,
              "reference": [r.response for r in answered]}))
@@ -79,9 +80,10 @@ def audit_outputs(run: RunContext, model_id: str, trained: bool) -> list[Path]:
 
 # -- stages ---------------------------------------------------------------------------------
 def make_model_audit(run: RunContext, model_id: str, trained: bool, population: bool) -> dict:
-    audit = audit_model(audit_context(run), model_id, load_model(run.dir.model(model_id)),
-                        trained=trained, folder=run.dir.model(model_id), population=population)
-    save_audit(run, model_id, audit)
+    ctx = audit_context(run)
+    audit = audit_model(ctx, model_id, load_model(run.dir.model(model_id)), trained=trained,
+                        folder=run.dir.model(model_id), population=population)
+    save_audit(run, ctx, model_id, audit)
     return {"tokens": int(len(audit.scored.stats.logprob))}
 
 
@@ -104,11 +106,13 @@ def model_audit_stage(run: RunContext, info: ModelInfo, population: bool) -> Sta
 
 def make_reference_pass(run: RunContext, model_id: str) -> dict:
     """A reference model (or ref_ext, with its own tokenizer): token statistics only."""
-    ctx = audit_context(run)
+    ctx, model = audit_context(run), load_model(run.dir.model(model_id))
     if model_id == "ref_ext":
-        ctx.tokenizer, ctx.population = load_tokenizer(run.dir.model(model_id)), None
-    audit = reference_pass(ctx, load_model(run.dir.model(model_id)), model_id)
-    save_audit(run, model_id, audit)
+        stats, _ = external_pass(ctx, model, load_tokenizer(run.dir.model(model_id)))
+        audit = ModelAudit(ModelPass(stats))
+    else:
+        audit = reference_pass(ctx, model, model_id)
+    save_audit(run, ctx, model_id, audit)
     return {"tokens": int(len(audit.scored.stats.logprob))}
 
 
@@ -149,12 +153,13 @@ def assemble_run(run: RunContext) -> AuditResult:
     refs = {target: reference_models(ctx, audits[target], [
         (load_audit(run, ref), {r.id for r in run.split(f"reference_{k}")})
         for k, ref in enumerate(ids)]) for target, ids in roster.reference_ids(run).items()}
-    external = {}
+    external = None
     if run.cfg.models.external:
         other = load_tokenizer(run.dir.model("ref_ext"))
-        external = {"external": load_audit(run, "ref_ext").scored.stats,
-                    "external_per_byte": other.get_vocab() != run.tokenizer.get_vocab()}
-    result = combine(ctx, models, audits, references=refs, config=run.cfg.to_dict(), **external)
+        external = (load_audit(run, "ref_ext").scored.stats,
+                    other.get_vocab() != run.tokenizer.get_vocab())
+    result = assemble(ctx, models, audits, references=refs, external=external,
+                      config=run.cfg.to_dict())
     result.training = training_table(run, models)
     truncated = truncation_note(ctx.audit_set.records, run.tokenizer, run.cfg.data.max_length,
                                 "the run's data.max_length")

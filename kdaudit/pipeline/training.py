@@ -31,8 +31,12 @@ class Fit:
     inputs: dict[str, Any]
     teacher_id: str | None = None
     dp: DPConfig | None = None
-    seed_offset: int = 0
+    seed: int | None = None                      # None: the run's seed
     privacy: Callable[[dict | None], dict | None] | None = None
+
+
+def fit_seed(run: RunContext, fit: Fit) -> int:
+    return run.cfg.seed if fit.seed is None else fit.seed
 
 
 def fit_inputs(run: RunContext, fit: Fit) -> dict[str, Any]:
@@ -41,7 +45,7 @@ def fit_inputs(run: RunContext, fit: Fit) -> dict[str, Any]:
     cfg = run.cfg
     return {**fit.inputs, "method": fit.method, "base": run.hashes[fit.base_id],
             "data": run.hashes["data"], "train": fit.train.__dict__,
-            "seed": cfg.seed + fit.seed_offset, "max_length": cfg.data.max_length,
+            "seed": fit_seed(run, fit), "max_length": cfg.data.max_length,
             "teacher": run.hashes.get(fit.teacher_id) if fit.teacher_id else None,
             "kd": METHODS[fit.method].kd_inputs(cfg.kd) or None,
             "dp": fit.dp.__dict__ if fit.dp else None}
@@ -57,7 +61,7 @@ def make_fit(run: RunContext, fit: Fit, run_key: str) -> dict:
     plan = dpsgd.plan(len(data), fit.train.batch_size, fit.train.epochs, fit.dp) \
         if fit.dp else None
     result = loop.train(loop.TrainJob(
-        model, data, spec, fit.train, out_dir=out, seed=cfg.seed + fit.seed_offset,
+        model, data, spec, fit.train, out_dir=out, seed=fit_seed(run, fit),
         pad_id=tok.pad_token_id, tokenizer=tok,
         teacher=load_model(run.dir.model(fit.teacher_id)) if fit.teacher_id else None,
         params=method_params(spec, cfg.kd, model.config.model_type), run_key=run_key,
@@ -86,11 +90,11 @@ def split_examples(run: RunContext, split: str, with_canaries: bool) -> list[Enc
 
 
 def train_stage(run: RunContext, model_id: str, method: str, split: str, *,
-                teacher_id: str | None = None, seed_offset: int = 0) -> Stage:
+                teacher_id: str | None = None, seed: int | None = None) -> Stage:
     """A model trained on one split: SFT from the teacher's base, a student from its own."""
     spec = METHODS[method]
     base = "base_teacher" if method == "sft" else spec.init_from or "base_student"
     examples = partial(split_examples, run, split, model_id == "teacher")
     return fit_stage(run, Fit(model_id, method, base, examples,
                               run.cfg.teacher if method == "sft" else run.cfg.student,
-                              {"split": split}, teacher_id=teacher_id, seed_offset=seed_offset))
+                              {"split": split}, teacher_id=teacher_id, seed=seed))

@@ -17,6 +17,7 @@ import pandas as pd
 
 from attacks.blind import CONFOUND_AUC as BLIND_CONFOUND_AUC
 from kdaudit.store import atomic_write_text
+from kdaudit.report.contents import ReportTables
 
 from kdaudit.report import plots
 from kdaudit.report.frontier import (accounting_violations, frontier_points, frontier_table,
@@ -324,46 +325,46 @@ REDACTION_METHOD = ("each record's declared `secrets` and, in every shown text, 
                     "other free text are caught only when a record declares them as `secrets`")
 
 
-def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
-                 roc: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]] | None = None,
-                 memorization: pd.DataFrame | None = None,
-                 utility: pd.DataFrame | None = None,
-                 examples: pd.DataFrame | None = None,
-                 models: pd.DataFrame | None = None,
-                 config: Mapping[str, Any] | None = None,
-                 title: str = "kdaudit risk report",
-                 run_info: Mapping[str, Any] | None = None,
-                 redact: bool = True, signals: pd.DataFrame | None = None,
-                 blocks: pd.DataFrame | None = None,
-                 privacy: pd.DataFrame | None = None,
-                 riskiest: pd.DataFrame | None = None,
-                 training: pd.DataFrame | None = None,
-                 input_notes: Sequence[str] = (), secrets: Sequence[str] = (),
-                 show_secrets_hint: str | None = None) -> dict[str, Path]:
+def write_report(out_dir: str | os.PathLike[str], tables: ReportTables, *,
+                 title: str = "kdaudit risk report", run_info: Mapping[str, Any] | None = None,
+                 redact: bool = True, show_secrets_hint: str | None = None) -> dict[str, Path]:
     """Write out_dir/report.html, out_dir/report.md and the PNG figures; return their paths
     (keys "html", "md", "auc_bars", "roc_<model>" and, with DP models, "privacy_utility").
 
-    `input_notes` are facts about the audited data stated at the top (truncation,
-    overrides); `secrets` are declared secrets to redact wherever they appear, beside those
-    of the shown records; `show_secrets_hint` is how a reader of a redacted report gets the
-    clear one.
+    `tables` is a `ReportTables` (an `AuditResult` is one); `show_secrets_hint` is how a
+    reader of a redacted report gets the clear one.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    roc = roc or {}
-    baseline = pick_baseline(models, mia)
-    checks = signal_checks(mia, baseline)
-    verdict_df = verdicts(mia, baseline)
-    order = model_order(models, mia, memorization, utility, examples)
-    colors = plots.signal_colors(ordered(mia["signal"]))
+    t = tables
+    order = model_order(t.models, t.mia, t.memorization, t.utility, t.examples)
+    paths: dict[str, Path] = {}
+    context = {"title": title, **_figures(t, order, out, paths),
+               **_text(t, order, redact, show_secrets_hint), "redact": redact,
+               "redacted_marker": REDACTED, "input_notes": list(t.notes),
+               "config": None if not t.config else config_text(t.config),
+               "run_info": run_info_rows(run_info)}
+    html = environment(autoescape=True).get_template("report.html.j2").render(**context)
+    md = environment(autoescape=False).get_template("report.md.j2").render(**context)
+    for key, text in (("html", html), ("md", md)):
+        paths[key] = out / f"report.{key}"
+        atomic_write_text(paths[key], text)
+    return paths
+
+
+def _figure(path: Path | None) -> dict[str, str] | None:
+    return None if path is None else {"file": path.name, "uri": _data_uri(path)}
+
+
+def _roc_figures(t: ReportTables, order: Sequence[str], out: Path, paths: dict[str, Path],
+                 colors: Mapping[str, Any]) -> list[dict[str, str]]:
+    """One log-log ROC plot per model, in report order."""
+    mia = t.mia
     aucs = {(str(r.model), str(r.signal)): num(r.value)
             for r in mia[mia["metric"] == "auc"].itertuples()}
-
-    paths: dict[str, Path] = {}
-    figures: list[dict[str, str]] = []
-    taken: set[str] = set()
-    for model in [*order, *(m for m in roc if m not in order)]:
-        curves = roc.get(model)
+    figures, taken = [], set()
+    for model in [*order, *(m for m in t.roc if m not in order)]:
+        curves = t.roc.get(model)
         if not curves:
             continue
         n = pd.to_numeric(mia.loc[mia["model"] == model, "n_nonmembers"], errors="coerce").max()
@@ -373,75 +374,68 @@ def write_report(out_dir: str | os.PathLike[str], *, mia: pd.DataFrame,
                               colors=colors)
         paths[f"roc_{model}"] = path
         figures.append({"model": model, "file": path.name, "uri": _data_uri(path)})
-    bars = plots.auc_bar_chart(mia, order, out / "auc_bars.png", colors=colors)
-    if bars is not None:
-        paths["auc_bars"] = bars
+    return figures
 
-    block_png = plots.block_risk_plot(blocks, order, out / "block_risk.png")
-    if block_png is not None:
-        paths["block_risk"] = block_png
 
-    heatmaps, heatmap_notes = heatmap_figures(mia, heatmap_order(models, order), out, paths)
-    curves = plots.training_curves(training, order, out / "training_curves.png")
-    if curves is not None:
-        paths["training_curves"] = curves
+def _figures(t: ReportTables, order: Sequence[str], out: Path,
+             paths: dict[str, Path]) -> dict[str, Any]:
+    """Every figure of the report (written to `out`, recorded in `paths`) as template
+    context."""
+    colors = plots.signal_colors(ordered(t.mia["signal"]))
+    figures = {"roc_figures": _roc_figures(t, order, out, paths, colors)}
+    named = {
+        "bars": ("auc_bars", lambda: plots.auc_bar_chart(t.mia, order, out / "auc_bars.png",
+                                                         colors=colors)),
+        "blocks": ("block_risk", lambda: plots.block_risk_plot(t.blocks, order,
+                                                               out / "block_risk.png")),
+        "curves": ("training_curves", lambda: plots.training_curves(
+            t.training, order, out / "training_curves.png")),
+        "scatter": ("memorization_vs_auc", lambda: plots.memorization_vs_auc_plot(
+            _memo_points(t.mia, t.memorization, order), out / "memorization_vs_auc.png")),
+    }
+    for key, (name, draw) in named.items():
+        path = draw()
+        if path is not None:
+            paths[name] = path
+        figures[key] = _figure(path)
+    figures["heatmaps"], figures["heatmap_notes"] = heatmap_figures(
+        t.mia, heatmap_order(t.models, order), out, paths)
+    figures["frontier"] = _frontier(t.mia, t.utility, t.privacy, t.models, order, out, paths)
+    return figures
 
-    frontier = _frontier(mia, utility, privacy, models, order, out, paths)
 
-    scatter = plots.memorization_vs_auc_plot(_memo_points(mia, memorization, order),
-                                             out / "memorization_vs_auc.png")
-    if scatter is not None:
-        paths["memorization_vs_auc"] = scatter
-
+def _text(t: ReportTables, order: Sequence[str], redact: bool,
+          show_secrets_hint: str | None) -> dict[str, Any]:
+    """The report's verdicts, tables and (redacted) example texts as template context."""
+    mia = t.mia
+    baseline = pick_baseline(t.models, mia)
+    verdict_df = verdicts(mia, baseline)
     # one redactor for every shown text, from every secret the caller and the tables declare
-    redactor = Redactor([*secrets, *_declared(riskiest), *_declared(examples)]) \
+    redactor = Redactor([*t.secrets, *_declared(t.riskiest), *_declared(t.examples)]) \
         if redact else None
-    riskiest_tables = _riskiest_tables(riskiest, order, redactor)
-    example_texts = example_records(examples, order, redactor=redactor)
-    roles = {} if models is None or models.empty else {
+    roles = {} if t.models is None or t.models.empty else {
         str(r.model): (str(getattr(r, "role", "")), str(getattr(r, "description", "")))
-        for r in models.itertuples()}
-    context = {
-        "title": title,
-        "summary": _summary(order, verdict_df, baseline, memorization) + _split_check(mia),
+        for r in t.models.itertuples()}
+    return {
+        "summary": _summary(order, verdict_df, baseline, t.memorization)
+        + _split_check(mia),
         "warning": _blind_warning(mia),
         "accounting_warning": " ".join(w for w in (
-            violation_warning(accounting_violations(privacy, order)),
-            lmo_claim_warning(privacy)) if w) or None,
+            violation_warning(accounting_violations(t.privacy, order)),
+            lmo_claim_warning(t.privacy)) if w) or None,
         "baseline": baseline,
-        "verdicts": [{"model": v.model, "verdict": v.verdict,
-                      "text": v.text,
+        "verdicts": [{"model": v.model, "verdict": v.verdict, "text": v.text,
                       "role": roles.get(v.model, ("", ""))[0],
                       "description": roles.get(v.model, ("", ""))[1]}
                      for v in verdict_df.itertuples()],
-        "results": results_table(mia, checks, order),
-        "roc_figures": figures,
-        "bars": None if bars is None else {"file": bars.name, "uri": _data_uri(bars)},
-        "memorization": memorization_table(memorization, order),
-        "utility": utility_table(utility, order),
-        "signals": _signals_table(signals),
-        "privacy": _privacy_table(privacy, order),
-        "frontier": frontier,
-        "heatmaps": heatmaps,
-        "heatmap_notes": heatmap_notes,
-        "curves": None if curves is None else {"file": curves.name, "uri": _data_uri(curves)},
-        "scatter": None if scatter is None else {"file": scatter.name,
-                                                 "uri": _data_uri(scatter)},
-        "riskiest": riskiest_tables,
-        "blocks": None if block_png is None else {"file": block_png.name,
-                                                   "uri": _data_uri(block_png)},
-        "examples": example_texts,
-        "redact": redact,
-        "redacted_marker": REDACTED,
+        "results": results_table(mia, signal_checks(mia, baseline), order),
+        "memorization": memorization_table(t.memorization, order),
+        "utility": utility_table(t.utility, order),
+        "signals": _signals_table(t.signals),
+        "privacy": _privacy_table(t.privacy, order),
+        "riskiest": _riskiest_tables(t.riskiest, order, redactor),
+        "examples": example_records(t.examples, order, redactor=redactor),
+        # after every redacted text above: the summary counts what was redacted
         "redaction": {"summary": redactor.summary() if redactor else "", "how": REDACTION_METHOD,
                       "hint": show_secrets_hint or SHOW_SECRETS_HINT},
-        "input_notes": list(input_notes),
-        "config": None if not config else config_text(config),
-        "run_info": run_info_rows(run_info),
     }
-    html = environment(autoescape=True).get_template("report.html.j2").render(**context)
-    md = environment(autoescape=False).get_template("report.md.j2").render(**context)
-    for key, text in (("html", html), ("md", md)):
-        paths[key] = out / f"report.{key}"
-        atomic_write_text(paths[key], text)
-    return paths

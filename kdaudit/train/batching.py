@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from kdaudit import seeds
 from kdaudit.data.template import Encoded
 
 
@@ -72,7 +73,7 @@ def batch_order(lengths: Sequence[int], batch_size: int, epochs: float, seed: in
     order: list[list[int]] = []
     epoch = 0
     while len(order) < total:
-        rng = random.Random(seed * 1_000_003 + epoch)
+        rng = random.Random(seeds.per_index(seed, epoch))
         idx = list(range(n))
         rng.shuffle(idx)
         batches = []

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from kdaudit import seeds
 from kdaudit.data.template import Encoded
 from kdaudit.store import atomic_write_json, publish_dir
 from kdaudit.train import dp as opacus_dp
@@ -138,7 +139,7 @@ class DPSGD:
         world, rank = accelerator.num_processes, accelerator.process_index
         model, optimizer, poisson, _ = opacus_dp.make_private(
             model, optimizer, n_examples, self.plan,
-            seed if world == 1 else seed * 1_000_003 + rank, distributed=world > 1)
+            seed if world == 1 else seeds.per_index(seed, rank), distributed=world > 1)
         self.order = opacus_dp.poisson_batches(poisson, self.plan.steps)
         return model, optimizer, schedule(optimizer)
 
@@ -257,7 +258,7 @@ def _prepare(job: TrainJob) -> _Run:
     set_seed(job.seed)
     source = BatchSource(job.method, job.examples, params, pad_id=job.pad_id,
                          eos_id=job.model.config.eos_token_id,
-                         seed=job.seed * 1_000_003 + accelerator.process_index,
+                         seed=seeds.per_index(job.seed, accelerator.process_index),
                          max_length=job.max_length or max(len(e.input_ids)
                                                           for e in job.examples),
                          validation=job.validation)

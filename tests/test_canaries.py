@@ -6,6 +6,7 @@ import pytest
 
 from kdaudit.data.canaries import make_canaries, read_canaries, training_records, write_canaries
 from kdaudit.audit.privacy import canary_rows, heuristic_row
+from kdaudit.config import AuditConfig
 
 
 def test_canaries_are_seeded_half_included_and_fresh(tmp_path):
@@ -29,9 +30,9 @@ def test_canaries_are_seeded_half_included_and_fresh(tmp_path):
 def test_model_that_never_saw_canaries_has_no_epsilon(tiny_lm):
     model, tok, records, _ = tiny_lm
     canaries = make_canaries(2, 10, 200, seed=5)
-    rows = {r["metric"]: r for r in canary_rows("m", model, tok, canaries, candidates=50,
-                                                  k_fraction=0.1, max_length=96,
-                                                  batch_size=32, seed=0)}
+    rows = {r["metric"]: r for r in canary_rows(
+        "m", model, tok, canaries, AuditConfig(canary_candidates=50, canary_guess_fraction=0.1,
+                                               batch_size=32), max_length=96, seed=0)}
     assert rows["epsilon_lower_bound_one_run"]["value"] == 0.0        # consistent with 0
     assert "rigorous 95% lower bound" in rows["epsilon_lower_bound_one_run"]["note"]
     assert 0 <= rows["exposure_mean"]["value"] <= np.log2(1e10)

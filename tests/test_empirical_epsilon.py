@@ -20,6 +20,7 @@ import pytest
 
 from attacks.privacy import max_epsilon_for_guesses, one_run_epsilon_lower_bound
 from attacks.scoring import token_stats
+from kdaudit.config import AuditConfig
 from kdaudit.config import DPConfig, TrainConfig
 from kdaudit.data.canaries import make_canaries, training_records
 from kdaudit.data.corpus import generate_records
@@ -70,8 +71,8 @@ def _audit(setup, tmp_path_factory, seed: int, dp: DPConfig | None) -> dict:
     included = np.array([c.included for c in once])
     k = max(1, int(K_FRACTION * len(once)))
     delta = result.privacy["delta"] if result.privacy else 1 / (10 * len(examples))
-    rows = canary_rows("teacher", model, tok, canaries, candidates=0, k_fraction=K_FRACTION,
-                       max_length=MAX_LENGTH, batch_size=64, seed=seed)
+    cfg = AuditConfig(canary_candidates=0, canary_guess_fraction=K_FRACTION, batch_size=64)
+    rows = canary_rows("teacher", model, tok, canaries, cfg, max_length=MAX_LENGTH, seed=seed)
     saved = json.loads((out / "privacy.json").read_text()) if dp else None
     return {"privacy": result.privacy, "saved": saved, "delta": delta, "m": len(once), "k": k,
             "row": {r["metric"]: r for r in rows}["epsilon_lower_bound_one_run"],

@@ -54,10 +54,8 @@ def audit_model(ctx: AuditContext, model_id: str, model, *, trained: bool,
     out.extraction = compute_extraction(model, tok, records, cfg, max_length=n, seed=ctx.seed,
                                         desc=model_id)
     if ctx.canaries:
-        out.privacy += canary_rows(model_id, model, tok, ctx.canaries,
-                                   candidates=cfg.canary_candidates,
-                                   k_fraction=cfg.canary_guess_fraction, max_length=n,
-                                   batch_size=cfg.batch_size, seed=ctx.seed,
+        out.privacy += canary_rows(model_id, model, tok, ctx.canaries, cfg, max_length=n,
+                                   seed=ctx.seed,
                                    delta=spent_delta(folder) if folder is not None else 0.0)
     out.privacy.append(heuristic_row(model_id, -out.scored.stats.nll(), ctx.audit_set.labels,
                                      ctx.seed, "loss"))

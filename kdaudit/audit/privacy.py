@@ -16,6 +16,7 @@ import numpy as np
 
 from attacks.privacy import estimate_exposure, heuristic_epsilon, one_run_epsilon_lower_bound
 from attacks.scoring import token_stats
+from kdaudit.config import AuditConfig
 from kdaudit.data.canaries import SECRET_DIGITS, Canary, random_secret
 from kdaudit.data.records import Record
 from kdaudit.data.template import encode_record
@@ -29,11 +30,13 @@ def _total_nll(model, tokenizer, records: Sequence[Record], max_length: int,
     return s.total_nll()
 
 
-def canary_rows(model_id: str, model, tokenizer, canaries: Sequence[Canary], *,
-                candidates: int, k_fraction: float, max_length: int, batch_size: int,
-                seed: int, delta: float = 0.0) -> list[dict]:
-    """Exposure of repeated canaries and the one-run ε lower bound of once-inserted ones, at
-    the model's δ (a DP model's; 0 for the others)."""
+def canary_rows(model_id: str, model, tokenizer, canaries: Sequence[Canary], cfg: AuditConfig,
+                *, max_length: int, seed: int, delta: float = 0.0) -> list[dict]:
+    """Exposure of repeated canaries (each ranked against `cfg.canary_candidates` random
+    secrets) and the one-run ε lower bound of once-inserted ones (guessing
+    `cfg.canary_guess_fraction` each way), at the model's δ (a DP model's; 0 for the others)."""
+    candidates, k_fraction, batch_size = (cfg.canary_candidates, cfg.canary_guess_fraction,
+                                          cfg.batch_size)
     rows = []
     repeated = [c for c in canaries if c.kind == "repeated"]
     if repeated and candidates > 0:

@@ -44,7 +44,8 @@ def no_scoring(monkeypatch):
     """Refusals must come before the first model runs."""
     def refuse(*a, **k):
         raise AssertionError("a model was scored before the inputs were checked")
-    monkeypatch.setattr(kdaudit.api, "compute_pass", refuse)
+    for scoring in ("audit_model", "reference_pass", "external_pass"):   # every model's way in
+        monkeypatch.setattr(kdaudit.api, scoring, refuse)
 
 
 def _first_error(capsys) -> str:

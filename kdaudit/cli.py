@@ -11,7 +11,9 @@ from kdaudit.config import AuditConfig, ConfigError, load_config, presets
 def _run(args: argparse.Namespace) -> int:
     from kdaudit import run
 
-    overrides = {"seed": args.seed, "out_dir": args.out, "name": args.name}
+    dp = {k: v for k, v in (("unit", args.dp_unit),
+                            ("reproducible_noise", args.reproducible_noise or None)) if v}
+    overrides = {"seed": args.seed, "out_dir": args.out, "name": args.name, "dp": dp or None}
     cfg = load_config(args.preset, args.config, **overrides)
     result = run(cfg)
     if result.families:
@@ -112,19 +114,60 @@ def _student(args: argparse.Namespace) -> int:
         max_length=args.max_length or cfg.data.max_length, seed=args.seed,
         mapping=args.mapping, mixed_precision=cfg.mixed_precision, epsilon=args.epsilon,
         teacher_base=args.teacher_base, delta=args.delta,
-        max_grad_norm=args.max_grad_norm or cfg.dp.max_grad_norm,
+        **{**cfg.dp.dp_sgd_options(), **_dp_sgd_flags(args)},
         dp_train=dataclasses.replace(cfg.dp_train, **flags),
         synthetic_records=cfg.dp.synthetic_records, synthetic_tokens=cfg.dp.synthetic_tokens,
         no_repeat_ngram=cfg.dp.no_repeat_ngram,
         categories=None if args.categories is None else
         [c.strip() for c in args.categories.split(",") if c.strip()]))
-    print(f"{args.method}: {result.steps} steps in {result.seconds:.0f} s, loss "
-          f"{result.first_loss:.3f} → {result.last_loss:.3f}; saved to {args.out}")
+    _print_trained(args.method, result, args.out)
     if result.privacy:
         p = result.privacy
         print(f"privacy spent: epsilon {p['epsilon']:.4f} at delta {p['delta']:.3g} "
               f"({p['composition']}); details in {Path(args.out) / 'privacy.json'}")
+        for part in p["components"].values():
+            _print_dp_run(part)
     return 0
+
+
+def _print_trained(what: str, result, out) -> None:
+    """Steps and time; the loss only for non-DP runs (a DP run's is on private batches
+    without noise: it stays in the private log)."""
+    from kdaudit.train.loop import private_log_path
+
+    if result.privacy:
+        print(f"{what}: {result.steps} steps in {result.seconds:.0f} s; saved to {out} (the "
+              f"training log, losses on private batches, is in {private_log_path(out)}: "
+              f"keep it private)")
+    else:
+        print(f"{what}: {result.steps} steps in {result.seconds:.0f} s, loss "
+              f"{result.first_loss:.3f} → {result.last_loss:.3f}; saved to {out}")
+
+
+def _print_dp_run(p: dict) -> None:
+    """What one DP-SGD run protects, how secret its noise is, and what its audit found."""
+    if "unit" not in p:
+        return
+    unit = p["unit"]
+    print(f"  privacy unit: one {unit} ({p['units']} {unit}s, {p['records']} records, the "
+          f"largest {unit} has {p['largest_unit']})")
+    if "group_privacy" in p:
+        g = p["group_privacy"]
+        print(f"  a person with {g['records']} records has epsilon {g['epsilon']:.3f} at the "
+              f"same delta (record-level DP protects records, not persons)")
+    if p["noise"] == "reproducible":
+        print("  noise: REPRODUCIBLE from the seed; the guarantee does not hold against "
+              "anyone who knows the seed")
+    if "white_box_audit" in p:
+        a = p["white_box_audit"]
+        print(f"  white-box one-run audit: epsilon >= {a['epsilon_lower_bound']:.3f} (95%), "
+              f"{a['correct']} of {a['guesses']} guesses on {a['canaries']} gradient canaries")
+
+
+def _dp_sgd_flags(args: argparse.Namespace) -> dict:
+    """The DP-SGD options given on the command line (the rest from the preset)."""
+    return {k: v for k, v in (("max_grad_norm", args.max_grad_norm), ("unit", args.dp_unit),
+                              ("reproducible_noise", args.reproducible_noise or None)) if v}
 
 
 def _teacher(args: argparse.Namespace) -> int:
@@ -137,12 +180,11 @@ def _teacher(args: argparse.Namespace) -> int:
         ("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v})
     result = train_teacher(TeacherJob(
         base=args.base, data=args.data, out=args.out, dp=args.dp, epsilon=args.epsilon,
-        delta=args.delta, max_grad_norm=args.max_grad_norm, mechanism=args.mechanism,
+        delta=args.delta, mechanism=args.mechanism,
         lmo_params=args.lmo_params, tokenizer=args.tokenizer, train=train,
         max_length=args.max_length or cfg.data.max_length, seed=args.seed,
-        mapping=args.mapping))
-    print(f"teacher: {result.steps} steps in {result.seconds:.0f} s, loss "
-          f"{result.first_loss:.3f} → {result.last_loss:.3f}; saved to {args.out}")
+        mapping=args.mapping, **{**cfg.dp.dp_sgd_options(), **_dp_sgd_flags(args)}))
+    _print_trained("teacher", result, args.out)
     if result.privacy and result.privacy.get("mechanism") == "lmo":
         from kdaudit.dp.lmo import LMOReport
 
@@ -163,6 +205,8 @@ def _teacher(args: argparse.Namespace) -> int:
               f"{p['sample_rate']:.4g}, {p['steps']} steps, delta {p['delta']:.3g}: epsilon "
               f"{p['epsilon']:.4f} (PRV), {p['epsilon_pld']:.4f} (PLD), "
               f"{p['epsilon_rdp']:.4f} (RDP)")
+    if result.privacy:
+        _print_dp_run(result.privacy)
     return 0
 
 
@@ -206,7 +250,20 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--out", help="parent folder of the run directory (default: runs)")
     p.add_argument("--name", help="run name (default: the preset's)")
     p.add_argument("--seed", type=int, help="seed for data split, initialisation and order")
+    _add_dp_sgd_flags(p.add_argument_group("DP-SGD runs (DP students and their teachers)"))
     p.set_defaults(fn=_run)
+
+
+def _add_dp_sgd_flags(p) -> None:
+    """The privacy unit and the secrecy of the noise, for every command that runs DP-SGD."""
+    p.add_argument("--dp-unit", choices=["person", "record"],
+                   help="what DP-SGD protects (default: the preset's dp.unit, person): a "
+                        "person (every record sharing a 'group', or copies of one record, "
+                        "sampled and clipped together) or a single record")
+    p.add_argument("--reproducible-noise", action="store_true",
+                   help="draw the DP noise and sampling from the seed (for tests and "
+                        "debugging): the guarantee then does not hold against anyone who "
+                        "knows the seed")
 
 
 def _add_audit_parser(sub) -> None:
@@ -268,8 +325,9 @@ def _add_teacher_parser(sub) -> None:
     p.add_argument("--dp", action="store_true", help="train with DP-SGD")
     p.add_argument("--epsilon", type=float, help="DP target ε (default 8; Gaussian only)")
     p.add_argument("--delta", type=float, help="DP δ (default 1/(10·N))")
-    p.add_argument("--max-grad-norm", type=float, default=1.0,
-                   help="per-sample clipping norm C (default 1)")
+    p.add_argument("--max-grad-norm", type=float,
+                   help="per-unit clipping norm C (default: the preset's dp.max_grad_norm)")
+    _add_dp_sgd_flags(p)
     p.add_argument("--mechanism", choices=["gaussian", "lmo"], default="gaussian",
                    help="DP-SGD noise: gaussian (σ solved from --epsilon; default) or lmo "
                         "(LMO-DP noise from --lmo-params; privacy.json then holds the ε the "
@@ -308,8 +366,9 @@ def _add_student_parser(sub) -> None:
         "their DP teacher from --teacher-base (into OUT-teacher) or reuse --teacher")
     dp.add_argument("--epsilon", type=float, help="total ε of the student (inf: no noise)")
     dp.add_argument("--delta", type=float, help="total δ (default 1/(10·N))")
-    dp.add_argument("--max-grad-norm", type=float, help="per-sample clipping norm C "
+    dp.add_argument("--max-grad-norm", type=float, help="per-unit clipping norm C "
                     "(default: the preset's dp.max_grad_norm)")
+    _add_dp_sgd_flags(dp)
     dp.add_argument("--teacher-base", metavar="PATH",
                     help="the DP teacher's starting point (e.g. a pretrained base)")
     dp.add_argument("--categories", metavar="A,B,...",

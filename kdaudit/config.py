@@ -19,7 +19,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from kdaudit.errors import ConfigError
-from kdaudit.train.config import DPConfig, KDConfig, TrainConfig, validate_kd
+from kdaudit.train.config import DPConfig, DPSGDOptions, KDConfig, TrainConfig, validate_kd
 
 __all__ = ["AuditConfig", "ConfigError", "DPConfig", "DPRunConfig", "DataConfig", "KDConfig",
            "ModelsConfig", "RunConfig", "TrainConfig", "load_config", "presets",
@@ -69,13 +69,12 @@ class ModelsConfig:
 
 
 @dataclass
-class DPRunConfig:
+class DPRunConfig(DPSGDOptions):
     """The DP students of a run (docs/methods.md §7): every method of `methods` that is a DP method
     (distildp, synthetic_only, dpsgd_student, dpkd) is trained once per total ε here; `inf`
     trains the same recipe without noise (the frontier's non-private point)."""
     epsilons: list[float] = field(default_factory=lambda: [2.0, math.inf])
-    delta: float | None = None          # total δ; None: 1 / (10 · number of private records)
-    max_grad_norm: float = 1.0          # per-sample clipping norm C
+    delta: float | None = None          # total δ; None: 1 / (10 · number of private units)
     synthetic_records: int = 1000       # records the DP teacher writes for distildp
     synthetic_tokens: int = 160         # longest synthetic record, in tokens
     # DistilDP samples with no-repeat-ngram 2, made for free text; on template records it
@@ -84,15 +83,15 @@ class DPRunConfig:
     no_repeat_ngram: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         bad = [e for e in self.epsilons if not e > 0]
         if bad or not self.epsilons:
             raise ConfigError(f"dp.epsilons: expected a non-empty list of ε > 0 (inf for "
                               f"non-private), got {self.epsilons}")
         if self.delta is not None and not 0 < self.delta < 1:
             raise ConfigError(f"dp.delta: expected 0 < δ < 1, got {self.delta}")
-        if self.max_grad_norm <= 0 or self.synthetic_records < 1 or self.synthetic_tokens < 8:
-            raise ConfigError("dp: expected max_grad_norm > 0, synthetic_records ≥ 1 and "
-                              "synthetic_tokens ≥ 8")
+        if self.synthetic_records < 1 or self.synthetic_tokens < 8:
+            raise ConfigError("dp: expected synthetic_records ≥ 1 and synthetic_tokens ≥ 8")
 
 
 @dataclass

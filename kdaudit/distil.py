@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from kdaudit.config import ConfigError, DPConfig, KDConfig, TrainConfig
+from kdaudit.config import ConfigError, DPConfig, DPSGDOptions, KDConfig, TrainConfig
 from kdaudit.data.records import Record, load_records
 from kdaudit.data.template import encode_record
 from kdaudit.models import load_model, load_tokenizer
@@ -30,7 +30,7 @@ def student_methods() -> list[str]:
 
 
 @dataclass
-class TeacherJob:
+class TeacherJob(DPSGDOptions):
     """A teacher fine-tuned from `base` on `data` (the private records) into `out`; with `dp`,
     by DP-SGD: Gaussian noise solved from `epsilon` (default DPConfig's), or LMO-DP noise
     (`mechanism` "lmo") from the `lmo_params` file. `dp` may also be a whole `DPConfig`."""
@@ -40,7 +40,6 @@ class TeacherJob:
     dp: bool | DPConfig = False
     epsilon: float | None = None
     delta: float | None = None
-    max_grad_norm: float = 1.0
     mechanism: str = "gaussian"
     lmo_params: str | Path | None = None
     tokenizer: str | Path | None = None         # default: the base's
@@ -51,6 +50,7 @@ class TeacherJob:
     dp_config: DPConfig | None = field(init=False, default=None)   # made from the above
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.dp, DPConfig):    # checked by DPConfig itself
             self.dp_config = self.dp
             return
@@ -69,12 +69,13 @@ class TeacherJob:
                 raise ConfigError(message)
         self.dp_config = DPConfig(
             **({"epsilon": self.epsilon} if self.epsilon is not None else {}),
-            delta=self.delta, max_grad_norm=self.max_grad_norm, mechanism=self.mechanism,
-            lmo_params=str(self.lmo_params) if lmo else None) if self.dp else None
+            delta=self.delta, mechanism=self.mechanism,
+            lmo_params=str(self.lmo_params) if lmo else None,
+            **self.dp_sgd_options()) if self.dp else None
 
 
 @dataclass
-class StudentJob:
+class StudentJob(DPSGDOptions):
     """A student of `method` trained from `student_base` into `out`.
 
     KD methods distil `teacher` on `data` (the public split); DistiLLM's validation records
@@ -104,7 +105,6 @@ class StudentJob:
     epsilon: float | None = None
     teacher_base: str | Path | None = None
     delta: float | None = None
-    max_grad_norm: float = 1.0
     dp_train: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=8.0, lr=2e-3, batch_size=64))
     synthetic_records: int = 1000
@@ -184,9 +184,10 @@ def train_teacher(job: TeacherJob | None = None, /, **fields) -> loop.TrainResul
 
 def _plan(dp: DPConfig | None, examples: Sequence, train: TrainConfig):
     """The DP-SGD plan of a run of the loop on `examples`, or None without DP."""
-    from kdaudit.dp.dpsgd import plan
+    from kdaudit.dp.dpsgd import plan_for
 
-    return None if dp is None else plan(len(examples), train.batch_size, train.epochs, dp)
+    return None if dp is None else plan_for([e.person for e in examples], train.batch_size,
+                                            train.epochs, dp)
 
 
 def train_student(job: StudentJob | str, /, **fields) -> loop.TrainResult:
@@ -244,7 +245,8 @@ def _train_private(job: StudentJob) -> loop.TrainResult:
     spec, kind, out = METHODS[job.method], dps.teacher_kind(job.method), Path(job.out)
     records = _training_records(job.data, job.mapping)
     tok = load_tokenizer(job.tokenizer or job.student_base)
-    delta_each = dps.halve_delta(job.delta, len(records)) if kind == "kd" else job.delta
+    delta_each = dps.halve_delta(job.delta, dps.count_units(records, job.unit)) \
+        if kind == "kd" else job.delta
     key = [job.method, job.epsilon, job.seed, str(job.student_base), [r.id for r in records],
            job.max_length]
     teacher, teacher_spent = (_dp_teacher(job, records, tok, delta_each, key) if kind
@@ -255,7 +257,7 @@ def _train_private(job: StudentJob) -> loop.TrainResult:
         records, cfg = _synthetic_records(job, teacher_model, tok), job.train
     else:
         dp = dps.dp_config(dps.split_budget(job.method, job.epsilon)["student"], delta_each,
-                           job.max_grad_norm)
+                           job)
     model = load_model(job.student_base)
     examples = [encode_record(r, tok, job.max_length) for r in records]
     result = loop.train(loop.TrainJob(
@@ -287,7 +289,7 @@ def _dp_teacher(job: StudentJob, records: list[Record], tok, delta: float | None
             load_model(job.teacher_base), examples, METHODS["sft"], job.dp_train,
             out_dir=teacher, seed=job.seed, pad_id=tok.pad_token_id, tokenizer=tok,
             desc=f"{job.method} teacher",
-            dp=_plan(dps.dp_config(budget, delta, job.max_grad_norm), examples, job.dp_train),
+            dp=_plan(dps.dp_config(budget, delta, job), examples, job.dp_train),
             run_key=stable_hash([*key, str(job.teacher_base), kind]),
             max_length=job.max_length))
     spent_file = Path(teacher) / "privacy.json"

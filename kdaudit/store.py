@@ -107,6 +107,10 @@ class RunDir:
     def responses(self, model_id: str) -> Path:
         return self.root / "private" / f"{model_id}.responses.parquet"
 
+    def private_log(self, model_id: str) -> Path:
+        """A DP model's training log: losses on private batches, without noise."""
+        return self.root / "private" / f"{model_id}.train_log.jsonl"
+
     def privacy(self, model_id: str) -> Path:
         return self.root / "scores" / f"{model_id}.privacy.json"
 

@@ -18,6 +18,7 @@ from kdaudit.distil import train_private_student
 from kdaudit.dp import students as dps
 from kdaudit.models import build_zoo_model, load_model, train_tokenizer
 from kdaudit.train import loop
+from kdaudit.train.loop import private_log_path
 from kdaudit.train.batching import collate
 from kdaudit.train.methods import DP_METHODS, METHODS, method_params
 
@@ -172,7 +173,9 @@ def test_dp_sgd_students_spend_their_budget(setup, writer, tmp_path, method):
         assert parts["teacher"]["epsilon"] == pytest.approx(2.0, rel=1e-3)
         assert parts["student"]["epsilon"] == pytest.approx(2.0, rel=1e-3)
         assert result.privacy["delta"] == pytest.approx(1 / 400)   # δ = 1/(10 N) in all
-        log = (tmp_path / method / "train_log.jsonl").read_text()
+        assert parts["student"]["unit"] == "person" and parts["student"]["units"] == 40
+        assert not (tmp_path / method / "train_log.jsonl").exists()   # private: beside it
+        log = private_log_path(tmp_path / method).read_text()
         assert "forward_kl" in log
     else:
         assert result.privacy["delta"] == pytest.approx(1 / 400)

@@ -24,7 +24,9 @@ def setup():
 
 
 def _log(path):
-    return [json.loads(x) for x in (path / "train_log.jsonl").read_text().splitlines()]
+    """A DP run's training log: beside the model folder (private), never in it."""
+    assert not (path / "train_log.jsonl").exists()
+    return [json.loads(x) for x in loop.private_log_path(path).read_text().splitlines()]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

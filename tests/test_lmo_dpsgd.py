@@ -78,8 +78,8 @@ def test_lmo_training_reports_the_labelled_numbers_of_the_run(setup, tmp_path):
 
 def test_the_noise_is_lmo_noise_on_the_summed_gradients(setup):
     """Clipping off (C huge, the file's clip too): grad = (Σ per-sample grads + z) / B, with z
-    the LMO sampler's draw from a generator seeded from the run's seed (so a run is
-    reproducible), not Gaussian and not scaled by C."""
+    the LMO sampler's draw from the run's noise generator (here seeded from the run's
+    seed: `reproducible_noise`), not Gaussian and not scaled by C."""
     tok, examples = setup
     from kdaudit.train.batching import collate
 
@@ -95,7 +95,8 @@ def test_the_noise_is_lmo_noise_on_the_summed_gradients(setup):
     params = dataclasses.replace(lmo.load_lmo_params(REFERENCE), clip=C)
     noise = lambda shape, gen, dtype: lmo.sample_noise(shape, params, gen, dtype=dtype)  # noqa
     plan = opacus_dp.DPPlan(noise_multiplier=0.0, sample_rate=6 / 48, steps=1, delta=1e-3,
-                            max_grad_norm=C, mechanism="lmo", noise=noise)
+                            max_grad_norm=C, mechanism="lmo", noise=noise,
+                            reproducible_noise=True)
     model = build_zoo_model("gpt2-smoke-student", tok, seed=0)
     model.train()
     module, dp_opt, _, _ = opacus_dp.make_private(
@@ -105,7 +106,7 @@ def test_the_noise_is_lmo_noise_on_the_summed_gradients(setup):
                           b.target_mask).backward()
     dp_opt.pre_step()
     assert dp_opt.expected_batch_size == 6
-    gen = torch.Generator().manual_seed(opacus_dp.noise_seed(3))
+    gen = opacus_dp.dp_generator(plan, 3, opacus_dp.NOISE)
     names = {id(p): n for n, p in module._module.named_parameters()}
     for p in dp_opt.params:   # the generator is drawn parameter by parameter, in this order
         z = lmo.sample_noise(p.shape, params, gen)

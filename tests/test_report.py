@@ -524,11 +524,12 @@ def test_frontier_section_with_dp_models(dp_reports) -> None:
     assert md.index("## Empirical privacy") < md.index("## Privacy–utility frontier")
     section = md[md.index("## Privacy–utility frontier"):md.index("## Signals")]
     assert "](privacy_utility.png)" in section
-    assert ("| Model | Method | ε accounted | ε lower bound (one run) | Perplexity | "
-            "Strongest signal | AUC [95% CI] | TPR @ 1% FPR |") in section
-    row = "| distildp@eps8 | distildp | 7.98 | 0.90 | 22.50 | mink | 0.56 [0.52, 0.60] |"
+    assert ("| Model | Method | ε accounted | ε lower bound (one run, canaries) | "
+            "ε lower bound (white box) | Perplexity | Strongest signal | AUC [95% CI] | "
+            "TPR @ 1% FPR |") in section
+    row = "| distildp@eps8 | distildp | 7.98 | 0.90 | — | 22.50 | mink | 0.56 [0.52, 0.60] |"
     assert row in section
-    assert re.search(r"\| kd \| kd \| ∞ \(non-private\) \| 0.30 \| 10.20 \|", section)
+    assert re.search(r"\| kd \| kd \| ∞ \(non-private\) \| 0.30 \| — \| 10.20 \|", section)
     assert "teacher_dp@eps8" not in section
     assert "upper bound" in section and "empirical lower bound" in section
     assert "No model's empirical lower bound exceeds its accounted ε." in section
@@ -589,3 +590,23 @@ def test_an_lmo_claim_that_a_lower_bound_beats_is_called_out() -> None:
     assert "one-run" not in warning and "fair" not in warning
     assert lmo_claim_warning(privacy[privacy.model == "fair"]) is None
     assert lmo_claim_warning(None) is None
+
+
+def test_a_white_box_bound_above_the_accounted_epsilon_is_a_violation() -> None:
+    """The gradient canaries' bound is checked against the accountant like the canary
+    records' one; a model with two DP-SGD runs (dpkd) is judged by its larger bound."""
+    from kdaudit.report.frontier import accounting_violations, frontier_points, frontier_table
+    inputs = _dp_inputs()
+    white = pd.DataFrame([
+        dict(model="dpsgd_student@eps1", metric="epsilon_lower_bound_white_box", value=0.3,
+             note="run 1"),
+        dict(model="dpsgd_student@eps1", metric="epsilon_lower_bound_white_box", value=1.4,
+             note="run 2"),
+        dict(model="distildp@eps8", metric="epsilon_lower_bound_white_box", value=0.7, note="")])
+    privacy = pd.concat([inputs["privacy"], white], ignore_index=True)
+    assert accounting_violations(privacy) == [("dpsgd_student@eps1", 1.4, 0.999)]
+    assert accounting_violations(inputs["privacy"]) == []
+    points = frontier_points(inputs["mia"], inputs["utility"], privacy, inputs["models"])
+    rows = {r[0]: r for r in frontier_table(points).rows}
+    assert rows["distildp@eps8"][3:5] == ["0.90", "0.70"]
+    assert rows["dpsgd_student@eps1"][4] == "1.40"

@@ -52,8 +52,11 @@ def canary_rows(model_id: str, model, tokenizer, canaries: Sequence[Canary], cfg
             exposures.append(estimate_exposure(nll[0], nll[1:], 10.0 ** SECRET_DIGITS,
                                                method="skewnorm"))
         rows += [_row(model_id, "exposure_mean", float(np.mean(exposures)),
-                      f"mean over {len(repeated)} canaries inserted {repeated[0].repeats}× each; "
-                      f"rank from a skew-normal fit to {candidates} random secrets; maximum "
+                      f"mean over {len(repeated)} canaries inserted {repeated[0].repeats}× "
+                      f"each, so each is one person with {repeated[0].repeats} records (a DP "
+                      f"model protects it at its ε per person, or only at the ε of a "
+                      f"{repeated[0].repeats}-record person under record-level DP); rank from a "
+                      f"skew-normal fit to {candidates} random secrets; maximum "
                       f"{np.log2(10.0 ** SECRET_DIGITS):.1f} bits"),
                  _row(model_id, "exposure_max", float(np.max(exposures)), "")]
     once = [c for c in canaries if c.kind == "once"]
@@ -63,9 +66,10 @@ def canary_rows(model_id: str, model, tokenizer, canaries: Sequence[Canary], cfg
         bound = one_run_epsilon_lower_bound(scores, np.array([c.included for c in once]),
                                             k_plus=k, k_minus=k, delta=delta)
         rows.append(_row(model_id, "epsilon_lower_bound_one_run", bound["epsilon_lb"],
-                         f"rigorous 95% lower bound (Steinke et al. 2023): {bound['correct']} of "
-                         f"{bound['guesses']} guesses correct over {len(once)} canaries "
-                         f"included with probability 1/2" +
+                         f"rigorous 95% lower bound (Steinke et al. 2023, black box) on the ε "
+                         f"of one person with one record (each canary is its own person): "
+                         f"{bound['correct']} of {bound['guesses']} guesses correct over "
+                         f"{len(once)} canaries included with probability 1/2" +
                          (f", at δ = {delta:.3g}" if delta else "")))
     return rows
 
@@ -92,7 +96,54 @@ def spent_rows(model_id: str, source: object) -> list[dict]:
                      _num(spent.get("epsilon_pld_lower_bound")),
                      "lower bound on the true ε: PLD of the LMO noise as sampled, "
                      f"q = {spent['sample_rate']:.4g}, {spent['steps']} steps")]
-    return [accounted_row(model_id, spent)] if "epsilon" in spent else []
+    if "epsilon" not in spent:
+        return []
+    return [accounted_row(model_id, spent), *dp_sgd_rows(model_id, spent)]
+
+
+def _dp_runs(spent: dict) -> dict[str, dict]:
+    """The DP-SGD runs behind a model's spend: itself, or its recipe's components."""
+    return spent.get("components") or {"": spent}
+
+
+def dp_sgd_rows(model_id: str, spent: dict) -> list[dict]:
+    """Per DP-SGD run of the model: the white-box one-run bound from its gradient canaries
+    and, at the record level, the ε of its largest person."""
+    rows = []
+    for part, run in _dp_runs(spent).items():
+        of = f" of the {part}'s DP-SGD run" if part else ""
+        audit = run.get("white_box_audit")
+        if audit:
+            rows.append(_row(model_id, "epsilon_lower_bound_white_box",
+                             audit["epsilon_lower_bound"],
+                             f"rigorous 95% lower bound{of} (Steinke et al. 2023, white box): "
+                             f"{audit['correct']} of {audit['guesses']} guesses correct on "
+                             f"{audit['canaries']} Dirac gradient canaries, each a {_unit(run)} "
+                             f"drawn at the run's rate, at δ = {audit['delta']:.3g}; compare "
+                             f"with the run's ε = {run['epsilon']:.3f}"))
+        group = run.get("group_privacy")
+        if group:
+            rows.append(_row(model_id, "epsilon_person_record_level", group["epsilon"],
+                             f"the ε{of} of a person with {group['records']} records under "
+                             f"record-level DP-SGD, at δ = {group['delta']:.3g}"))
+    return rows
+
+
+def _unit(spent: dict) -> str:
+    return spent.get("unit", "record")
+
+
+def unit_note(spent: dict | None) -> str:
+    """What a model's ε protects and how secret its noise was, for the accounted row."""
+    runs = list(_dp_runs(spent or {}).values())
+    units = sorted({_unit(r) for r in runs if "epsilon" in r})
+    if not units:
+        return ""
+    note = f"per {' and '.join(units)}"
+    if any(r.get("noise") == "reproducible" for r in runs):
+        note += ("; noise REPRODUCIBLE from the run's seed: no guarantee against anyone who "
+                 "knows it")
+    return note
 
 
 def spent_delta(source: object) -> float:
@@ -107,6 +158,8 @@ def _num(x) -> float:
 def accounted_row(model_id: str, spent: dict) -> dict:
     """The ε a DP model's training spent by the accountant (`privacy.json` beside it)."""
     parts = [f"{spent.get('accountant', 'prv').upper()} accountant, δ = {spent['delta']:.3g}"]
+    if unit_note(spent):
+        parts.append(unit_note(spent))
     if "epsilon_pld" in spent:
         parts.append(f"PLD {spent['epsilon_pld']:.3f}, RDP {spent['epsilon_rdp']:.3f}")
     if "noise_multiplier" in spent:

@@ -34,6 +34,12 @@ class Record:
     secrets: list[str] = field(default_factory=list)
     group: str | None = None
 
+    @property
+    def person(self) -> str:
+        """The privacy unit the record belongs to: its `group`, else its own id (copies of one
+        record, like a repeated canary, are then one person)."""
+        return self.group if self.group is not None else f"record:{self.id}"
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if d["group"] is None:

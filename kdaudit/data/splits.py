@@ -104,7 +104,7 @@ def split_records(records: list[Record], *, n_members: int, n_nonmembers: int, n
     records, _ = drop_exact_duplicates(records)
     groups: dict[str, list[Record]] = {}
     for r in records:
-        groups.setdefault(r.group if r.group is not None else f"record:{r.id}", []).append(r)
+        groups.setdefault(r.person, []).append(r)
     keys = list(groups)
     random.Random(seed).shuffle(keys)
 

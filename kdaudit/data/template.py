@@ -27,10 +27,13 @@ def format_text(record: Record) -> str:
 
 @dataclass
 class Encoded:
-    """Token ids of prompt + response + EOS; `response_start` indexes the first response token."""
+    """Token ids of prompt + response + EOS; `response_start` indexes the first response token;
+    `person` is the privacy unit of the record it encodes (`Record.person`; None when it
+    encodes no record, e.g. a sampled response)."""
 
     input_ids: list[int]
     response_start: int
+    person: str | None = None
 
     @property
     def response_mask(self) -> list[bool]:
@@ -48,7 +51,7 @@ def encode_record(record: Record, tokenizer, max_length: int) -> Encoded:
     response = response + [tokenizer.eos_token_id]
     response = response[: max(1, max_length - 1)]
     prompt = prompt[max(0, len(prompt) + len(response) - max_length):]
-    return Encoded(input_ids=prompt + response, response_start=len(prompt))
+    return Encoded(input_ids=prompt + response, response_start=len(prompt), person=record.person)
 
 
 def encode_prompt(record: Record, tokenizer, max_length: int) -> list[int]:

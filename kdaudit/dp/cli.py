@@ -75,7 +75,9 @@ def run_privacy(args: argparse.Namespace) -> int:
                   "is larger than the claimed epsilon.")
         strict = lmo.claimed_epsilon(params, strict=True)
         print(f"Note: the claim evaluates moment generating functions where they are "
-              f"infinite; without that, the authors' own procedure gives {strict:.4f}.")
+              f"infinite. The authors' procedure restricted to the orders where they are "
+              f"finite gives {strict:.4f}: not a guarantee and not a corrected epsilon (the "
+              f"true epsilon is at least the lower bound above).")
         return 0
     if args.empirical is not None:
         raise ValueError("--empirical goes with --lmo-params")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from kdaudit.config import DPConfig
+from kdaudit.config import DPConfig, DPSGDOptions
 from kdaudit.data.records import Record
 from kdaudit.data.template import Encoded, encode_record
 from kdaudit.dp.synthetic import SyntheticData, allocate, encode_with_control_code, \
@@ -66,15 +66,20 @@ def split_budget(method: str, epsilon: float) -> dict[str, float]:
     return {"student": epsilon}
 
 
-def dp_config(epsilon: float, delta: float | None, max_grad_norm: float) -> DPConfig | None:
-    """DP-SGD at `epsilon` (None for ε = ∞: plain training)."""
+def dp_config(epsilon: float, delta: float | None, options: DPSGDOptions) -> DPConfig | None:
+    """DP-SGD at `epsilon` with `options` (None for ε = ∞: plain training)."""
     if math.isinf(epsilon):
         return None
-    return DPConfig(epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm)
+    return DPConfig(epsilon=epsilon, delta=delta, **options.dp_sgd_options())
+
+
+def count_units(records: Sequence[Record], unit: str) -> int:
+    """N of the DP accounting: distinct persons, or records at the record level."""
+    return len({r.person for r in records}) if unit == "person" else len(records)
 
 
 def halve_delta(delta: float | None, n: int) -> float:
-    """dpkd's δ per run: half the total δ (default 1/(10 N))."""
+    """dpkd's δ per run: half the total δ (default 1/(10 N), N privacy units)."""
     from kdaudit.dp.accounting import default_delta
 
     return (delta if delta is not None else default_delta(n)) / 2

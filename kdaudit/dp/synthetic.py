@@ -32,7 +32,7 @@ def encode_with_control_code(record: Record, tokenizer, max_length: int) -> Enco
     code = tokenizer(control_prefix(record.category), add_special_tokens=False)["input_ids"]
     body = tokenizer(format_text(record), add_special_tokens=False)["input_ids"]
     ids = (code + body)[:max_length - 1] + [tokenizer.eos_token_id]
-    return Encoded(ids, response_start=len(code))
+    return Encoded(ids, response_start=len(code), person=record.person)
 
 
 def allocate(n: int, categories: Sequence[str]) -> dict[str, int]:

@@ -24,8 +24,9 @@ def private_records(run: RunContext) -> list[rec.Record]:
 
 
 def _delta(run: RunContext, halved: bool) -> float | None:
-    d = run.cfg.dp.delta
-    return dps.halve_delta(d, len(private_records(run))) if halved else d
+    d = run.cfg.dp
+    return dps.halve_delta(d.delta, dps.count_units(private_records(run), d.unit)) \
+        if halved else d.delta
 
 
 def dp_teacher_examples(run: RunContext, control_codes: bool) -> list[Encoded]:
@@ -35,7 +36,7 @@ def dp_teacher_examples(run: RunContext, control_codes: bool) -> list[Encoded]:
 
 def dp_teacher_stage(run: RunContext, model_id: str, kind: str, epsilon: float) -> Stage:
     """DistilDP's teacher (control codes) or dpkd's, DP-SGD on the members."""
-    dp = dps.dp_config(epsilon, _delta(run, kind == "kd"), run.cfg.dp.max_grad_norm)
+    dp = dps.dp_config(epsilon, _delta(run, kind == "kd"), run.cfg.dp)
     return fit_stage(run, Fit(model_id, "sft", "base_teacher",
                               partial(dp_teacher_examples, run, kind == "control"),
                               run.cfg.dp_train, {"split": "members", "kind": kind}, dp=dp))
@@ -92,7 +93,7 @@ def dp_student_stage(run: RunContext, method: str, epsilon: float) -> Stage:
         source = partial(private_records, run)
         inputs, train = {"split": "members"}, cfg.dp_train
         dp = dps.dp_config(dps.split_budget(method, epsilon)["student"],
-                           _delta(run, dps.teacher_kind(method) == "kd"), cfg.dp.max_grad_norm)
+                           _delta(run, dps.teacher_kind(method) == "kd"), cfg.dp)
     return fit_stage(run, Fit(dps.model_id(method, epsilon), method, "base_student",
                               partial(encoded, run, source), train,
                               {**inputs, "epsilon": epsilon},

@@ -58,20 +58,21 @@ def make_fit(run: RunContext, fit: Fit, run_key: str) -> dict:
     validation = [encode_record(r, tok, cfg.data.max_length)
                   for r in run.split("validation")] if spec.adaptive else []
     data = fit.examples()
-    plan = dpsgd.plan(len(data), fit.train.batch_size, fit.train.epochs, fit.dp) \
-        if fit.dp else None
+    plan = dpsgd.plan_for([e.person for e in data], fit.train.batch_size, fit.train.epochs,
+                          fit.dp) if fit.dp else None
     result = loop.train(loop.TrainJob(
         model, data, spec, fit.train, out_dir=out, seed=fit_seed(run, fit),
         pad_id=tok.pad_token_id, tokenizer=tok,
         teacher=load_model(run.dir.model(fit.teacher_id)) if fit.teacher_id else None,
         params=method_params(spec, cfg.kd, model.config.model_type), run_key=run_key,
         mixed_precision=cfg.mixed_precision, desc=f"{fit.model_id} ({fit.method})",
-        validation=validation, max_length=cfg.data.max_length, dp=plan))
+        validation=validation, max_length=cfg.data.max_length, dp=plan,
+        private_log=run.dir.private_log(fit.model_id)))
     spent = fit.privacy(result.privacy) if fit.privacy else result.privacy
     if spent is not None:
         atomic_write_json(out / "privacy.json", spent)
-    return {"steps": result.steps, "first_loss": result.first_loss,
-            "last_loss": result.last_loss, "resumed_from": result.resumed_from,
+    losses = {} if plan else {"first_loss": result.first_loss, "last_loss": result.last_loss}
+    return {"steps": result.steps, **losses, "resumed_from": result.resumed_from,
             "train_seconds": round(result.seconds, 2), **({"privacy": spent} if spent else {})}
 
 

@@ -233,7 +233,10 @@ PRIVACY_LABELS = {
     "epsilon_lower_bound_lmo_pld": "ε lower bound of the LMO-DP noise (PLD)",
     "exposure_mean": "canary exposure, mean (bits)",
     "exposure_max": "canary exposure, max (bits)",
-    "epsilon_lower_bound_one_run": "ε lower bound, one run (rigorous, 95%)",
+    "epsilon_lower_bound_one_run": "ε lower bound, one run, canary records (rigorous, 95%)",
+    "epsilon_lower_bound_white_box": "ε lower bound, one run, gradient canaries (white box, "
+                                     "rigorous, 95%)",
+    "epsilon_person_record_level": "ε of the largest person under record-level DP",
     "epsilon_estimate_heuristic": "ε estimate (heuristic, not a bound)",
 }
 

@@ -4,6 +4,7 @@ They live with the loop, which reads them; `kdaudit.config` composes them into a
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from kdaudit.errors import ConfigError
@@ -82,24 +83,55 @@ class KDParams:
     per_sequence: bool = False
 
 
+@dataclass(kw_only=True)
+class DPSGDOptions:
+    """How a DP-SGD run trains, whatever its budget (shared by `DPConfig`, a run's [dp]
+    section and the teacher and student jobs): the clipping norm; the privacy unit, a person
+    (records sharing a `group`, or copies of one record) unless "record"; secret randomness
+    unless `reproducible_noise`; and `gradient_canaries` Dirac canaries for the white-box
+    one-run lower bound on ε (0: none), guessing on `canary_guess_fraction` each way."""
+    max_grad_norm: float = 1.0          # per-unit clipping norm C
+    unit: str = "person"                # "person" | "record"
+    reproducible_noise: bool = False    # True: noise and sampling from the run's seed
+    gradient_canaries: int = 4000       # a 4000-float parameter block: free next to a model
+    canary_guess_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"dp.max_grad_norm: expected > 0, got {self.max_grad_norm}")
+        if self.unit not in ("person", "record"):
+            raise ConfigError(f"dp.unit: expected 'person' or 'record', got {self.unit!r}")
+        if not isinstance(self.reproducible_noise, bool):
+            raise ConfigError(f"dp.reproducible_noise: expected true or false, got "
+                              f"{self.reproducible_noise!r}")
+        if isinstance(self.gradient_canaries, bool) or not isinstance(
+                self.gradient_canaries, int) or self.gradient_canaries < 0:
+            raise ConfigError(f"dp.gradient_canaries: expected an integer ≥ 0, got "
+                              f"{self.gradient_canaries!r}")
+        if not 0 < self.canary_guess_fraction <= 0.5:
+            raise ConfigError(f"dp.canary_guess_fraction: expected 0 < f ≤ 0.5, got "
+                              f"{self.canary_guess_fraction!r}")
+
+    def dp_sgd_options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(DPSGDOptions)}
+
+
 @dataclass
-class DPConfig:
+class DPConfig(DPSGDOptions):
     """DP-SGD (docs/methods.md §5–§6): Gaussian noise solved from a target (ε, δ), or the LMO-DP
     mechanism configured by a parameter file (its ε is then what the file's noise gives)."""
     epsilon: float = 8.0
-    delta: float | None = None          # None: 1 / (10 · number of training records)
-    max_grad_norm: float = 1.0          # per-sample clipping norm C
+    delta: float | None = None          # None: 1 / (10 · number of units)
     noise_multiplier: float | None = None  # None: solved from epsilon (0.1% in ε)
     mechanism: str = "gaussian"         # "gaussian" | "lmo"
     lmo_params: str | None = None       # mechanism "lmo": the LMO-DP parameter file
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.epsilon <= 0:
             raise ConfigError(f"dp.epsilon: expected > 0, got {self.epsilon}")
         if self.delta is not None and not 0 < self.delta < 1:
             raise ConfigError(f"dp.delta: expected 0 < δ < 1, got {self.delta}")
-        if self.max_grad_norm <= 0:
-            raise ConfigError(f"dp.max_grad_norm: expected > 0, got {self.max_grad_norm}")
         if self.noise_multiplier is not None and self.noise_multiplier <= 0:
             raise ConfigError(f"dp.noise_multiplier: expected > 0, got "
                               f"{self.noise_multiplier}")

@@ -57,10 +57,13 @@ class TrainJob:
     validation: Sequence[Encoded] = ()
     max_length: int | None = None
     dp: opacus_dp.DPPlan | None = None
+    private_log: str | Path | None = None   # DP: where the operator's diagnostics go
 
 
 @dataclass
 class TrainResult:
+    """What a run did. For DP-SGD, `first_loss` and `last_loss` are on private batches without
+    noise: the operator's diagnostics, never to be published."""
     steps: int
     seconds: float
     first_loss: float
@@ -77,6 +80,7 @@ class NoDP:
 
     clips_by_norm = True
     checkpoints = True
+    private = False
 
     def setup(self, model, method: Method, params: KDParams, device) -> KDParams:
         return params
@@ -96,6 +100,9 @@ class NoDP:
     def noise_only_step(self, optimizer) -> None:
         raise RuntimeError("an empty batch outside DP-SGD")
 
+    def before_step(self, optimizer, idx: Sequence[int]) -> None:
+        pass
+
     def log_parts(self, idx: Sequence[int]) -> dict[str, float]:
         return {}
 
@@ -108,16 +115,24 @@ class NoDP:
 
 class DPSGD:
     """DP-SGD with a plan (`kdaudit.train.dp`): per-sequence losses, Opacus's per-sample
-    clipping and the plan's noise, its own Poisson batches per process (never handed to
-    Accelerate, which would re-batch them), the plan's number of steps; a run restarts rather
-    than resumes, and the plan's accounting says what it spent."""
+    gradients summed per unit (person or record) and clipped, the plan's noise, its own
+    Poisson draws of units per process (never handed to Accelerate, which would re-batch
+    them), the plan's number of steps; a run restarts rather than resumes, its losses are
+    private, and the plan's accounting says what it spent."""
 
     clips_by_norm = False
     checkpoints = False
+    private = True
 
-    def __init__(self, plan: opacus_dp.DPPlan):
+    def __init__(self, plan: opacus_dp.DPPlan, persons: Sequence[str | None]):
         self.plan = plan
+        self.units = opacus_dp.units_of(persons, plan.unit)
+        if plan.n_units and plan.n_units != len(self.units):
+            raise ValueError(f"the DP plan is for {plan.n_units} {plan.unit}s, the examples "
+                             f"hold {len(self.units)}")
+        self.unit_of = {i: u for u, members in enumerate(self.units) for i in members}
         self.order: list[list[int]] = []
+        self.optimizer = None
 
     def setup(self, model, method: Method, params: KDParams, device) -> KDParams:
         """Refuse what DP-SGD cannot train; per-sequence means, so that one example's gradient
@@ -138,9 +153,11 @@ class DPSGD:
         Poisson batches drawn, then the schedule on the private optimizer."""
         world, rank = accelerator.num_processes, accelerator.process_index
         model, optimizer, poisson, _ = opacus_dp.make_private(
-            model, optimizer, n_examples, self.plan,
+            model, optimizer, len(self.units), self.plan,
             seed if world == 1 else seeds.per_index(seed, rank), distributed=world > 1)
-        self.order = opacus_dp.poisson_batches(poisson, self.plan.steps)
+        self.order = [[i for u in drawn for i in self.units[u]]
+                      for drawn in opacus_dp.poisson_batches(poisson, self.plan.steps)]
+        self.optimizer = optimizer
         return model, optimizer, schedule(optimizer)
 
     def batches(self, order: list[list[int]], accelerator) -> list[list[int]]:
@@ -149,14 +166,28 @@ class DPSGD:
     def noise_only_step(self, optimizer) -> None:
         opacus_dp.noise_only_step(optimizer)
 
+    def before_step(self, optimizer, idx: Sequence[int]) -> None:
+        """Tell the optimizer which unit each row of the batch belongs to."""
+        units = [self.unit_of[i] for i in idx]
+        position = {u: k for k, u in enumerate(dict.fromkeys(units))}
+        optimizer.segments = torch.tensor([position[u] for u in units])
+
     def log_parts(self, idx: Sequence[int]) -> dict[str, float]:
+        """The Poisson batch's size (records): for the private log only."""
         return {"batch_size": float(len(idx))}
 
     def unwrap(self, model, accelerator):
         return opacus_dp.unwrap(model)
 
     def account(self, steps: int) -> dict[str, Any] | None:
-        return self.plan.account(steps) if self.plan.account else None
+        """The plan's accounting, the unit and its sizes, and the white-box audit's bound."""
+        spent = self.plan.account(steps) if self.plan.account else {}
+        sizes = [len(m) for m in self.units]
+        audit = opacus_dp.white_box_bound(self.optimizer, self.plan)
+        return {**spent, "unit": self.plan.unit, "units": len(sizes),
+                "records": sum(sizes), "largest_unit": max(sizes, default=0),
+                "noise": "reproducible" if self.plan.reproducible_noise else "secret",
+                **({"white_box_audit": audit} if audit else {})}
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -176,6 +207,12 @@ class _Run:
     plain_teacher: Any
     projection: torch.nn.Module | None   # DistilDP's hidden-state projection, or None
     batches: list[list[int]]
+
+
+def private_log_path(out_dir: str | Path) -> Path:
+    """Where a DP run's training log goes by default: beside its model folder, not in it."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + ".private_log.jsonl")
 
 
 def _checkpoint_dir(out_dir: Path) -> Path:
@@ -218,7 +255,8 @@ def train(job: TrainJob) -> TrainResult:
             record = _record(run, step, last_loss, parts, origin)
             _log(log, record, step, start, total, job.cfg.log_every)
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
+            if not run.dp.private:
+                bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
             for cb in job.callbacks:
                 cb(step + 1, record)
             every = job.cfg.checkpoint_every
@@ -253,7 +291,7 @@ def _prepare(job: TrainJob) -> _Run:
     from accelerate.utils import set_seed
 
     params = job.params if job.params is not None else method_params(job.method)
-    dp = DPSGD(job.dp) if job.dp is not None else NoDP()
+    dp = DPSGD(job.dp, [e.person for e in job.examples]) if job.dp is not None else NoDP()
     accelerator = Accelerator(mixed_precision=job.mixed_precision)
     set_seed(job.seed)
     source = BatchSource(job.method, job.examples, params, pad_id=job.pad_id,
@@ -353,6 +391,7 @@ def _step(run: _Run, idx: Sequence[int]) -> tuple[float, dict[str, float], dict[
     run.accelerator.backward(loss)
     if run.job.cfg.grad_clip and run.dp.clips_by_norm:
         run.accelerator.clip_grad_norm_(run.model.parameters(), run.job.cfg.grad_clip)
+    run.dp.before_step(run.optimizer, idx)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -391,7 +430,12 @@ def _save_model(run: _Run, out_dir: Path, log_path: Path,
         atomic_write_json(tmp / "privacy.json", privacy)
     if run.job.tokenizer is not None:
         run.job.tokenizer.save_pretrained(str(tmp))
-    shutil.copy(log_path, tmp / "train_log.jsonl")
+    if run.dp.private:   # losses of private batches: the operator's, outside the model folder
+        private_log = Path(run.job.private_log or private_log_path(out_dir))
+        private_log.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(log_path, private_log)
+    else:
+        shutil.copy(log_path, tmp / "train_log.jsonl")
     publish_dir(tmp, out_dir)
     shutil.rmtree(_checkpoint_dir(out_dir), ignore_errors=True)
 

@@ -1,4 +1,6 @@
-"""The one-run empirical ε lower bound (docs/methods.md §11) against the accounted ε of DP-SGD (§5).
+"""The one-run empirical ε lower bounds (docs/methods.md §11) against the accounted ε of DP-SGD (§5).
+
+Black box (canary records) and white box (gradient canaries, below the black-box tests).
 
 What a user relies on: on once-inserted canaries, the rigorous lower bound of Steinke, Nasr and
 Jagielski (2023) never exceeds the ε that the accountant reports for a DP-SGD teacher, while the
@@ -13,6 +15,7 @@ is not vacuous: the largest bound this audit can return (every guess right) is a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -118,3 +121,60 @@ def test_non_private_teacher_gives_a_clearly_positive_bound(audits):
     assert plain["row"]["value"] == plain["bound_delta0"]["epsilon_lb"] >= bound
     assert f"{plain['bound_delta0']['correct']} of {plain['bound_delta0']['guesses']} guesses" \
         in plain["row"]["note"]
+
+
+# -- the white-box audit (gradient canaries), with its negative controls ---------------------------
+# 64 persons, batch 16 (q = 1/4), 10 epochs (40 steps), δ = 1e-5, accounted ε = 1: the noise is
+# then σ ≈ 6.2. 4000 Dirac canaries, 200 guesses each way. Noise secretly scaled by 0.3 while the
+# accountant still says ε = 1 must be caught (bound > 1); the true noise must not be. Measured
+# with secret noise: × 1 gave 0.128, 0.344, 0.439 on three seeds; × 0.3 1.646, × 0.1 4.093,
+# × 0 4.781 (the most 400 guesses can show at this δ is 4.78).
+WB_PERSONS, WB_BATCH, WB_EPOCHS, WB_DELTA = 64, 16, 10.0, 1e-5
+WB_DP = DPConfig(epsilon=DP_EPSILON, delta=WB_DELTA, gradient_canaries=4000,
+                 canary_guess_fraction=0.05, reproducible_noise=True)   # the same draw in CI
+
+
+@pytest.fixture(scope="module")
+def white_box(setup, tmp_path_factory):
+    """The white-box bound of each run: noise × 1 on three seeds, × 0.3, × 0.1 and × 0."""
+    tok, *_ = setup
+    examples = [encode_record(r, tok, 32) for r in generate_records(WB_PERSONS, seed=43)]
+    cfg = TrainConfig(epochs=WB_EPOCHS, batch_size=WB_BATCH, lr=1e-3, checkpoint_every=0,
+                      log_every=1000)
+    out = {}
+    for scale, seed in [(1.0, 0), (1.0, 1), (1.0, 2), (0.3, 0), (0.1, 0), (0.0, 0)]:
+        honest = plan(WB_PERSONS, WB_BATCH, WB_EPOCHS, WB_DP)
+        # the noise actually added; the accounting stays the honest plan's (ε = 1)
+        secret = dataclasses.replace(honest, noise_multiplier=honest.noise_multiplier * scale)
+        result = loop.train(loop.TrainJob(
+            build_zoo_model("gpt2-smoke-student", tok, seed=seed), examples, METHODS["sft"],
+            cfg, out_dir=tmp_path_factory.mktemp(f"wb-{scale}-{seed}") / "m", seed=seed,
+            pad_id=tok.pad_token_id, desc=None, dp=secret))
+        out[(scale, seed)] = result.privacy
+        a = result.privacy["white_box_audit"]
+        print(f"noise × {scale} (seed {seed}): accounted ε {result.privacy['epsilon']:.3f}, "
+              f"white-box lower bound {a['epsilon_lower_bound']} ({a['correct']}/{a['guesses']} "
+              f"correct, {a['canaries']} canaries, δ = {a['delta']:g})")
+    return out
+
+
+def test_white_box_bound_stays_below_the_accounted_epsilon(white_box):
+    for seed in (0, 1, 2):
+        spent = white_box[(1.0, seed)]
+        assert spent["epsilon"] == pytest.approx(DP_EPSILON, rel=1e-3)
+        assert 0.0 <= spent["white_box_audit"]["epsilon_lower_bound"] <= spent["epsilon"]
+
+
+@pytest.mark.parametrize("scale", [0.3, 0.1, 0.0])
+def test_white_box_audit_catches_noise_secretly_scaled_down(white_box, scale):
+    spent = white_box[(scale, 0)]
+    assert spent["epsilon"] == pytest.approx(DP_EPSILON, rel=1e-3)   # what the accountant says
+    assert spent["white_box_audit"]["epsilon_lower_bound"] > DP_EPSILON
+
+
+def test_the_dp_teachers_white_box_bounds_stay_below_their_epsilon(audits):
+    _, private = audits
+    for a in private:
+        audit = a["privacy"]["white_box_audit"]
+        assert audit["canaries"] == 4000 and audit["delta"] == a["delta"]
+        assert 0.0 <= audit["epsilon_lower_bound"] <= a["privacy"]["epsilon"]

@@ -311,3 +311,36 @@ def test_dp_students_are_trained_accounted_and_audited(dp_run):
     assert manifest["stages"]["dpkd@eps2"]["privacy"]["epsilon"] == accounted["dpkd@eps2"]
     html = (run_dir / "report" / "report.html").read_text()
     assert "Privacy–utility frontier" in html and "dpkd@eps2" in html
+
+
+def test_nothing_un_noised_leaves_a_dp_model(dp_run):
+    """The per-step losses of DP-SGD runs (on private batches, without noise) are only in
+    private/; no file of the DP model's folder, the manifest, the tables or the report holds
+    one; the white-box bound of each DP-SGD run is in the privacy table."""
+    _, result, _ = dp_run
+    run_dir = result.run_dir
+    dp_models = ("dpsgd_student@eps2", "dpkd@eps2", "teacher_dpkd@eps1")
+    losses = set()
+    for m in dp_models:
+        log = [json.loads(x) for x in (run_dir / "private" / f"{m}.train_log.jsonl")
+               .read_text().splitlines()]
+        losses |= {repr(r["loss"]) for r in log}   # as any table or JSON would write it
+        assert not (run_dir / "models" / m / "train_log.jsonl").exists()
+        stage = json.loads((run_dir / "manifest.json").read_text())["stages"][m]
+        assert "first_loss" not in stage and "last_loss" not in stage
+    published = [*(f for m in dp_models for f in (run_dir / "models" / m).rglob("*")),
+                 run_dir / "manifest.json", *(run_dir / "tables").glob("*.csv"),
+                 *(run_dir / "report").rglob("*")]
+    for f in published:
+        if f.is_file() and f.suffix != ".png":
+            text = f.read_bytes().decode("utf-8", "replace")
+            found = [x for x in losses if x in text]
+            assert not found, (f, found[:3])
+    training = pd.read_csv(run_dir / "tables" / "training.csv")
+    assert not set(dp_models) & set(training.model)
+    privacy = pd.read_csv(run_dir / "tables" / "privacy.csv")
+    white = privacy[privacy.metric == "epsilon_lower_bound_white_box"]
+    assert set(dp_models) <= set(white.model)
+    accounted = privacy[privacy.metric == "epsilon_accounted"].set_index("model").value
+    for row in white.itertuples():
+        assert 0 <= row.value <= accounted[row.model]

@@ -189,3 +189,13 @@ def test_no_private_loss_lands_in_the_model_folder(setup, tmp_path):
             text = f.read_bytes().decode("utf-8", "replace")
             assert not any(x in text for x in losses), f
             assert "batch_size" not in text or f.name == "config.json", f
+
+
+def test_privacy_command_gives_a_persons_epsilon_under_record_level_dp(capsys):
+    from kdaudit.cli import main
+
+    assert main(["privacy", "--noise-multiplier", "1.2", "--sample-rate", "0.1", "--steps",
+                 "20", "--delta", "1e-4", "--group-size", "3"]) == 0
+    out = capsys.readouterr().out
+    want = group_epsilon(1.2, 0.1, 20, 1e-4, 3)
+    assert f"a person with 3 records, under record-level DP-SGD: epsilon {want:.4f}" in out

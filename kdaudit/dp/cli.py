@@ -31,8 +31,12 @@ def add_privacy_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, metavar="T", help="number of noisy steps")
     d = p.add_mutually_exclusive_group()
     d.add_argument("--delta", type=float, metavar="D", help="target delta")
-    d.add_argument("--n-records", type=int, metavar="N",
-                   help="number of private records; delta = 1/(10 N)")
+    d.add_argument("--n-records", "--n-units", type=int, metavar="N",
+                   help="number of privacy units (persons; records for record-level DP-SGD); "
+                        "delta = 1/(10 N)")
+    p.add_argument("--group-size", type=int, metavar="K",
+                   help="with --noise-multiplier: also the epsilon of a person with K records "
+                        "when the run protects single records (record-level DP-SGD)")
     p.add_argument("--empirical", type=float, metavar="EPS",
                    help="with --lmo-params: an empirical lower bound on epsilon from a "
                         "privacy audit, shown and compared with the claim")
@@ -81,6 +85,8 @@ def run_privacy(args: argparse.Namespace) -> int:
         return 0
     if args.empirical is not None:
         raise ValueError("--empirical goes with --lmo-params")
+    if args.group_size is not None and (args.noise_multiplier is None or args.group_size < 1):
+        raise ValueError("--group-size K (an integer >= 1) goes with --noise-multiplier")
 
     q, steps, delta = _run_args(args)
     if args.noise_multiplier is not None:
@@ -91,6 +97,11 @@ def run_privacy(args: argparse.Namespace) -> int:
         print(f"  epsilon (PLD, cross-check): {spent.epsilon_pld:.4f}")
         print(f"  epsilon (RDP, reference):   {spent.epsilon_rdp:.4f}")
         print(f"  PRV/PLD relative gap: {100 * spent.relative_gap():.2f}%")
+        if args.group_size:
+            group = accounting.group_epsilon(args.noise_multiplier, q, steps, delta,
+                                             args.group_size)
+            print(f"  a person with {args.group_size} records, under record-level DP-SGD: "
+                  f"epsilon {group:.4f} (PLD, same delta)")
         return 0
     sigma = accounting.solve_noise_multiplier(args.epsilon, q, steps, delta)
     achieved = accounting.epsilon(sigma, q, steps, delta, accountant="prv")

@@ -133,11 +133,9 @@ def _student(args: argparse.Namespace) -> int:
 def _print_trained(what: str, result, out) -> None:
     """Steps and time; the loss only for non-DP runs (a DP run's is on private batches
     without noise: it stays in the private log)."""
-    from kdaudit.train.loop import private_log_path
-
-    if result.privacy:
+    if result.private_log:
         print(f"{what}: {result.steps} steps in {result.seconds:.0f} s; saved to {out} (the "
-              f"training log, losses on private batches, is in {private_log_path(out)}: "
+              f"training log, losses on private batches, is in {result.private_log}: "
               f"keep it private)")
     else:
         print(f"{what}: {result.steps} steps in {result.seconds:.0f} s, loss "

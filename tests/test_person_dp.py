@@ -199,3 +199,18 @@ def test_privacy_command_gives_a_persons_epsilon_under_record_level_dp(capsys):
     out = capsys.readouterr().out
     want = group_epsilon(1.2, 0.1, 20, 1e-4, 3)
     assert f"a person with 3 records, under record-level DP-SGD: epsilon {want:.4f}" in out
+
+
+@pytest.mark.parametrize("field, value, phrase", [
+    ("unit", "family", "dp.unit: expected 'person' or 'record'"),
+    ("reproducible_noise", "yes", "dp.reproducible_noise: expected true or false"),
+    ("gradient_canaries", -1, "dp.gradient_canaries: expected an integer ≥ 0"),
+    ("canary_guess_fraction", 0.7, "dp.canary_guess_fraction: expected 0 < f ≤ 0.5"),
+])
+def test_dp_options_are_checked_in_a_run_config_before_any_work(field, value, phrase):
+    from kdaudit.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=phrase):
+        DPConfig(**{field: value})
+    with pytest.raises(ConfigError, match=rf"dp\.{field}: expected"):   # the field, named
+        load_config("smoke", dp={field: value})

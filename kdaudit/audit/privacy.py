@@ -95,7 +95,8 @@ def spent_rows(model_id: str, source: object) -> list[dict]:
                 _row(model_id, "epsilon_lower_bound_lmo_pld",
                      _num(spent.get("epsilon_pld_lower_bound")),
                      "lower bound on the true ε: PLD of the LMO noise as sampled, "
-                     f"q = {spent['sample_rate']:.4g}, {spent['steps']} steps")]
+                     f"q = {spent['sample_rate']:.4g}, {spent['steps']} steps"),
+                *dp_sgd_rows(model_id, spent)]
     if "epsilon" not in spent:
         return []
     return [accounted_row(model_id, spent), *dp_sgd_rows(model_id, spent)]
@@ -120,13 +121,19 @@ def dp_sgd_rows(model_id: str, spent: dict) -> list[dict]:
                              f"{audit['correct']} of {audit['guesses']} guesses correct on "
                              f"{audit['canaries']} Dirac gradient canaries, each a {_unit(run)} "
                              f"drawn at the run's rate, at δ = {audit['delta']:.3g}; compare "
-                             f"with the run's ε = {run['epsilon']:.3f}"))
+                             f"with the run's {_epsilon_of(run)}"))
         group = run.get("group_privacy")
         if group:
             rows.append(_row(model_id, "epsilon_person_record_level", group["epsilon"],
                              f"the ε{of} of a person with {group['records']} records under "
                              f"record-level DP-SGD, at δ = {group['delta']:.3g}"))
     return rows
+
+
+def _epsilon_of(run: dict) -> str:
+    if "epsilon" in run:
+        return f"accounted ε = {run['epsilon']:.3f}"
+    return f"claimed ε = {_num(run.get('epsilon_claimed')):.3f} (LMO-DP, not a guarantee)"
 
 
 def _unit(spent: dict) -> str:

@@ -182,14 +182,16 @@ def accounting_violations(privacy: pd.DataFrame | None,
 
 
 def lmo_claim_warning(privacy: pd.DataFrame | None) -> str | None:
-    """docs/methods.md §6: where a lower bound on an LMO-DP model's true ε (the PLD of its noise, or
-    the one-run canary audit) exceeds the ε the method claims, the claim does not hold."""
+    """docs/methods.md §6: where a lower bound on an LMO-DP model's true ε (the PLD of its noise,
+    or a one-run audit: canary records or gradient canaries) exceeds the ε the method claims,
+    the claim does not hold."""
     claimed = _metric(privacy, "epsilon_claimed_lmo")
-    pld, one_run = _metric(privacy, "epsilon_lower_bound_lmo_pld"), _metric(privacy, LOWER_BOUND)
+    found = (("PLD", _metric(privacy, "epsilon_lower_bound_lmo_pld")),
+             ("one-run audit", _metric(privacy, LOWER_BOUND)),
+             ("white-box audit", _metric(privacy, WHITE_BOX)))
     parts = []
     for m, eps in claimed.items():
-        bounds = [(name, b[m]) for name, b in (("PLD", pld), ("one-run audit", one_run))
-                  if m in b and b[m] > eps]
+        bounds = [(name, b[m]) for name, b in found if m in b and b[m] > eps]
         if bounds:
             parts.append(f"{m}: claimed ε {eps:.3f} < " +
                          " and ".join(f"{v:.3f} ({name})" for name, v in bounds))

@@ -122,22 +122,20 @@ def unit_optimizer_class(base: type) -> type:
                 self.canaries.summed_grad += self.max_grad_norm * (drawn & self.included)
 
         def _sum_per_unit(self) -> None:
+            """Sum the rows of each unit (`segments`; None: every row is its own unit), and
+            give the canary block its per-unit gradients: zeros, the data never reach it."""
             segments, self.segments = self.segments, None
             rows = len(self._get_flat_grad_sample(self.params[0]))
-            if self.canaries is not None:
-                n = int(segments.max()) + 1 if segments is not None and len(segments) else rows
-                self.canaries.grad_sample = self.canaries.new_zeros((n, *self.canaries.shape))
-            if segments is None:
-                return
-            if len(segments) != rows:
+            if segments is not None and len(segments) != rows:
                 raise RuntimeError(f"{len(segments)} unit ids for a batch of {rows} rows")
-            n = int(segments.max()) + 1 if len(segments) else 0
+            n = rows if segments is None or not rows else int(segments.max()) + 1
             for p in self.params:
                 if p is self.canaries:
-                    continue
-                g = self._get_flat_grad_sample(p)
-                p.grad_sample = g.new_zeros((n, *g.shape[1:])).index_add_(
-                    0, segments.to(g.device), g)
+                    p.grad_sample = p.new_zeros((n, *p.shape))
+                elif segments is not None:
+                    g = self._get_flat_grad_sample(p)
+                    p.grad_sample = g.new_zeros((n, *g.shape[1:])).index_add_(
+                        0, segments.to(g.device), g)
 
         def add_noise(self):
             if self.noise is None:
@@ -178,7 +176,6 @@ def make_private(model, optimizer, n_units: int, p: DPPlan, seed: int,
     shard at the same q (`seed` must then differ per rank); the white-box canaries and custom
     noise run in one process only."""
     from opacus import PrivacyEngine
-    from opacus.optimizers import DPOptimizer
     from torch.utils.data import DataLoader, TensorDataset
 
     if distributed and p.noise is not None:
@@ -206,8 +203,7 @@ def make_private(model, optimizer, n_units: int, p: DPPlan, seed: int,
     if p.gradient_canaries and not distributed:
         canaries = torch.nn.Parameter(torch.zeros(p.gradient_canaries, device=device))
         inner.add_param_group({"params": [canaries], "lr": 0.0, "weight_decay": 0.0})
-    base = type(optimizer) if distributed else DPOptimizer
-    unit_optimizer = unit_optimizer_class(base)(
+    unit_optimizer = unit_optimizer_class(type(optimizer))(
         inner, noise_multiplier=p.noise_multiplier, max_grad_norm=p.max_grad_norm,
         expected_batch_size=optimizer.expected_batch_size,
         loss_reduction=optimizer.loss_reduction, generator=optimizer.generator)

@@ -70,6 +70,7 @@ class TrainResult:
     last_loss: float
     resumed_from: int
     privacy: dict[str, Any] | None = None   # DP-SGD: the ε spent (kdaudit.dp.accounting)
+    private_log: Path | None = None         # DP-SGD: where the training log went
 
 
 # -- DP strategies: what differs between plain training and DP-SGD ------------------------------
@@ -215,6 +216,10 @@ def private_log_path(out_dir: str | Path) -> Path:
     return out_dir.with_name(out_dir.name + ".private_log.jsonl")
 
 
+def _private_log(job: TrainJob) -> Path:
+    return Path(job.private_log or private_log_path(job.out_dir))
+
+
 def _checkpoint_dir(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".ckpt")
 
@@ -269,7 +274,8 @@ def train(job: TrainJob) -> TrainResult:
     _save_model(run, out_dir, log_path, privacy)
     accelerator.free_memory()
     return TrainResult(steps=total, seconds=time.time() - t0, first_loss=first_loss,
-                       last_loss=last_loss, resumed_from=start, privacy=privacy)
+                       last_loss=last_loss, resumed_from=start, privacy=privacy,
+                       private_log=_private_log(job) if run.dp.private else None)
 
 
 def _check(job: TrainJob) -> None:
@@ -431,7 +437,7 @@ def _save_model(run: _Run, out_dir: Path, log_path: Path,
     if run.job.tokenizer is not None:
         run.job.tokenizer.save_pretrained(str(tmp))
     if run.dp.private:   # losses of private batches: the operator's, outside the model folder
-        private_log = Path(run.job.private_log or private_log_path(out_dir))
+        private_log = _private_log(run.job)
         private_log.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(log_path, private_log)
     else:

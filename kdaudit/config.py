@@ -78,8 +78,9 @@ class DPRunConfig(DPSGDOptions):
     synthetic_records: int = 1000       # records the DP teacher writes for distildp
     synthetic_tokens: int = 160         # longest synthetic record, in tokens
     # DistilDP samples with no-repeat-ngram 2, made for free text; on template records it
-    # bans the template's own repeated bigrams (the header before Instruction and Response),
-    # so few samples parse. 0 turns it off; 2 reproduces the paper's setting.
+    # bans the template's own repeated bigrams (the header before Instruction and Response).
+    # Measured on tiny's DP teacher at ε = 2 (1,000 samples): 370 parse at 0, none at 2, so
+    # the DistilDP student could not be trained at 2. 0 turns it off; 2 is the paper's.
     no_repeat_ngram: int = 0
 
     def __post_init__(self) -> None:

@@ -75,7 +75,9 @@ def dp_config(epsilon: float, delta: float | None, options: DPSGDOptions) -> DPC
 
 def count_units(records: Sequence[Record], unit: str) -> int:
     """N of the DP accounting: distinct persons, or records at the record level."""
-    return len({r.person for r in records}) if unit == "person" else len(records)
+    from kdaudit.train.dp import units_of
+
+    return len(units_of([r.person for r in records], unit))
 
 
 def halve_delta(delta: float | None, n: int) -> float:

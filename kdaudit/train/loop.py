@@ -102,7 +102,7 @@ class NoDP:
         raise RuntimeError("an empty batch outside DP-SGD")
 
     def before_step(self, optimizer, idx: Sequence[int]) -> None:
-        pass
+        """Nothing: plain training clips the batch's gradient as a whole, not per unit."""
 
     def log_parts(self, idx: Sequence[int]) -> dict[str, float]:
         return {}

@@ -212,16 +212,32 @@ def train_student(job: StudentJob | str, /, **fields) -> loop.TrainResult:
     model = load_model(job.student_base)
     teacher = load_model(job.teacher) if spec.needs_teacher else None
     encode = [encode_record(r, tok, job.max_length) for r in records]
+    params = method_params(spec, job.kd, model.config.model_type)
     return loop.train(loop.TrainJob(
         model, encode, spec, job.train, out_dir=job.out, seed=job.seed,
         pad_id=tok.pad_token_id, tokenizer=tok, teacher=teacher,
-        params=method_params(spec, job.kd, model.config.model_type),
+        params=params, lm_examples=_lm_examples(spec, params, tok, job.max_length),
         run_key=stable_hash([job.method, job.seed, str(job.student_base), str(job.teacher),
                              [r.id for r in records], dataclasses.asdict(job.kd),
                              dataclasses.asdict(job.train), job.max_length]),
         mixed_precision=job.mixed_precision, desc=job.method,
         validation=[encode_record(r, tok, job.max_length) for r in held],
         max_length=job.max_length))
+
+
+def _lm_examples(spec, params, tok, max_length: int) -> list:
+    """The LM term's corpus (`kd.lm_corpus`; "builtin": the builtin pretraining texts of
+    the default data config), encoded, when the method has the term."""
+    from kdaudit.config import RunConfig
+    from kdaudit.data.lm_corpus import lm_texts
+    from kdaudit.data.template import encode_text
+    from kdaudit.pipeline.prepare import pretraining_texts
+
+    if not (spec.lm_term and params.lm_coef):
+        return []
+    texts = lm_texts(params.lm_corpus, params.lm_corpus_records,
+                     lambda: pretraining_texts(RunConfig()))
+    return [encode_text(t, tok, max_length) for t in texts]
 
 
 def train_private_student(job: StudentJob | str, /, **fields) -> loop.TrainResult:

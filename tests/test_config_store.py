@@ -86,3 +86,27 @@ def test_kd_hyperparameters_are_range_checked(tmp_path):
         load_config("smoke", bad)
     with pytest.raises(ConfigError, match="ref_ext' needs an independent model"):
         load_config("smoke", audit={"signals": ["loss", "ref_ext"]})
+    for field, value, expected in (("recipe", "fast", "expected one of"),
+                                   ("distillm_replay_schedule", "up", "'decreasing'"),
+                                   ("minillm_ppo_epochs", 0, "≥ 1"),
+                                   ("lm_coef", -1.0, "≥ 0")):
+        with pytest.raises(ConfigError, match=f"kd.{field}: {expected}"):
+            load_config("smoke", kd={field: value})
+
+
+def test_lm_corpus_reads_text_and_jsonl_files_and_names_a_bad_line(tmp_path):
+    from kdaudit.data.lm_corpus import lm_texts
+
+    txt = tmp_path / "c.txt"
+    txt.write_text("one text\n\nanother\nthird\n")
+    assert lm_texts(str(txt), 2, list) == ["one text", "another"]
+    good = tmp_path / "c.jsonl"
+    good.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert lm_texts(str(good), 10, list) == ["a", "b"]
+    assert lm_texts("builtin", 10, lambda: ["x"]) == ["x"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"txt": "b"}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: expected an object with a 'text'"):
+        lm_texts(str(bad), 10, list)
+    with pytest.raises(ConfigError, match="no such file"):
+        lm_texts(str(tmp_path / "missing.txt"), 10, list)

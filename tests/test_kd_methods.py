@@ -10,14 +10,15 @@ import torch
 from attacks.memorization import greedy_generate
 from kdaudit.config import KDConfig, TrainConfig
 from kdaudit.data.corpus import generate_records
-from kdaudit.data.template import encode_record, format_text
+from kdaudit.data.template import encode_record, encode_text, format_text
 from kdaudit.models import build_zoo_model, load_model, train_tokenizer
 from kdaudit.train import loop, objectives, sources
 from kdaudit.train.batching import collate
 from kdaudit.train.config import KDParams
-from kdaudit.train.methods import METHODS, method_params, minillm_loss, minillm_returns
+from kdaudit.train.methods import METHODS, lm_term, method_params, minillm_loss, \
+    minillm_returns, whiten
 from kdaudit.train.sampling import sample_responses
-from kdaudit.train.sources import AdaptiveSchedule, BatchSource
+from kdaudit.train.sources import AdaptiveSchedule, BatchSource, fresh_share
 
 KD_METHODS = ["kd", "seqkd", "imitkd", "gkd", "minillm", "distillm"]
 
@@ -30,8 +31,14 @@ def setup():
     return tok, examples, validation
 
 
+@pytest.fixture(scope="module")
+def lm_corpus(setup):
+    tok = setup[0]
+    return [encode_text(format_text(r), tok, 80) for r in generate_records(30, seed=24)]
+
+
 def _params(method: str, **kd) -> KDParams:
-    return method_params(METHODS[method], KDConfig(max_new_tokens=8, eval_every=2, **kd))
+    return method_params(METHODS[method], KDConfig(**{"max_new_tokens": 8, **kd}))
 
 
 # -- sampling ---------------------------------------------------------------------------------
@@ -109,71 +116,136 @@ def test_each_objective_matches_its_definition(method, fn):
     assert parts["objective"] == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_llama_students_default_to_half_kd_ratio():
+def test_recipe_defaults_per_method_and_family():
+    """The paper's scripts: kd_ratio ½ for LLaMA kd / seqkd; the LM term where a script passes
+    --lm-data-dir; DistiLLM's threshold 0.2 on LLaMA; MiniLLM's pt term half teacher CE."""
+    lm = {fam: sorted(m for m in KD_METHODS
+                      if method_params(METHODS[m], KDConfig(), fam).lm_coef == 1.0)
+          for fam in ("gpt2", "opt", "llama")}
+    assert lm == {"gpt2": ["distillm", "imitkd", "minillm"], "opt": sorted(KD_METHODS),
+                  "llama": ["distillm", "gkd", "imitkd", "minillm"]}
     assert method_params(METHODS["kd"], KDConfig(), "llama").kd_ratio == 0.5
+    assert method_params(METHODS["imitkd"], KDConfig(), "llama").kd_ratio == 1.0
     assert method_params(METHODS["kd"], KDConfig(), "gpt2").kd_ratio == 1.0
     assert method_params(METHODS["kd"], KDConfig(kd_ratio=0.3), "llama").kd_ratio == 0.3
+    assert method_params(METHODS["distillm"], KDConfig(), "llama").distillm_init_prob == 0.2
+    assert method_params(METHODS["distillm"], KDConfig(), "opt").distillm_init_prob == 0.0
     assert method_params(METHODS["gkd"], KDConfig()).on_policy_fraction == 0.5
     assert method_params(METHODS["imitkd"], KDConfig()).on_policy_fraction == 1.0
     assert method_params(METHODS["kd"]).on_policy_fraction == 0.0
+    paper = method_params(METHODS["minillm"], KDConfig())
+    assert (paper.lm_kd_ratio, paper.replay_size, paper.minillm_rollouts,
+            paper.minillm_ppo_epochs, paper.minillm_reward_scaling, paper.minillm_reward_clip,
+            paper.minillm_whiten, paper.max_new_tokens) == (0.5, 1000, 256, 4, 0.5, 100, True, 256)
+    plain = method_params(METHODS["minillm"], KDConfig(recipe="loss_only"), "opt")
+    assert (plain.lm_coef, plain.replay_size, plain.minillm_rollouts, plain.minillm_ppo_epochs,
+            plain.minillm_reward_scaling, plain.minillm_reward_clip, plain.minillm_whiten) == \
+        (0.0, 0, 0, 1, 1.0, 0.0, False)
+    assert method_params(METHODS["imitkd"], KDConfig(recipe="loss_only",
+                                                     lm_coef=0.5)).lm_coef == 0.5
     assert not method_params(METHODS["kd"]).per_sequence
 
 
-def test_minillm_returns_are_length_normalised_and_discounted():
+def test_minillm_returns_include_the_current_reward_and_are_length_normalised():
     r = torch.tensor([[0.0, 1.0, 2.0, 3.0, 9.0]], dtype=torch.float64)
     m = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
     g = 0.5
     got = minillm_returns(r, m, g)[0]
-    # position 0: tokens 1..3 follow, 3 of them
-    assert got[0].item() == pytest.approx((1 + g * 2 + g * g * 3) / 3)
-    assert got[1].item() == pytest.approx((2 + g * 3) / 2)
-    assert got[2].item() == pytest.approx(3 / 1)
-    assert got[3].item() == 0 and got[4].item() == 0
+    assert got[1].item() == pytest.approx((1 + g * 2 + g * g * 3) / 3)   # 3 tokens from t on
+    assert got[2].item() == pytest.approx((2 + g * 3) / 2)
+    assert got[3].item() == pytest.approx(3 / 1)
+    assert got[0].item() == 0 and got[4].item() == 0
 
 
-def _minillm_reference(s, t, batch, params):
-    """MiniLLM's loss written token by token (docs/methods.md §4), for autograd to differentiate."""
+def test_whitening_counts_the_empty_cells_of_the_rollout_grid():
+    x = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]], dtype=torch.float64)
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    # grid of 2 × 4 cells: 1, 2, 3 and five zeros; mean 6/8, unbiased variance over 8 cells
+    cells = torch.tensor([1.0, 2.0, 3.0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    var, mean = torch.var_mean(cells)
+    got = whiten(x, m, width=4)
+    torch.testing.assert_close(got[m.bool()], (x[m.bool()] - mean) / torch.sqrt(var + 1e-8))
+    assert got[~m.bool()].abs().sum() == 0
+
+
+def _lmops_loss(s, t, batch, params):
+    """LMOps's MiniLLM `ppo_loss` transcribed token by token in its own layout: a rollout grid
+    of `max_new_tokens` cells per row, rewards (log p − log q_old) / scaling clipped, returns
+    summed backwards from each token and divided by the tokens left, whitened over the whole
+    grid with torch.var_mean, ratio·w clipped, plus the unweighted KL(q ‖ p) regulariser."""
     a, c, gamma = params.teacher_mix_alpha, params.minillm_clip, params.minillm_discount
+    width = params.max_new_tokens
     lq_old, lp_old = batch.extras["student_logprob"], batch.extras["teacher_logprob"]
-    terms = []
-    for b in range(s.shape[0]):
-        pos = [i for i in range(1, s.shape[1]) if batch.target_mask[b, i]]
-        for j, i in enumerate(pos):
+    rows = s.shape[0]
+    pos = [[i for i in range(1, s.shape[1]) if batch.target_mask[b, i]] for b in range(rows)]
+    rewards = torch.zeros(rows, width, dtype=torch.float64)
+    mask = torch.zeros(rows, width, dtype=torch.float64)
+    for b in range(rows):
+        for j, i in enumerate(pos[b]):
+            r = (float(lp_old[b, i]) - float(lq_old[b, i])) / params.minillm_reward_scaling
+            rewards[b, j] = max(-params.minillm_reward_clip, min(params.minillm_reward_clip, r))
+            mask[b, j] = 1.0
+    returns = torch.zeros(rows, width, dtype=torch.float64)
+    for b in range(rows):
+        last = 0.0
+        for j in reversed(range(width)):
+            last = float(rewards[b, j]) + gamma * last
+            left = float(mask[b, j:].sum()) if mask[b, j] else 1.0
+            returns[b, j] = last / max(left, 1.0)
+    var, mean = torch.var_mean(returns)
+    adv = (returns - mean) * torch.rsqrt(var + 1e-8)
+    pg_terms, reg_terms = [], []
+    for b in range(rows):
+        for j, i in enumerate(pos[b]):
             q = torch.log_softmax(s[b, i - 1], -1)
             p = torch.log_softmax(t[b, i - 1], -1)
             y = batch.input_ids[b, i]
             w = math.exp(lq_old[b, i]) / ((1 - a) * math.exp(lq_old[b, i])
                                           + a * math.exp(lp_old[b, i]))
-            later = pos[j + 1:]
-            ret = sum(gamma ** k * float(lp_old[b, i2] - lq_old[b, i2])
-                      for k, i2 in enumerate(later)) / len(later) if later else 0.0
-            adv = w * ret
-            rho = torch.exp(q[y] - lq_old[b, i])
-            pg = torch.maximum(-adv * rho, -adv * rho.clamp(1 - c, 1 + c))
-            single = w * (q.exp() * (q - p)).sum()
-            terms.append(pg + single)
-    return torch.stack(terms).mean()
+            ratio = torch.exp(q[y] - lq_old[b, i]) * w
+            pg_terms.append(torch.maximum(-adv[b, j] * ratio,
+                                          -adv[b, j] * ratio.clamp(1 - c, 1 + c)))
+            xent = -(q.exp() * p).sum()
+            ent = -(q.exp() * q).sum()
+            reg_terms.append(xent - ent)
+    n = len(pg_terms)
+    return torch.stack(pg_terms).sum() / n + torch.stack(reg_terms).sum() / n
 
 
-def test_minillm_surrogate_gradient_matches_autograd_reference():
+def test_minillm_loss_and_gradient_equal_the_lmops_transcription():
     s, t, batch = _fixed_batch(vocab=5, seed=3)
     g = torch.Generator().manual_seed(9)
-    # sampling-time log probs a little off the current ones so that ρ ≠ 1 and clipping bites
+    # sampling-time log probs off the current ones so that w·ρ leaves [0.8, 1.2]: the clip bites
     lq_now = torch.log_softmax(s, -1)[:, :-1].gather(-1, batch.input_ids[:, 1:, None])[..., 0]
-    shift = torch.zeros_like(batch.input_ids, dtype=torch.float64)
-    shift[:, 1:] = lq_now + 0.4 * torch.randn(lq_now.shape, generator=g, dtype=torch.float64)
-    lp = torch.zeros_like(shift)
+    old = torch.zeros_like(batch.input_ids, dtype=torch.float64)
+    old[:, 1:] = lq_now + 0.4 * torch.randn(lq_now.shape, generator=g, dtype=torch.float64)
+    lp = torch.zeros_like(old)
     lp[:, 1:] = torch.log_softmax(t, -1)[:, :-1].gather(-1, batch.input_ids[:, 1:, None])[..., 0]
-    batch.extras = {"student_logprob": shift, "teacher_logprob": lp}
-    params = _params("minillm")
+    batch.extras = {"student_logprob": old, "teacher_logprob": lp}
+    params = _params("minillm", minillm_reward_clip=0.9)   # a reward clip that bites too
+    assert ((lp - old).abs()[batch.target_mask] / 0.5 > 0.9).any()
     s1 = s.clone().requires_grad_(True)
     s2 = s.clone().requires_grad_(True)
-    loss, _ = minillm_loss(s1, t, batch, params)
-    ref = _minillm_reference(s2, t, batch, params)
+    loss, parts = minillm_loss(s1, t, batch, params)
+    ref = _lmops_loss(s2, t, batch, params)
+    assert parts["clipped"] > 0.2
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-9)
     loss.backward()
     ref.backward()
     torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_lm_term_is_ce_or_half_teacher_cross_entropy():
+    s, t, batch = _fixed_batch(vocab=6, seed=4)
+    y, m = batch.input_ids[:, 1:], batch.target_mask[:, 1:]
+    lq = torch.log_softmax(s[:, :-1], -1)
+    p = torch.softmax(t[:, :-1], -1)
+    ce = -lq.gather(-1, y[..., None])[..., 0][m].mean()
+    soft = -(p * lq).sum(-1)[m].mean()
+    got, _ = lm_term(s, t, batch, _params("imitkd"))
+    torch.testing.assert_close(got.double(), ce, rtol=1e-5, atol=1e-7)
+    got, parts = lm_term(s, t, batch, _params("minillm"))      # lm_kd_ratio ½
+    torch.testing.assert_close(got.double(), 0.5 * ce + 0.5 * soft, rtol=1e-5, atol=1e-7)
 
 
 # -- DistiLLM's schedule ----------------------------------------------------------------------
@@ -192,6 +264,106 @@ def test_adaptive_schedule_rises_exactly_at_loss_eps_and_caps_at_one():
     assert top.update(0.2) and top.prob == 1.0
 
 
+def test_fresh_share_follows_the_replay_schedule():
+    assert fresh_share(0.5, 10, 40, "decreasing") == pytest.approx(0.375)
+    assert fresh_share(0.5, 10, 40, "constant") == pytest.approx(0.25)
+    assert fresh_share(0.5, 10, 40, "increasing") == pytest.approx(0.125)
+
+
+class _Draws:
+    """A batch source's rng with scripted uniform draws (`random`), the rest real."""
+
+    def __init__(self, values):
+        self.values, self.real = list(values), __import__("random").Random(0)
+
+    def random(self):
+        return self.values.pop(0)
+
+    def sample(self, population, k):
+        return self.real.sample(population, k)
+
+
+def _scripted_source(setup, method, draws, **kd):
+    tok, examples, validation = setup
+    src = BatchSource(METHODS[method], examples, _params(method, **kd), pad_id=tok.pad_token_id,
+                      eos_id=tok.eos_token_id, seed=0, max_length=80, batch_size=2,
+                      total_steps=10, validation=validation)
+    src.rng = _Draws(draws)
+    made = []
+
+    def fake_sample(chosen, model, teacher=None, mix=0.0):
+        rows = [type(e)(e.input_ids[:e.response_start] + [7, len(made)], e.response_start)
+                for e in chosen]
+        made.extend(rows)
+        return rows, None
+
+    src._sample = fake_sample
+    return src, made
+
+
+def _rows(batch):
+    return [tuple(r[m].tolist()) for r, m in zip(batch.input_ids, batch.target_mask)]
+
+
+def test_distillm_decision_table(setup):
+    """θ 0.6, buffer of 4, T 10: fresh while filling; then fresh below θ(1 − step/T), replay
+    up to θ, ground truth above."""
+    src, made = _scripted_source(setup, "distillm", [0.5, 0.5, 0.3, 0.1, 0.7],
+                                 replay_size=4)
+    src.schedule.prob = 0.6
+    truth = {tuple(e.input_ids[e.response_start:]) for e in setup[1]}
+    b, o = src.next_batch(0, [0, 1], None, None)        # filling: fresh, into the buffer
+    assert o == {"generated": 2} and len(src.buffer) == 2
+    b, o = src.next_batch(1, [2, 3], None, None)
+    assert o == {"generated": 2} and len(src.buffer) == 4
+    b, o = src.next_batch(5, [4, 5], None, None)        # share 0.6·(1 − 6/10) = 0.24 ≤ 0.3
+    assert o == {"generated": 0, "replayed": 2} and len(made) == 4
+    assert set(_rows(b)) <= {tuple(e.input_ids[e.response_start:]) for e in src.buffer}
+    b, o = src.next_batch(5, [6, 7], None, None)        # 0.1 < 0.24: fresh, oldest dropped
+    assert o == {"generated": 2} and src.buffer == made[2:]
+    b, o = src.next_batch(5, [8, 9], None, None)        # 0.7 ≥ θ: ground truth
+    assert o == {"generated": 0} and set(_rows(b)) <= truth
+
+
+def test_imitkd_and_gkd_train_on_a_draw_from_the_buffer(setup):
+    src, made = _scripted_source(setup, "gkd", [0.4, 0.6, 0.2])
+    b, o = src.next_batch(0, [0, 1], None, None)        # 0.4 < ½: generate, push, draw
+    assert o == {"generated": 2, "replayed": 2} and len(src.buffer) == 2
+    b, o = src.next_batch(1, [2, 3], None, None)        # 0.6 ≥ ½: ground truth
+    assert o == {"generated": 0}
+    b, o = src.next_batch(2, [4, 5], None, None)
+    assert len(src.buffer) == 4 and len(made) == 4
+    assert set(_rows(b)) <= {tuple(e.input_ids[e.response_start:]) for e in made}
+    plain, made = _scripted_source(setup, "imitkd", [0.0], replay_size=0)
+    b, o = plain.next_batch(0, [0, 1], None, None)      # no buffer: the fresh rows themselves
+    assert o == {"generated": 2} and not plain.buffer and _rows(b) == [
+        tuple(e.input_ids[e.response_start:]) for e in made]
+
+
+def test_distillm_signal_is_the_validation_ce_as_mean_of_batch_means(setup):
+    """70 validation rows: batches of 64 and 6, each a token mean, then averaged; the
+    reference is taken before training (`prepare`)."""
+    tok, examples, _ = setup
+    val = [encode_record(r, tok, 80) for r in generate_records(70, seed=25)]
+    src = BatchSource(METHODS["distillm"], examples, _params("distillm"),
+                      pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, seed=0, max_length=80,
+                      validation=val)
+    model = build_zoo_model("gpt2-smoke-student", tok, seed=0)
+    means = []
+    for chunk in (val[:64], val[64:]):
+        batch = collate(chunk, tok.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids).logits
+        lq = torch.log_softmax(logits[:, :-1].float(), -1).gather(
+            -1, batch.input_ids[:, 1:, None])[..., 0]
+        means.append(-lq[batch.target_mask[:, 1:]].mean().item())
+    assert src.validation_ce(model) == pytest.approx(sum(means) / 2, rel=1e-5)
+    assert src.schedule.reference is None
+    src.prepare(model, None)
+    assert src.schedule.reference == pytest.approx(sum(means) / 2, rel=1e-5)
+
+
 # -- each method draws its data ---------------------------------------------------------------
 class SamplerSpy:
     def __init__(self, monkeypatch, step_of):
@@ -208,7 +380,7 @@ class SamplerSpy:
         monkeypatch.setattr(sources, "sample_responses", spy)
 
 
-def _train(method, setup, tmp_path, monkeypatch, epochs=1.0, **kd):
+def _train(method, setup, tmp_path, monkeypatch, epochs=1.0, lm=(), batch_size=8, **kd):
     tok, examples, validation = setup
     step = [0]
     spy = SamplerSpy(monkeypatch, step)
@@ -227,10 +399,10 @@ def _train(method, setup, tmp_path, monkeypatch, epochs=1.0, **kd):
         step[0] = s
 
     result = loop.train(loop.TrainJob(student, examples, METHODS[method], TrainConfig(
-        epochs=epochs, batch_size=8, lr=1e-3), out_dir=tmp_path / method, seed=0,
+        epochs=epochs, batch_size=batch_size, lr=1e-3), out_dir=tmp_path / method, seed=0,
         pad_id=tok.pad_token_id, teacher=teacher if METHODS[method].needs_teacher else None,
-        params=_params(method, **kd), desc=None, callbacks=[count], validation=validation,
-        max_length=80))
+        params=_params(method, **{"lm_coef": 0.0, **kd}), desc=None, callbacks=[count],
+        validation=validation, max_length=80, lm_examples=lm))
     return student, teacher, spy.calls, [s for s in seen if s[0] >= 0], result
 
 
@@ -259,7 +431,22 @@ def test_imitkd_trains_on_the_students_own_text_every_step(setup, tmp_path, monk
     written = {tuple(t) for c in calls for t in c["tokens"]}
     assert all(tuple(r) in written for _, rows in seen for r in rows)
     log = (tmp_path / "imitkd" / "train_log.jsonl").read_text()
-    assert '"replayed": 4.0' in log                 # later batches mix in the replay buffer
+    assert '"replayed": 8.0' in log                 # every batch is a draw from the buffer
+
+
+def test_the_lm_term_adds_lm_coef_times_the_corpus_ce(setup, lm_corpus, tmp_path,
+                                                      monkeypatch):
+    *_, result = _train("imitkd", setup, tmp_path, monkeypatch, lm=lm_corpus, lm_coef=0.7)
+    import json
+
+    log = [json.loads(x) for x in (tmp_path / "imitkd" / "train_log.jsonl").open()]
+    assert log and all(r["loss"] == pytest.approx(r["forward_kl"] + 0.7 * r["lm_ce"], rel=1e-5)
+                       for r in log)
+
+
+def test_a_method_with_the_lm_term_needs_a_corpus(setup, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="no corpus"):
+        _train("distillm", setup, tmp_path, monkeypatch, lm_coef=1.0)
 
 
 def test_gkd_samples_about_half_of_its_batches(setup, tmp_path, monkeypatch):
@@ -268,31 +455,40 @@ def test_gkd_samples_about_half_of_its_batches(setup, tmp_path, monkeypatch):
     assert result.steps == 24 and 0.25 <= share <= 0.75
 
 
-def test_minillm_samples_the_mixture_with_the_teacher(setup, tmp_path, monkeypatch):
-    student, teacher, calls, seen, result = _train("minillm", setup, tmp_path, monkeypatch)
-    assert len(calls) == result.steps
+def test_minillm_trains_ppo_epochs_over_each_round_of_mixture_rollouts(setup, tmp_path,
+                                                                       monkeypatch):
+    """24 prompts, batches of 4 (6 steps), rounds of 8 rollouts × 2 PPO epochs = 4 steps:
+    rounds sampled at steps 0 and 4, each rollout trained on once per PPO epoch."""
+    student, teacher, calls, seen, result = _train(
+        "minillm", setup, tmp_path, monkeypatch, batch_size=4, minillm_rollouts=8,
+        minillm_ppo_epochs=2)
+    assert result.steps == 6 and [c["step"] for c in calls] == [0, 4]
     assert all(c["model"] is student and c["teacher"] is teacher and c["mix"] == 0.2
-               for c in calls)
+               and len(c["tokens"]) == 8 for c in calls)
+    first = [r for step, rows in seen if step < 4 for r in rows]
+    assert len(first) == 16 and all(first.count(r) % 2 == 0 for r in first)
 
 
-def test_distillm_schedule_follows_the_validation_loss(setup, tmp_path, monkeypatch):
-    # a start probability of 1 makes every batch student-written; the log shows the losses
-    *_, calls, seen, result = _train("distillm", setup, tmp_path, monkeypatch,
+def test_distillm_checks_its_validation_ce_after_every_epoch(setup, tmp_path, monkeypatch):
+    # a threshold of 1 with an unfilled buffer makes every batch a fresh student batch
+    *_, calls, seen, result = _train("distillm", setup, tmp_path, monkeypatch, epochs=2.0,
                                      distillm_init_prob=1.0)
     import json
 
     log = [json.loads(x) for x in (tmp_path / "distillm" / "train_log.jsonl").open()]
     evals = [r for r in log if "val_loss" in r]
-    assert [r["step"] for r in evals] == [2]
+    assert [r["step"] for r in evals] == [3, 6]
     assert len({c["step"] for c in calls}) == result.steps
 
 
 def test_on_policy_training_resumes_to_the_same_weights(setup, tmp_path):
+    """ImitKD with its buffer and LM term: the buffer, the draws and the corpus cursor are
+    checkpointed, so a resumed run ends on the same weights."""
     tok, examples, _ = setup
     cfg = TrainConfig(epochs=2, batch_size=8, lr=3e-3, checkpoint_every=2)
     teacher = build_zoo_model("gpt2-smoke-teacher", tok, seed=1).eval()
     kw = dict(seed=0, pad_id=tok.pad_token_id, teacher=teacher, run_key="k", desc=None,
-              params=_params("imitkd"), max_length=80)
+              params=_params("imitkd"), max_length=80, lm_examples=examples)
 
     def fresh():
         return build_zoo_model("gpt2-smoke-student", tok, seed=0)
@@ -343,7 +539,7 @@ def test_a_method_reads_only_the_kd_fields_it_declares(setup, tmp_path, method):
 
     tok, examples, validation = setup
     spec = METHODS[method]
-    kd = KDConfig(max_new_tokens=8, eval_every=2, distillm_init_prob=1.0,
+    kd = KDConfig(max_new_tokens=8, eval_every=2, distillm_init_prob=1.0, minillm_rollouts=8,
                   hidden_weight=0.5 if spec.hidden else 0.0)
     params = _Tracking(**dataclasses.asdict(method_params(spec, kd)))
     loop.train(loop.TrainJob(
@@ -352,7 +548,7 @@ def test_a_method_reads_only_the_kd_fields_it_declares(setup, tmp_path, method):
         seed=0, pad_id=tok.pad_token_id, params=params, desc=None, max_length=80,
         teacher=build_zoo_model("gpt2-smoke-teacher", tok, seed=1).eval()
         if spec.needs_teacher else None,
-        validation=validation if spec.adaptive else ()))
+        validation=validation if spec.adaptive else (), lm_examples=examples))
     kd_names = {f.name for f in fields(KDConfig)}
     assert params.read & kd_names <= set(spec.kd_fields)
     assert bool(params.read & kd_names) == (method != "nokd")   # the tracking sees reads

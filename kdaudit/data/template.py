@@ -58,3 +58,10 @@ def encode_prompt(record: Record, tokenizer, max_length: int) -> list[int]:
     """Prompt ids only (for generation), cut from the left to `max_length`."""
     ids = tokenizer(format_prompt(record), add_special_tokens=False)["input_ids"]
     return ids[-max_length:]
+
+
+def encode_text(text: str, tokenizer, max_length: int) -> Encoded:
+    """Plain text for language modelling: every token but the first is a target, EOS closes
+    it, cut to `max_length`."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return Encoded(ids[:max_length], response_start=1)

@@ -58,7 +58,7 @@ def cached_tokenizer(cfg: RunConfig, texts: list[str]):
 
 def cached_base(cfg: RunConfig, preset: str, tokenizer, texts: list[str]) -> Path:
     """Path of the pretrained base of zoo `preset`, pretraining it when not cached."""
-    from kdaudit.data.template import Encoded
+    from kdaudit.data.template import encode_text
     from kdaudit.models.zoo import build_zoo_model
     from kdaudit.train.loop import TrainJob, train
     from kdaudit.train.methods import METHODS
@@ -66,10 +66,7 @@ def cached_base(cfg: RunConfig, preset: str, tokenizer, texts: list[str]) -> Pat
     path = cache_root(cfg) / "bases" / f"{preset}-{base_key(cfg, preset)}"
     if (path / "model.safetensors").exists():
         return path
-    examples = []
-    for t in texts:
-        ids = tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        examples.append(Encoded(ids[:cfg.data.max_length], response_start=1))
+    examples = [encode_text(t, tokenizer, cfg.data.max_length) for t in texts]
     model = build_zoo_model(preset, tokenizer, seed=cfg.seed)
     train(TrainJob(model, examples, METHODS["pretrain"], cfg.pretrain, out_dir=path,
                    seed=cfg.seed, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from kdaudit.config import DPConfig, TrainConfig
 from kdaudit.data.canaries import read_canaries, training_records
-from kdaudit.data.template import Encoded, encode_record
+from kdaudit.data.template import Encoded, encode_record, encode_text
 from kdaudit.dp import dpsgd
 from kdaudit.models import load_model
 from kdaudit.pipeline.stage import RunContext, Stage
@@ -48,6 +48,9 @@ def fit_inputs(run: RunContext, fit: Fit) -> dict[str, Any]:
             "seed": fit_seed(run, fit), "max_length": cfg.data.max_length,
             "teacher": run.hashes.get(fit.teacher_id) if fit.teacher_id else None,
             "kd": METHODS[fit.method].kd_inputs(cfg.kd) or None,
+            # the builtin LM-term corpus is the bases' pretraining texts
+            "lm_corpus": [cfg.data.pretrain_records, cfg.data.pretrain_seed]
+            if METHODS[fit.method].lm_term and cfg.kd.lm_corpus == "builtin" else None,
             "dp": fit.dp.__dict__ if fit.dp else None}
 
 
@@ -58,13 +61,14 @@ def make_fit(run: RunContext, fit: Fit, run_key: str) -> dict:
     validation = [encode_record(r, tok, cfg.data.max_length)
                   for r in run.split("validation")] if spec.adaptive else []
     data = fit.examples()
+    params = method_params(spec, cfg.kd, model.config.model_type)
     plan = dpsgd.plan_for([e.person for e in data], fit.train.batch_size, fit.train.epochs,
                           fit.dp) if fit.dp else None
     result = loop.train(loop.TrainJob(
         model, data, spec, fit.train, out_dir=out, seed=fit_seed(run, fit),
         pad_id=tok.pad_token_id, tokenizer=tok,
         teacher=load_model(run.dir.model(fit.teacher_id)) if fit.teacher_id else None,
-        params=method_params(spec, cfg.kd, model.config.model_type), run_key=run_key,
+        params=params, run_key=run_key, lm_examples=lm_examples(run, spec, params),
         mixed_precision=cfg.mixed_precision, desc=f"{fit.model_id} ({fit.method})",
         validation=validation, max_length=cfg.data.max_length, dp=plan,
         private_log=run.dir.private_log(fit.model_id)))
@@ -74,6 +78,18 @@ def make_fit(run: RunContext, fit: Fit, run_key: str) -> dict:
     losses = {} if plan else {"first_loss": result.first_loss, "last_loss": result.last_loss}
     return {"steps": result.steps, **losses, "resumed_from": result.resumed_from,
             "train_seconds": round(result.seconds, 2), **({"privacy": spent} if spent else {})}
+
+
+def lm_examples(run: RunContext, spec, params) -> list[Encoded]:
+    """The LM term's corpus, encoded, when the method has the term (`lm_coef` > 0)."""
+    from kdaudit.data.lm_corpus import lm_texts
+    from kdaudit.pipeline.prepare import pretraining_texts
+
+    if not (spec.lm_term and params.lm_coef):
+        return []
+    texts = lm_texts(params.lm_corpus, params.lm_corpus_records,
+                     lambda: pretraining_texts(run.cfg))
+    return [encode_text(t, run.tokenizer, run.cfg.data.max_length) for t in texts]
 
 
 def fit_stage(run: RunContext, fit: Fit) -> Stage:

@@ -23,28 +23,49 @@ class TrainConfig:
     log_every: int = 10
 
 
+RECIPES = ("paper", "loss_only")
+
+
 @dataclass
 class KDConfig:
-    """Hyperparameters of the KD methods (docs/methods.md §3–§4), with the EMNLP code's defaults.
+    """Hyperparameters of the KD methods (docs/methods.md §3–§4).
 
-    A field left at None takes the method's (or family's) own default, see
-    `kdaudit.train.methods.method_params`.
+    `recipe` "paper" runs each method as the paper's code does (the GPT-2, OPT and LLaMA
+    scripts of Zhang et al.'s repository and LMOps's MiniLLM): the pretraining LM term,
+    replay buffers, DistiLLM's schedule on the validation cross-entropy, MiniLLM's PPO rounds.
+    "loss_only" keeps each method's loss and data source and drops the rest (no LM term, no
+    replay, one policy-gradient step per fresh rollout, no reward scaling, clipping or
+    whitening). A field left at None takes the recipe's value for the method and the student's
+    family (`kdaudit.train.methods.method_params`); set it to depart from the recipe.
     """
-    kd_ratio: float | None = None       # weight of the KD term against CE: 1.0 (0.5 for LLaMA)
+    recipe: str = "paper"
+    kd_ratio: float | None = None       # weight of the KD term against CE: 1.0 (LLaMA kd, seqkd 0.5)
     temperature: float = 1.0            # divides both logits; the KD term is scaled by τ²
-    on_policy_fraction: float | None = None  # share of student-sampled batches: imitkd 1, gkd .5
+    on_policy_fraction: float | None = None  # share of student-written batches: imitkd 1, gkd .5
     jsd_beta: float = 0.1               # GKD: m = β p + (1 − β) q
     skew_alpha: float = 0.1             # DistiLLM: KL(q ‖ (1 − α) p + α q)
+    # the pretraining LM term: lm_coef · [(1 − lm_kd_ratio) CE + lm_kd_ratio H(p_T, q)] on a
+    # batch of the public corpus each step; paper: 1 for the methods whose scripts pass
+    # --lm-data-dir (GPT-2: imitkd, distillm, minillm; OPT: all six; LLaMA: all but kd, seqkd)
+    lm_coef: float | None = None
+    lm_kd_ratio: float | None = None    # paper: 0.5 for MiniLLM (its pt_loss), else 0 (CE only)
+    lm_corpus: str = "builtin"          # "builtin", a .txt / .jsonl file, or a HF dataset name
+    lm_corpus_records: int = 10000      # texts taken from a file or dataset
+    replay_size: int | None = None      # ImitKD / GKD / DistiLLM buffer capacity: paper 1000, 0 = none
+    distillm_init_prob: float | None = None  # starting threshold: paper 0 (LLaMA 0.2)
+    distillm_replay_schedule: str = "decreasing"  # fresh share of a student batch over time
+    loss_eps: float = 0.1               # DistiLLM: validation-CE rise that raises it by 0.1
+    eval_every: int = 0                 # DistiLLM: steps between validation CEs; 0 = each epoch
     teacher_mix_alpha: float = 0.2      # MiniLLM: sample from (1 − α) q + α p
-    minillm_clip: float = 0.2           # MiniLLM: PPO ratio clip
+    minillm_clip: float = 0.2           # MiniLLM: PPO clip of w·ρ
     minillm_discount: float = 0.95      # MiniLLM: γ of the length-normalised return
-    replay_size: int = 1000             # ImitKD / DistiLLM replay buffer capacity
-    replay_ratio: float = 0.5           # share of a generated batch drawn from the buffer
-    distillm_init_prob: float = 0.0     # DistiLLM: starting probability of a generated batch
-    loss_eps: float = 0.1               # DistiLLM: validation-loss rise that raises it by 0.1
-    eval_every: int = 50                # DistiLLM: steps between validation losses
-    max_new_tokens: int = 64            # length of sampled responses
-    sample_temperature: float = 1.0     # sampling temperature (SeqKD: teacher at 1, top-p 1)
+    minillm_rollouts: int | None = None     # prompts sampled per round: paper 256 (0 = a batch)
+    minillm_ppo_epochs: int | None = None   # passes over a round's rollouts: paper 4
+    minillm_reward_scaling: float | None = None  # rewards divided by it: paper 0.5
+    minillm_reward_clip: float | None = None     # |reward| clipped to it: paper 100 (0 = off)
+    minillm_whiten: bool | None = None      # whiten advantages per mini-batch: paper true
+    max_new_tokens: int = 256           # sampled responses: paper 512 − 256 prompt tokens
+    sample_temperature: float = 1.0     # sampling temperature (paper: 1, top-k 0, top-p 1)
     top_p: float = 1.0
     soft_label_weight: float = 0.4      # DistilDP: weight of the teacher's soft labels
     hidden_weight: float = 0.0          # DistilDP: weight of the hidden-state MSE
@@ -56,25 +77,35 @@ class KDConfig:
 @dataclass(frozen=True)
 class KDParams:
     """The KD hyperparameters one run trains with: a `KDConfig` with every None resolved by
-    the method's and the student family's defaults (`kdaudit.train.methods.method_params`).
+    the recipe, the method and the student family (`kdaudit.train.methods.method_params`).
 
     Losses and batch sources read these attributes and nothing else, so a default lives in one
     place. `per_sequence` (set by DP-SGD) asks a loss for the mean over the batch of each
     sequence's mean token loss: one example's gradient then ignores the others' lengths.
     """
+    recipe: str
     kd_ratio: float
     temperature: float
     on_policy_fraction: float
     jsd_beta: float
     skew_alpha: float
+    lm_coef: float
+    lm_kd_ratio: float
+    lm_corpus: str
+    lm_corpus_records: int
+    replay_size: int
+    distillm_init_prob: float
+    distillm_replay_schedule: str
+    loss_eps: float
+    eval_every: int
     teacher_mix_alpha: float
     minillm_clip: float
     minillm_discount: float
-    replay_size: int
-    replay_ratio: float
-    distillm_init_prob: float
-    loss_eps: float
-    eval_every: int
+    minillm_rollouts: int
+    minillm_ppo_epochs: int
+    minillm_reward_scaling: float
+    minillm_reward_clip: float
+    minillm_whiten: bool
     max_new_tokens: int
     sample_temperature: float
     top_p: float
@@ -151,19 +182,37 @@ def validate_kd(kd: KDConfig, where: str = "kd") -> None:
             raise ConfigError(f"{where}.{name}: expected {expected}, got {value!r}")
 
     unit = lambda v: v is None or 0 <= v <= 1  # noqa: E731
+    opt = lambda ok: (lambda v: v is None or ok(v))  # noqa: E731
+    if kd.recipe not in RECIPES:
+        raise ConfigError(f"{where}.recipe: expected one of {list(RECIPES)}, got {kd.recipe!r}")
     check("kd_ratio", unit(kd.kd_ratio), "0 ≤ kd_ratio ≤ 1")
     check("temperature", kd.temperature > 0, "> 0")
     check("on_policy_fraction", unit(kd.on_policy_fraction), "a fraction in [0, 1]")
     check("jsd_beta", 0 < kd.jsd_beta < 1, "0 < β < 1 (β = 0 or 1 is a plain KL: use it)")
     check("skew_alpha", 0 <= kd.skew_alpha <= 1, "0 ≤ α ≤ 1")
+    check("lm_coef", opt(lambda v: v >= 0)(kd.lm_coef), "≥ 0")
+    check("lm_kd_ratio", unit(kd.lm_kd_ratio), "0 ≤ lm_kd_ratio ≤ 1")
+    check("lm_corpus", isinstance(kd.lm_corpus, str) and kd.lm_corpus.strip() != "",
+          "'builtin', a file or a dataset name")
+    check("lm_corpus_records", kd.lm_corpus_records >= 1, "≥ 1")
+    check("replay_size", opt(lambda v: v >= 0)(kd.replay_size), "≥ 0 (0: no buffer)")
+    check("distillm_init_prob", unit(kd.distillm_init_prob), "a probability")
+    check("distillm_replay_schedule",
+          kd.distillm_replay_schedule in ("decreasing", "constant", "increasing"),
+          "'decreasing', 'constant' or 'increasing'")
+    check("loss_eps", kd.loss_eps >= 0, "≥ 0")
+    check("eval_every", kd.eval_every >= 0, "≥ 0 steps (0: once per epoch)")
     check("teacher_mix_alpha", 0 <= kd.teacher_mix_alpha < 1, "0 ≤ α < 1")
     check("minillm_clip", kd.minillm_clip > 0, "> 0")
     check("minillm_discount", 0 < kd.minillm_discount <= 1, "0 < γ ≤ 1")
-    check("replay_size", kd.replay_size >= 1, "≥ 1")
-    check("replay_ratio", 0 <= kd.replay_ratio < 1, "0 ≤ ratio < 1")
-    check("distillm_init_prob", 0 <= kd.distillm_init_prob <= 1, "a probability")
-    check("loss_eps", kd.loss_eps >= 0, "≥ 0")
-    check("eval_every", kd.eval_every >= 1, "≥ 1 step")
+    check("minillm_rollouts", opt(lambda v: v >= 0)(kd.minillm_rollouts),
+          "≥ 0 (0: one batch per round)")
+    check("minillm_ppo_epochs", opt(lambda v: v >= 1)(kd.minillm_ppo_epochs), "≥ 1")
+    check("minillm_reward_scaling", opt(lambda v: v > 0)(kd.minillm_reward_scaling), "> 0")
+    check("minillm_reward_clip", opt(lambda v: v >= 0)(kd.minillm_reward_clip),
+          "≥ 0 (0: no clipping)")
+    check("minillm_whiten", kd.minillm_whiten is None or isinstance(kd.minillm_whiten, bool),
+          "true or false")
     check("max_new_tokens", kd.max_new_tokens >= 1, "≥ 1 token")
     check("sample_temperature", kd.sample_temperature >= 0, "≥ 0 (0 = greedy)")
     check("top_p", 0 < kd.top_p <= 1, "0 < top_p ≤ 1")

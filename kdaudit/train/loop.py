@@ -8,6 +8,7 @@ loop calls (`DPSGD`, Opacus) where plain training has `NoDP`: the steps are the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -24,7 +25,7 @@ from kdaudit.store import atomic_write_json, publish_dir
 from kdaudit.train import dp as opacus_dp
 from kdaudit.train.batching import batch_order
 from kdaudit.train.config import KDParams, TrainConfig
-from kdaudit.train.methods import DP_METHODS, Method, method_params
+from kdaudit.train.methods import DP_METHODS, Method, lm_term, method_params
 from kdaudit.train.sources import BatchSource
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -35,7 +36,8 @@ class TrainJob:
     """What one run of the loop needs.
 
     `params` are the method's parameters (`methods.method_params`; None: the method's
-    defaults); `validation` feeds DistiLLM's schedule; `max_length` bounds prompt + sampled
+    defaults); `validation` feeds DistiLLM's schedule; `lm_examples` are the public corpus
+    the pretraining LM term draws from when the method has one (`params.lm_coef` > 0); `max_length` bounds prompt + sampled
     response. `run_key` identifies the inputs: a checkpoint left by an interrupted run with the
     same key is resumed, one with another key is discarded. `dp` (a plan from
     `kdaudit.dp.dpsgd.plan`) makes the run DP-SGD.
@@ -58,6 +60,7 @@ class TrainJob:
     max_length: int | None = None
     dp: opacus_dp.DPPlan | None = None
     private_log: str | Path | None = None   # DP: where the operator's diagnostics go
+    lm_examples: Sequence[Encoded] = ()     # the public corpus of the pretraining LM term
 
 
 @dataclass
@@ -140,6 +143,9 @@ class DPSGD:
         ignores the others' lengths."""
         if not method.dp_sgd:
             raise ValueError(f"DP-SGD supports the methods {DP_METHODS}, not '{method.name}'")
+        if method.lm_term and params.lm_coef:
+            raise ValueError(f"DP-SGD of '{method.name}': the pretraining LM term is not a "
+                             f"per-example loss Opacus can clip; set kd.lm_coef = 0")
         params = replace(params, per_sequence=True)
         opacus_dp.check_supported(model)
         model.to(device)
@@ -254,7 +260,7 @@ def train(job: TrainJob) -> TrainResult:
                 run.scheduler.step()
                 bar.update(1)
                 continue
-            last_loss, parts, origin = _step(run, idx)
+            last_loss, parts, origin = _step(run, step, idx)
             if step == start:
                 first_loss = last_loss
             record = _record(run, step, last_loss, parts, origin)
@@ -300,14 +306,21 @@ def _prepare(job: TrainJob) -> _Run:
     dp = DPSGD(job.dp, [e.person for e in job.examples]) if job.dp is not None else NoDP()
     accelerator = Accelerator(mixed_precision=job.mixed_precision)
     set_seed(job.seed)
+    order = _order(job)
+    total = dp.steps(order, accelerator.num_processes)
+    lm = job.method.lm_term and params.lm_coef > 0
+    if lm and not job.lm_examples:
+        raise ValueError(f"method '{job.method.name}' has the pretraining LM term (lm_coef "
+                         f"{params.lm_coef}) but no corpus was given (TrainJob.lm_examples)")
     source = BatchSource(job.method, job.examples, params, pad_id=job.pad_id,
                          eos_id=job.model.config.eos_token_id,
                          seed=seeds.per_index(job.seed, accelerator.process_index),
                          max_length=job.max_length or max(len(e.input_ids)
                                                           for e in job.examples),
-                         validation=job.validation)
-    order = _order(job)
-    total = dp.steps(order, accelerator.num_processes)
+                         batch_size=job.cfg.batch_size, total_steps=total,
+                         steps_per_epoch=math.ceil(len(job.examples) / job.cfg.batch_size
+                                                   / accelerator.num_processes),
+                         validation=job.validation, lm_examples=job.lm_examples if lm else ())
     job.model.train()
     params = dp.setup(job.model, job.method, params, accelerator.device)
     projection = _attach_projection(job.model, job.teacher, job.method, params)
@@ -386,13 +399,32 @@ def _forward(run: _Run, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     return out.logits, teacher_logits
 
 
-def _step(run: _Run, idx: Sequence[int]) -> tuple[float, dict[str, float], dict[str, float]]:
+def _lm_term(run: _Run) -> tuple[torch.Tensor, dict[str, float]]:
+    """The pretraining LM term on the next batch of the public corpus."""
+    batch = run.source.next_lm_batch().to(run.accelerator.device)
+    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+              position_ids=batch.position_ids)
+    with run.accelerator.autocast():
+        logits = run.model(**kw).logits
+        teacher_logits = None
+        if run.params.lm_kd_ratio:
+            with torch.no_grad():
+                teacher_logits = run.teacher(**kw).logits
+    return lm_term(logits, teacher_logits, batch, run.params)
+
+
+def _step(run: _Run, step: int, idx: Sequence[int]
+          ) -> tuple[float, dict[str, float], dict[str, float]]:
     """One optimisation step on these examples: (loss, the loss's parts, where the batch's
-    rows came from)."""
-    batch, origin = run.source.next_batch(idx, run.student, run.plain_teacher)
+    rows came from). The method's loss, plus `lm_coef` times the LM term when it has one."""
+    batch, origin = run.source.next_batch(step, idx, run.student, run.plain_teacher)
     batch = batch.to(run.accelerator.device)
     logits, teacher_logits = _forward(run, batch)
     loss, parts = run.job.method.loss(logits, teacher_logits, batch, run.params)
+    if run.source.lm_examples:
+        lm, lm_parts = _lm_term(run)
+        loss = loss + run.params.lm_coef * lm
+        parts.update(lm_parts)
     parts.update(run.dp.log_parts(idx))
     run.accelerator.backward(loss)
     if run.job.cfg.grad_clip and run.dp.clips_by_norm:

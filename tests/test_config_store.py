@@ -87,9 +87,9 @@ def test_kd_hyperparameters_are_range_checked(tmp_path):
     with pytest.raises(ConfigError, match="ref_ext' needs an independent model"):
         load_config("smoke", audit={"signals": ["loss", "ref_ext"]})
     for field, value, expected in (("recipe", "fast", "expected one of"),
-                                   ("distillm_replay_schedule", "up", "'decreasing'"),
-                                   ("minillm_ppo_epochs", 0, "≥ 1"),
-                                   ("lm_coef", -1.0, "≥ 0")):
+                                   ("distillm_replay_schedule", "up", "expected .decreasing"),
+                                   ("minillm_ppo_epochs", 0, "expected ≥ 1"),
+                                   ("lm_coef", -1.0, "expected ≥ 0")):
         with pytest.raises(ConfigError, match=f"kd.{field}: {expected}"):
             load_config("smoke", kd={field: value})
 

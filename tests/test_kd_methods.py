@@ -477,7 +477,7 @@ def test_distillm_checks_its_validation_ce_after_every_epoch(setup, tmp_path, mo
 
     log = [json.loads(x) for x in (tmp_path / "distillm" / "train_log.jsonl").open()]
     evals = [r for r in log if "val_loss" in r]
-    assert [r["step"] for r in evals] == [3, 6]
+    assert [r["step"] for r in evals] == [0, 3, 6]
     assert len({c["step"] for c in calls}) == result.steps
 
 
@@ -506,6 +506,36 @@ def test_on_policy_training_resumes_to_the_same_weights(setup, tmp_path):
     resumed = loop.train(loop.TrainJob(fresh(), examples, METHODS["imitkd"], cfg,
                                        out_dir=tmp_path / "b", **kw))
     assert resumed.resumed_from == 4
+    a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_minillm_resumes_mid_round_to_the_same_weights(setup, tmp_path):
+    """The round's rollouts, the queue of PPO batches and the cursors are checkpointed."""
+    tok, examples, _ = setup
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=3e-3, checkpoint_every=3)
+    teacher = build_zoo_model("gpt2-smoke-teacher", tok, seed=1).eval()
+    kw = dict(seed=0, pad_id=tok.pad_token_id, teacher=teacher, run_key="k", desc=None,
+              params=_params("minillm", minillm_rollouts=8, minillm_ppo_epochs=2),
+              max_length=80, lm_examples=examples)
+
+    def fresh():
+        return build_zoo_model("gpt2-smoke-student", tok, seed=0)
+
+    loop.train(loop.TrainJob(fresh(), examples, METHODS["minillm"], cfg,
+                             out_dir=tmp_path / "a", **kw))
+
+    def crash(step, record):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(loop.TrainJob(fresh(), examples, METHODS["minillm"], cfg,
+                                 out_dir=tmp_path / "b", callbacks=[crash], **kw))
+    resumed = loop.train(loop.TrainJob(fresh(), examples, METHODS["minillm"], cfg,
+                                       out_dir=tmp_path / "b", **kw))
+    assert resumed.resumed_from == 3
     a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)

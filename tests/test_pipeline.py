@@ -269,8 +269,8 @@ def test_opt_and_llama_families_run_every_method(tmp_path):
             for signal in ("loss", "mink", "ref_ext"):
                 assert 0.0 <= auc[(model, signal)] <= 1.0
         for method in KD_METHODS:     # every objective went down over training
-            log = [json.loads(x) for x in (run_dir / "models" / method / "train_log.jsonl")
-                   .read_text().splitlines()]
+            log = [r for r in map(json.loads, (run_dir / "models" / method / "train_log.jsonl")
+                                  .read_text().splitlines()) if "objective" in r]
             assert log[-1]["objective"] < log[0]["objective"], (family, method)
         assert (run_dir / "report" / "report.html").exists()
     html = suite.report["html"].read_text()

@@ -246,13 +246,15 @@ def train(job: TrainJob) -> TrainResult:
     start = _resume(accelerator, ckpt, job.run_key, total, run.source,
                     fresh=not run.dp.checkpoints)
     log_path = ckpt / "train_log.jsonl"
-    run.source.prepare(run.student, run.plain_teacher)
+    before = run.source.prepare(run.student, run.plain_teacher)
     first_loss = last_loss = float("nan")
     t0 = time.time()
     bar = tqdm(total=total, initial=start, desc=job.desc, unit="step", dynamic_ncols=True,
                disable=not accelerator.is_main_process, mininterval=1.0)
     # one process writes the log and the checkpoint's shared files; the others only train
     with (log_path.open("a") if accelerator.is_main_process else open(os.devnull, "w")) as log:
+        if before:   # DistiLLM's reference validation CE, step 0
+            log.write(json.dumps({"step": 0, **before}) + "\n")
         for step in range(start, total):
             idx = run.batches[step]
             if not idx:   # an empty Poisson batch (DP-SGD): the step is noise only

@@ -131,15 +131,18 @@ class BatchSource:
                                    top_p=self.params.top_p, generator=self.generator)
         return [Encoded(p + s.tokens, len(p)) for p, s in zip(prompts, samples)], samples
 
-    def prepare(self, model, teacher) -> None:
+    def prepare(self, model, teacher) -> dict[str, float]:
         """Before the first step: SeqKD's teacher answers every prompt; DistiLLM's reference
-        validation CE (kept from a checkpoint on resume)."""
+        validation CE (kept from a checkpoint on resume), returned for the log."""
+        logged = {}
         if self.schedule is not None and self.schedule.reference is None:
-            self.schedule.update(self.validation_ce(model))
-        if self.prepared:
-            return
-        self.examples, _ = self._sample(self.examples, teacher)
-        self.prepared = True
+            val = self.validation_ce(model)
+            self.schedule.update(val)
+            logged = {"val_loss": val, "student_data_prob": self.schedule.prob}
+        if not self.prepared:
+            self.examples, _ = self._sample(self.examples, teacher)
+            self.prepared = True
+        return logged
 
     @property
     def student_prob(self) -> float:

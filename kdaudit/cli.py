@@ -110,7 +110,7 @@ def _student(args: argparse.Namespace) -> int:
     result = train_student(StudentJob(
         args.method, student_base=args.student_base, data=args.data, out=args.out,
         teacher=args.teacher, validation=args.validation, tokenizer=args.tokenizer,
-        train=dataclasses.replace(cfg.student, **flags), kd=cfg.kd,
+        train=dataclasses.replace(cfg.student_train(args.method), **flags), kd=cfg.kd,
         max_length=args.max_length or cfg.data.max_length, seed=args.seed,
         mapping=args.mapping, mixed_precision=cfg.mixed_precision, epsilon=args.epsilon,
         teacher_base=args.teacher_base, delta=args.delta,
@@ -231,7 +231,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_privacy_parser(sub)
     _add_report_parser(sub)
+    _add_benchmark_parser(sub)
     return parser
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not seeds:
+        raise argparse.ArgumentTypeError("expected at least one seed")
+    return seeds
+
+
+def _add_benchmark_parser(sub) -> None:
+    """`kdaudit benchmark`: a suite of runs over seeds, summarised across them."""
+    from kdaudit.benchmark import suites
+
+    p = sub.add_parser("benchmark", help="run a benchmark suite over seeds and summarise it",
+                       description="Run every (variant, seed) of a suite from "
+                                   "benchmarks/suites/ (or a suite file), resuming where it "
+                                   "stopped and skipping finished runs, then write the AUC "
+                                   "spread across seeds and the paired tests against nokd.")
+    p.add_argument("suite", help=f"a suite name ({', '.join(suites())}) or a suite file")
+    p.add_argument("--seeds", type=_seed_list, default=None,
+                   help="comma-separated seeds (default: the suite's)")
+    p.add_argument("--out", type=Path, default=Path("runs/benchmarks"),
+                   help="output folder (default runs/benchmarks)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (models, data, stages, steps, memory estimates, what "
+                        "is finished) and check the config, without running or downloading")
+    p.set_defaults(fn=_benchmark)
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from kdaudit.benchmark import load_suite, plan, run_suite
+
+    suite = load_suite(args.suite)
+    if args.dry_run:
+        print(plan(suite, args.out, args.seeds))
+        return 0
+    for variant, path in run_suite(suite, args.out, args.seeds).items():
+        print(f"{variant}: {path}")
+        print(path.read_text())
+    return 0
 
 
 def _add_run_parser(sub) -> None:

@@ -142,6 +142,9 @@ class RunConfig:
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, lr=2e-3))
     teacher: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8.0, lr=1e-3))
     student: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3.0, lr=1e-3))
+    # per-method departures from `student` ({"kd": {"lr": 5e-5}}): the paper tunes each
+    # method's learning rate (and batch size) on its own
+    student_by_method: dict[str, dict[str, Any]] = field(default_factory=dict)
     kd: KDConfig = field(default_factory=KDConfig)
     dp: DPRunConfig = field(default_factory=DPRunConfig)
     # DP-SGD runs (DP teachers, dpsgd_student, dpkd) and their non-private twins: large
@@ -173,12 +176,22 @@ class RunConfig:
                 raise ConfigError(f"models.{role}: with several families it must contain "
                                   f"the placeholder '{{family}}', e.g. '{{family}}-tiny-{role}'; "
                                   f"got {name!r}")
+        for method, changes in self.student_by_method.items():
+            if method not in self.methods or not isinstance(changes, dict):
+                raise ConfigError(f"student_by_method.{method}: expected a table of [student] "
+                                  f"fields for one of the run's methods {self.methods}")
+            self.student_train(method)       # checks the fields and their types
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision: expected 'no', 'bf16' or 'fp16', got "
                               f"{self.mixed_precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def student_train(self, method: str) -> TrainConfig:
+        """The training config of `method`'s student: `student` with its departures."""
+        return _overlay(self.student, self.student_by_method.get(method, {}),
+                        f"student_by_method.{method}")
 
     @property
     def run_dir(self) -> Path:

@@ -113,5 +113,6 @@ def train_stage(run: RunContext, model_id: str, method: str, split: str, *,
     base = "base_teacher" if method == "sft" else spec.init_from or "base_student"
     examples = partial(split_examples, run, split, model_id == "teacher")
     return fit_stage(run, Fit(model_id, method, base, examples,
-                              run.cfg.teacher if method == "sft" else run.cfg.student,
+                              run.cfg.teacher if method == "sft"
+                              else run.cfg.student_train(method),
                               {"split": split}, teacher_id=teacher_id, seed=seed))

@@ -1,0 +1,114 @@
+"""`kdaudit benchmark`: suites, the offline plan, resuming a killed suite, paired tests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from kdaudit import benchmark
+from kdaudit.cli import main
+from kdaudit.config import ConfigError
+
+
+def test_every_shipped_suite_loads_and_checks_its_runs():
+    names = benchmark.suites()
+    assert {"smoke", "tiny", "tiny-full", "paper-gpt2", "paper-opt", "paper-llama"} <= set(names)
+    for name in names:
+        suite = benchmark.load_suite(name)
+        assert suite.seeds and suite.variants
+
+
+def test_paper_gpt2_dry_run_prints_the_plan_without_doing_anything(tmp_path, capsys):
+    assert main(["benchmark", "paper-gpt2", "--dry-run", "--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    for expected in ("gpt2-xl", "variant gpt2-medium", "variant gpt2-large",
+                     "databricks/databricks-dolly-15k", "max_new_tokens 256",
+                     "teacher (sft)             5500      4       5  5e-05    6875",
+                     "minillm", "GiB", "not started"):
+        assert expected in out, expected
+    assert not (tmp_path / "b").exists()
+
+
+def test_suite_errors_name_the_file_and_the_variant(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[benchmark]\nseeds = []\n')
+    with pytest.raises(ConfigError, match=r"bad.toml: benchmark.seeds: expected a non-empty"):
+        benchmark.load_suite(bad)
+    bad.write_text('[benchmark]\npreset = "smoke"\n[benchmark.variants.v1]\n'
+                   'student = { lrr = 1 }\n')
+    with pytest.raises(ConfigError, match=r"bad.toml \(variant 'v1'\).*unknown field 'lrr'"):
+        benchmark.load_suite(bad)
+    bad.write_text('name = "x"\n')
+    with pytest.raises(ConfigError, match="no \\[benchmark\\] table"):
+        benchmark.load_suite(bad)
+    with pytest.raises(SystemExit):
+        main(["benchmark", "smoke", "--seeds", "0,x"])
+
+
+def test_auc_by_ranks_matches_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    s = rng.integers(0, 5, 300).astype(float) + 0.3 * y
+    assert benchmark._auc(y, s) == pytest.approx(roc_auc_score(y, s))
+
+
+def _fake_run(cfg, strength: dict[str, float], n: int = 400):
+    """A finished run's tables and scores: `nokd` at chance, each model of `strength`
+    shifted by that much on members (seeded by the run's seed)."""
+    rng = np.random.default_rng(cfg.seed)
+    labels = np.repeat([1, 0], n // 2)
+    ids = [f"r{i}" for i in range(n)]
+    (cfg.run_dir / "scores").mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "tables").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for model, shift in {"nokd": 0.0, **strength}.items():
+        loss = rng.normal(size=n) + shift * labels
+        pd.DataFrame({"record_id": ids, "label": labels, "category": "qa", "loss": loss}) \
+            .to_parquet(cfg.run_dir / "scores" / f"{model}.parquet")
+        rows.append({"model": model, "signal": "loss", "metric": "auc",
+                     "value": roc_auc_score(labels, loss)})
+    pd.DataFrame(rows).to_csv(cfg.run_dir / "tables" / "mia.csv", index=False)
+
+
+def test_a_killed_suite_restarts_without_redoing_finished_runs(tmp_path):
+    suite_file = tmp_path / "three.toml"
+    suite_file.write_text('[benchmark]\npreset = "smoke"\nseeds = [0, 1, 2]\n')
+    suite = benchmark.load_suite(suite_file)
+    calls = []
+
+    def runner(cfg, log):
+        calls.append(cfg.seed)
+        if cfg.seed == 1 and calls.count(1) == 1:
+            raise KeyboardInterrupt          # killed in the middle of seed 1
+        _fake_run(cfg, {"kd": 0.8, "twin": 0.0})
+
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.run_suite(suite, tmp_path / "out", runner=runner, log=lambda _: None)
+    assert calls == [0, 1]
+    logs: list[str] = []
+    paths = benchmark.run_suite(suite, tmp_path / "out", runner=runner, log=logs.append)
+    assert calls == [0, 1, 1, 2]                          # seed 0 is not redone
+    assert any("seed 0: finished, skipped" in line for line in logs)
+    benchmark.run_suite(suite, tmp_path / "out", runner=runner, log=lambda _: None)
+    assert calls == [0, 1, 1, 2]                          # a finished suite runs nothing
+    tests = pd.read_csv(tmp_path / "out" / "three" / "main" / "paired_tests.csv")
+    verdicts = dict(zip(tests["model"], tests["verdict"]))
+    assert verdicts == {"kd": "leaks more than nokd", "twin": "no significant difference"}
+    kd = tests[tests["model"] == "kd"].iloc[0]
+    assert kd["seeds"] == 3 and kd["ci_low"] < kd["delta"] < kd["ci_high"]
+    spread = pd.read_csv(tmp_path / "out" / "three" / "main" / "auc_across_seeds.csv")
+    assert set(spread["seeds"]) == {3}
+    assert "leaks more than nokd" in paths["main"].read_text()
+
+
+def test_paired_test_of_a_model_against_itself_is_exactly_zero():
+    rng = np.random.default_rng(1)
+    y = np.repeat([1, 0], 50)
+    s = rng.normal(size=100)
+    t = benchmark.paired_auc_test([(y, s, s), (y, s, s)], n_bootstrap=50)
+    assert (t["delta"], t["ci_low"], t["ci_high"]) == (0.0, 0.0, 0.0)
+    assert benchmark.verdict(t) == "no significant difference"

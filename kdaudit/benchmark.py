@@ -204,6 +204,43 @@ def summarize(run_dirs: Sequence[Path], *, n_bootstrap: int = 1000
     return spread, pd.DataFrame(tests)
 
 
+STUDENT_EXCLUDED = {"nokd", "data", "teacher", "base_teacher", "base_student"}
+RATIO_FLOOR = 0.55
+
+
+def by_category(run_dirs: Sequence[Path], signal: str = "loss") -> pd.DataFrame:
+    """AUC of `signal` per model and task category, the mean over the runs (categories with
+    both members and non-members only)."""
+    rows = []
+    for d in run_dirs:
+        for path in sorted((d / "scores").glob("*.parquet")):
+            scores = pd.read_parquet(path)
+            if signal not in scores or "category" not in scores or path.stem == "data":
+                continue
+            for category, g in scores.dropna(subset=[signal]).groupby("category"):
+                if g["label"].nunique() == 2:
+                    rows.append({"model": path.stem, "category": category,
+                                 "auc": _auc(g["label"].to_numpy(int),
+                                             g[signal].to_numpy(float))})
+    if not rows:
+        return pd.DataFrame(columns=["model", "category", "auc"])
+    return pd.DataFrame(rows).groupby(["model", "category"], sort=False)["auc"].mean() \
+        .reset_index()
+
+
+def leakage_ratios(spread: pd.DataFrame) -> pd.DataFrame:
+    """Per student and signal: (AUC − ½) / (teacher's AUC − ½), mean AUCs over the seeds:
+    the share of the teacher's advantage over chance that the student kept; only where the
+    teacher reaches `RATIO_FLOOR` (nearer ½ the ratio divides by noise)."""
+    teacher = spread[spread["model"] == "teacher"].set_index("signal")["mean"]
+    rows = []
+    for r in spread[~spread["model"].isin(STUDENT_EXCLUDED)].itertuples():
+        if r.signal in teacher and teacher[r.signal] >= RATIO_FLOOR:
+            rows.append({"model": r.model, "signal": r.signal,
+                         "ratio": (r.mean - 0.5) / (teacher[r.signal] - 0.5)})
+    return pd.DataFrame(rows, columns=["model", "signal", "ratio"])
+
+
 def write_summary(suite: Suite, out: Path, seeds: Sequence[int]) -> dict[str, Path]:
     """`<out>/<suite>/<variant>/summary.md`, `auc_across_seeds.csv`, `paired_tests.csv`: the
     AUC spread across seeds and the paired tests against nokd (`audit.n_bootstrap` draws)."""
@@ -212,18 +249,55 @@ def write_summary(suite: Suite, out: Path, seeds: Sequence[int]) -> dict[str, Pa
         cfgs = [config(suite, variant, s, out) for s in seeds]
         spread, tests = summarize([c.run_dir for c in cfgs],
                                   n_bootstrap=cfgs[0].audit.n_bootstrap)
+        categories = by_category([c.run_dir for c in cfgs])
+        ratios = leakage_ratios(spread)
         root = out / suite.name / variant
         spread.to_csv(root / "auc_across_seeds.csv", index=False)
         tests.to_csv(root / "paired_tests.csv", index=False)
+        categories.to_csv(root / "auc_by_category.csv", index=False)
+        ratios.to_csv(root / "teacher_to_student.csv", index=False)
         paths[variant] = root / "summary.md"
-        atomic_write_text(paths[variant], _summary_md(suite, variant, seeds, spread, tests))
+        atomic_write_text(paths[variant], _summary_md(suite, variant, seeds, spread, tests,
+                                                      categories, ratios))
     return paths
 
 
+def executive_summary(spread: pd.DataFrame, tests: pd.DataFrame) -> list[str]:
+    """Which student leaks most, by how much above the nokd floor, and what to do."""
+    students = spread[~spread["model"].isin(STUDENT_EXCLUDED) & (spread["signal"] != "blind")]
+    if students.empty:
+        return ["No student models in this suite."]
+    top = students.loc[students["mean"].idxmax()]
+    lines = [f"- The student that leaks most is **{top.model}**: AUC {top['mean']:.3f} on "
+             f"`{top.signal}` (mean over the seeds)."]
+    teacher = spread[(spread["model"] == "teacher") & (spread["signal"] == top.signal)]
+    if not teacher.empty:
+        lines.append(f"- The teacher, trained on the members, reaches "
+                     f"{teacher['mean'].iloc[0]:.3f} on the same signal.")
+    if not tests.empty:
+        t = tests[(tests["model"] == top.model) & (tests["signal"] == top.signal)]
+        if not t.empty:
+            t = t.iloc[0]
+            lines.append(f"- Against the no-leakage floor (`nokd`): ΔAUC {t.delta:+.3f} "
+                         f"[{t.ci_low:+.3f}, {t.ci_high:+.3f}], {t.verdict}.")
+        leaking = sorted(set(tests[tests["verdict"] == "leaks more than nokd"]["model"]))
+        if leaking:
+            lines.append(f"- Students that leak more than `nokd` on at least one signal: "
+                         f"{', '.join(f'`{m}`' for m in leaking)}. Treat them as carrying "
+                         f"the teacher's private data: do not release them as trained on public "
+                         f"data alone; distil from a DP teacher or train a DP student instead "
+                         f"(see the privacy–utility frontier of a run with `[dp]`).")
+        else:
+            lines.append("- No student leaks significantly more than `nokd` on any signal.")
+    return lines
+
+
 def _summary_md(suite: Suite, variant: str, seeds: Sequence[int], spread: pd.DataFrame,
-                tests: pd.DataFrame) -> str:
+                tests: pd.DataFrame, categories: pd.DataFrame | None = None,
+                ratios: pd.DataFrame | None = None) -> str:
     lines = [f"# {suite.name} ({variant}): {len(seeds)} seed(s) {list(seeds)}", "",
-             suite.description, "", "## AUC across seeds (mean ± sd [min, max])", "",
+             suite.description, "", "## Summary", "", *executive_summary(spread, tests), "",
+             "## AUC across seeds (mean ± sd [min, max])", "",
              "| model | signal | AUC |", "|---|---|---|"]
     for r in spread.itertuples():
         sd = "" if math.isnan(r.sd) else f" ± {r.sd:.3f}"
@@ -235,6 +309,17 @@ def _summary_md(suite: Suite, variant: str, seeds: Sequence[int], spread: pd.Dat
             p = f"< {1 / r.n_bootstrap:.3f}" if r.p == 0 else f"{r.p:.3f}"
             lines.append(f"| {r.model} | {r.signal} | {r.delta:+.3f} [{r.ci_low:+.3f}, "
                          f"{r.ci_high:+.3f}] | {p} | {r.verdict} |")
+    if ratios is not None and not ratios.empty:
+        lines += ["", "## Teacher → student: share of the teacher's AUC above ½ kept", "",
+                  "| model | signal | ratio |", "|---|---|---|"]
+        lines += [f"| {r.model} | {r.signal} | {r.ratio:.2f} |" for r in ratios.itertuples()]
+    if categories is not None and not categories.empty:
+        table = categories.pivot(index="category", columns="model", values="auc")
+        lines += ["", "## Loss-signal AUC per task category (mean over seeds)", "",
+                  "| category | " + " | ".join(table.columns) + " |",
+                  "|---|" + "---|" * len(table.columns)]
+        lines += [f"| {c} | " + " | ".join("—" if pd.isna(v) else f"{v:.3f}" for v in row)
+                  + " |" for c, row in table.iterrows()]
     return "\n".join(lines) + "\n"
 
 

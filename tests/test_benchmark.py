@@ -67,7 +67,8 @@ def _fake_run(cfg, strength: dict[str, float], n: int = 400):
     rows = []
     for model, shift in {"nokd": 0.0, **strength}.items():
         loss = rng.normal(size=n) + shift * labels
-        pd.DataFrame({"record_id": ids, "label": labels, "category": "qa", "loss": loss}) \
+        category = np.where(np.arange(n) % 2, "qa", "brainstorming")
+        pd.DataFrame({"record_id": ids, "label": labels, "category": category, "loss": loss}) \
             .to_parquet(cfg.run_dir / "scores" / f"{model}.parquet")
         rows.append({"model": model, "signal": "loss", "metric": "auc",
                      "value": roc_auc_score(labels, loss)})
@@ -84,7 +85,7 @@ def test_a_killed_suite_restarts_without_redoing_finished_runs(tmp_path):
         calls.append(cfg.seed)
         if cfg.seed == 1 and calls.count(1) == 1:
             raise KeyboardInterrupt          # killed in the middle of seed 1
-        _fake_run(cfg, {"kd": 0.8, "twin": 0.0})
+        _fake_run(cfg, {"teacher": 2.5, "kd": 0.8, "twin": 0.0})
 
     with pytest.raises(KeyboardInterrupt):
         benchmark.run_suite(suite, tmp_path / "out", runner=runner, log=lambda _: None)
@@ -98,11 +99,21 @@ def test_a_killed_suite_restarts_without_redoing_finished_runs(tmp_path):
     tests = pd.read_csv(tmp_path / "out" / "three" / "main" / "paired_tests.csv")
     verdicts = dict(zip(tests["model"], tests["verdict"]))
     assert verdicts == {"kd": "leaks more than nokd", "twin": "no significant difference"}
+    assert "teacher" not in verdicts
     kd = tests[tests["model"] == "kd"].iloc[0]
     assert kd["seeds"] == 3 and kd["ci_low"] < kd["delta"] < kd["ci_high"]
     spread = pd.read_csv(tmp_path / "out" / "three" / "main" / "auc_across_seeds.csv")
     assert set(spread["seeds"]) == {3}
-    assert "leaks more than nokd" in paths["main"].read_text()
+    summary = paths["main"].read_text()
+    assert "The student that leaks most is **kd**" in summary
+    ratios = pd.read_csv(tmp_path / "out" / "three" / "main" / "teacher_to_student.csv")
+    kd_ratio = ratios.set_index("model").loc["kd", "ratio"]
+    means = spread[spread["signal"] == "loss"].set_index("model")["mean"]
+    assert kd_ratio == pytest.approx((means["kd"] - 0.5) / (means["teacher"] - 0.5))
+    assert 0.1 < kd_ratio < 0.9
+    categories = pd.read_csv(tmp_path / "out" / "three" / "main" / "auc_by_category.csv")
+    assert set(categories["category"]) == {"qa", "brainstorming"}
+    assert "| brainstorming |" in summary
 
 
 def test_paired_test_of_a_model_against_itself_is_exactly_zero():

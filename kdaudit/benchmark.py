@@ -170,16 +170,42 @@ def _scores(run_dir: Path, model: str) -> pd.DataFrame | None:
     return pd.read_parquet(path).set_index("record_id") if path.exists() else None
 
 
+def metric_spread(run_dirs: Sequence[Path], metric: str) -> pd.DataFrame:
+    """Per model and signal, `metric` of each run's mia table: mean, sd, min, max, runs."""
+    mia = pd.concat([pd.read_csv(d / "tables" / "mia.csv") for d in run_dirs])
+    rows = mia[mia["metric"] == metric].copy()
+    rows["value"] = pd.to_numeric(rows["value"], errors="coerce")
+    return (rows.groupby(["model", "signal"], sort=False)["value"]
+            .agg(mean="mean", sd="std", low="min", high="max", seeds="count").reset_index())
+
+
+def spread_heatmaps(run_dirs: Sequence[Path], out: Path) -> list[tuple[str, Path]]:
+    """AUC and TPR-at-1%-FPR heatmaps (model × signal) of the mean over the runs, each cell
+    "mean±sd"; (title, path) of those drawn."""
+    from kdaudit.report import plots
+    from kdaudit.report.tables import signal_order
+
+    drawn = []
+    for metric, title in (("auc", "AUC"), ("tpr_at_1pct", "TPR at 1% FPR")):
+        s = metric_spread(run_dirs, metric)
+        if s.empty:
+            continue
+        mean = s.assign(metric=metric, value=s["mean"])
+        sd = s.assign(metric=metric, value=s["sd"])
+        order = list(dict.fromkeys(s["model"]))
+        png = plots.leakage_heatmap(mean, metric, order, signal_order(s["signal"]),
+                                    out / f"heatmap_{metric}.png", spread=sd,
+                                    title=f"{title}, mean ± sd over {len(run_dirs)} seed(s)")
+        if png is not None:
+            drawn.append((title, png))
+    return drawn
+
+
 def summarize(run_dirs: Sequence[Path], *, n_bootstrap: int = 1000
               ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(AUC per model and signal: mean, sd, min, max over the runs; the paired test of every
     model with scores against `nokd`, per signal)."""
-    mia = pd.concat([pd.read_csv(d / "tables" / "mia.csv").assign(run=str(d))
-                     for d in run_dirs])
-    auc = mia[mia["metric"] == "auc"].copy()
-    auc["value"] = pd.to_numeric(auc["value"], errors="coerce")
-    spread = (auc.groupby(["model", "signal"], sort=False)["value"]
-              .agg(mean="mean", sd="std", low="min", high="max", seeds="count").reset_index())
+    spread = metric_spread(run_dirs, "auc")
     tests = []
     baselines = {d: _scores(d, "nokd") for d in run_dirs}
     if all(b is not None for b in baselines.values()):
@@ -256,9 +282,10 @@ def write_summary(suite: Suite, out: Path, seeds: Sequence[int]) -> dict[str, Pa
         tests.to_csv(root / "paired_tests.csv", index=False)
         categories.to_csv(root / "auc_by_category.csv", index=False)
         ratios.to_csv(root / "teacher_to_student.csv", index=False)
+        figures = spread_heatmaps([c.run_dir for c in cfgs], root)
         paths[variant] = root / "summary.md"
         atomic_write_text(paths[variant], _summary_md(suite, variant, seeds, spread, tests,
-                                                      categories, ratios))
+                                                      categories, ratios, figures))
     return paths
 
 
@@ -294,9 +321,13 @@ def executive_summary(spread: pd.DataFrame, tests: pd.DataFrame) -> list[str]:
 
 def _summary_md(suite: Suite, variant: str, seeds: Sequence[int], spread: pd.DataFrame,
                 tests: pd.DataFrame, categories: pd.DataFrame | None = None,
-                ratios: pd.DataFrame | None = None) -> str:
+                ratios: pd.DataFrame | None = None,
+                figures: Sequence[tuple[str, Path]] = ()) -> str:
     lines = [f"# {suite.name} ({variant}): {len(seeds)} seed(s) {list(seeds)}", "",
-             suite.description, "", "## Summary", "", *executive_summary(spread, tests), "",
+             suite.description, "", "## Summary", "", *executive_summary(spread, tests), ""]
+    for title, png in figures:
+        lines += [f"![{title} heatmap]({png.name})", ""]
+    lines += [
              "## AUC across seeds (mean ± sd [min, max])", "",
              "| model | signal | AUC |", "|---|---|---|"]
     for r in spread.itertuples():

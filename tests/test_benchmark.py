@@ -114,6 +114,8 @@ def test_a_killed_suite_restarts_without_redoing_finished_runs(tmp_path):
     categories = pd.read_csv(tmp_path / "out" / "three" / "main" / "auc_by_category.csv")
     assert set(categories["category"]) == {"qa", "brainstorming"}
     assert "| brainstorming |" in summary
+    assert "![AUC heatmap](heatmap_auc.png)" in summary
+    assert (tmp_path / "out" / "three" / "main" / "heatmap_auc.png").stat().st_size > 1000
 
 
 def test_paired_test_of_a_model_against_itself_is_exactly_zero():

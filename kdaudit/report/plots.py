@@ -171,15 +171,20 @@ def memorization_vs_auc_plot(points: Sequence[tuple[str, float, float]],
 
 
 def leakage_heatmap(mia: pd.DataFrame, metric: str, order: Sequence[str],
-                    signals: Sequence[str], path: Path, *, title: str) -> Path | None:
+                    signals: Sequence[str], path: Path, *, title: str,
+                    spread: pd.DataFrame | None = None) -> Path | None:
     """Model × signal grid of `metric` ("auc" or "tpr_at_1pct"), every cell annotated: the
     paper's view of which distillation technique leaks through which attack.
 
     Rows follow `order`, columns `signals` (model-free signals and the "data" row left out);
     a missing or unreachable value is a blank cell marked "—". AUC uses a diverging map
-    centred at chance (0.5), TPR a sequential one from 0. None when no cell has a number.
+    centred at chance (0.5), TPR a sequential one from 0. With `spread` (rows like `mia`,
+    `value` the standard deviation across seeds) each cell reads "mean±sd". None when no cell
+    has a number.
     """
     grid = heatmap_grid(mia, metric, order, signals)
+    sd = None if spread is None else heatmap_grid(spread, metric, order, signals) \
+        .reindex_like(grid).to_numpy(dtype=float)
     values = grid.to_numpy(dtype=float)
     if values.size == 0 or not np.isfinite(values).any():
         return None
@@ -202,8 +207,12 @@ def leakage_heatmap(mia: pd.DataFrame, metric: str, order: Sequence[str],
                 dark = abs(v - 0.5) > 0.6 * span
             else:
                 dark = (v - vmin) / (vmax - vmin) > 0.6
-            ax.text(j, i, "—" if math.isnan(v) else f"{v:.2f}", ha="center", va="center",
-                    fontsize="small", color="white" if dark else "black")
+            text = "—" if math.isnan(v) else f"{v:.2f}"
+            if sd is not None and not math.isnan(v) and not math.isnan(sd[i, j]):
+                text += f"±{sd[i, j]:.2f}"
+            ax.text(j, i, text, ha="center", va="center",
+                    fontsize="small" if sd is None else "x-small",
+                    color="white" if dark else "black")
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
     ax.set_yticks(range(len(models)), models)
     ax.set_title(title, fontsize="medium")

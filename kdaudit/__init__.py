@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import importlib
 
+from kdaudit import threads as _threads
+
+_threads.configure()   # before anything imports torch: OpenMP reads its policy once
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -91,3 +92,23 @@ def test_no_private_name_is_imported_from_another_module():
     bad = [(m, t, n) for m, imports in _imports().items() for t, names in imports
            if t.split(".")[0] in ("kdaudit", "attacks") for n in names if n.startswith("_")]
     assert bad == []
+
+
+def test_thread_policy_defaults_to_a_short_spin_and_respects_the_user(monkeypatch):
+    from kdaudit import threads
+
+    for var in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "KDAUDIT_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    threads.configure()
+    assert os.environ["GOMP_SPINCOUNT"] == threads.SPINCOUNT
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")
+    threads.configure()
+    assert os.environ["GOMP_SPINCOUNT"] == "5"            # the user's value stays
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("KDAUDIT_THREADS", "off")
+    threads.configure()
+    assert "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.setenv("KDAUDIT_THREADS", "")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")        # the user chose a policy
+    threads.configure()
+    assert "GOMP_SPINCOUNT" not in os.environ

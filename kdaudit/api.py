@@ -47,9 +47,10 @@ def read_inclusion(path: str | Path) -> set[str]:
 
 
 def _load(source: Source):
-    from kdaudit.models import load_model
+    from kdaudit.models import compute_device, load_model
 
-    return load_model(source) if isinstance(source, (str, Path)) else source
+    return load_model(source, device=compute_device()) if isinstance(source, (str, Path)) \
+        else source
 
 
 def _audit_config(config: AuditConfig | None, signals: Sequence[str] | None,
@@ -179,11 +180,12 @@ def audit_models(models: Mapping[str, Source], members: RecordsArg, nonmembers: 
 
 def _external_pass(ctx: AuditContext, external: Source | None):
     """`ref_ext`'s statistics and whether to compare per byte (None without a model)."""
-    from kdaudit.models import load_model, load_tokenizer
+    from kdaudit.models import compute_device, load_model, load_tokenizer
 
     if external is None:
         return None
-    return external_pass(ctx, load_model(external), load_tokenizer(external))
+    return external_pass(ctx, load_model(external, device=compute_device()),
+                         load_tokenizer(external))
 
 
 def report_run(run_dir: str | Path, *, redact: bool = True) -> dict[str, Path]:

@@ -112,3 +112,18 @@ def test_thread_policy_defaults_to_a_short_spin_and_respects_the_user(monkeypatc
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")        # the user chose a policy
     threads.configure()
     assert "GOMP_SPINCOUNT" not in os.environ
+
+
+def test_scoring_device_follows_kdaudit_device_then_cuda(monkeypatch):
+    import torch
+
+    from kdaudit.models import compute_device
+
+    monkeypatch.delenv("KDAUDIT_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert compute_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert compute_device() == torch.device("cuda")
+    monkeypatch.setenv("KDAUDIT_DEVICE", "cpu")
+    assert compute_device() == torch.device("cpu")

@@ -15,7 +15,7 @@ import torch
 
 from kdaudit.data.corpus import generate_records
 from kdaudit.data.template import encode_prompt, format_text
-from kdaudit.models import build_zoo_model, train_tokenizer
+from kdaudit.models import build_zoo_model, compute_device, train_tokenizer
 from kdaudit.train.sampling import sample_responses
 
 
@@ -28,6 +28,8 @@ def no_cache_greedy(model, prompts, max_new_tokens: int, pad_id: int) -> list[li
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p)
         attn[i, width - len(p):] = 1
+    device = next(model.parameters()).device
+    ids, attn = ids.to(device), attn.to(device)
     out = []
     for _ in range(max_new_tokens):
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -48,7 +50,7 @@ def main() -> None:
 
     records = generate_records(args.prompts + 400, seed=1)
     tok = train_tokenizer([format_text(r) for r in records[args.prompts:]], 2048)
-    model = build_zoo_model(args.preset, tok).eval()
+    model = build_zoo_model(args.preset, tok).eval().to(compute_device())
     prompts = [encode_prompt(r, tok, 96) for r in records[:args.prompts]]
     n = args.prompts * args.new_tokens
 
@@ -63,7 +65,8 @@ def main() -> None:
     t_plain = time.perf_counter() - t0
 
     same = [s.tokens for s in cached] == plain
-    print(f"{args.preset}, {args.prompts} prompts × {args.new_tokens} new tokens, "
+    print(f"{args.preset} on {compute_device()}, {args.prompts} prompts × {args.new_tokens} "
+          f"new tokens, "
           f"{torch.get_num_threads()} threads")
     print(f"  KV cache:    {n / t_cache:8.0f} tokens/s ({t_cache:.2f} s)")
     print(f"  no cache:    {n / t_plain:8.0f} tokens/s ({t_plain:.2f} s)")

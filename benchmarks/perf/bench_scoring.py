@@ -16,7 +16,7 @@ import torch
 from attacks.scoring import token_stats
 from kdaudit.data.corpus import generate_records
 from kdaudit.data.template import encode_record, format_text
-from kdaudit.models import build_zoo_model, train_tokenizer
+from kdaudit.models import build_zoo_model, compute_device, train_tokenizer
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
 
     tok = train_tokenizer([format_text(r) for r in generate_records(2000, seed=1)], 2048)
-    model = build_zoo_model(args.preset, tok).eval()
+    model = build_zoo_model(args.preset, tok).eval().to(compute_device())
     enc = [encode_record(r, tok, 192) for r in generate_records(args.records, seed=2)]
     ids, starts = [e.input_ids for e in enc], [e.response_start for e in enc]
     n_tokens = sum(len(i) for i in ids)
@@ -41,7 +41,7 @@ def main() -> None:
     batched, t_batched = timed(args.batch_size)
     single, t_single = timed(1)
     diff = float(np.max(np.abs(batched.logprob - single.logprob)))
-    print(f"model {args.preset}, {args.records} records, {n_tokens} tokens, "
+    print(f"model {args.preset} on {compute_device()}, {args.records} records, {n_tokens} tokens, "
           f"{torch.get_num_threads()} threads")
     print(f"one at a time : {n_tokens / t_single:10.0f} tokens/s ({t_single:.2f} s)")
     print(f"batched ({args.batch_size:3d}) : {n_tokens / t_batched:10.0f} tokens/s "

@@ -15,8 +15,27 @@ def load_tokenizer(name_or_path: str | Path):
     return tok
 
 
-def load_model(name_or_path: str | Path, *, dtype: torch.dtype | None = None):
-    """Any causal LM by hub name or folder, with safetensors weights only."""
+def compute_device() -> torch.device:
+    """Where models are scored and sample: `KDAUDIT_DEVICE` if set (e.g. "cpu", "cuda:1"),
+    else the first CUDA device, else Apple's MPS, else the CPU. Training places itself
+    through Accelerate."""
+    import os
+
+    chosen = os.environ.get("KDAUDIT_DEVICE")
+    if chosen:
+        return torch.device(chosen)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_model(name_or_path: str | Path, *, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None):
+    """Any causal LM by hub name or folder, with safetensors weights only, in eval mode, on
+    `device` (default: the CPU; scoring passes `compute_device()`)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(name_or_path)
@@ -28,7 +47,7 @@ def load_model(name_or_path: str | Path, *, dtype: torch.dtype | None = None):
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), use_safetensors=True,
                                                  trust_remote_code=False, **kwargs)
     model.eval()
-    return model
+    return model.to(device) if device is not None else model
 
 
 def save_model(model, tokenizer, out_dir: str | Path) -> None:

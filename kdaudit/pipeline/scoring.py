@@ -16,7 +16,7 @@ from kdaudit.audit import AuditContext, AuditResult, AuditSet, ModelAudit, Model
     reference_pass
 from kdaudit.audit.inputs import truncation_note
 from kdaudit.data.canaries import read_canaries
-from kdaudit.models import load_model, load_tokenizer
+from kdaudit.models import compute_device, load_model, load_tokenizer
 from kdaudit.pipeline import roster
 from kdaudit.pipeline.stage import RunContext, Stage, versions
 from kdaudit.store import atomic_write_frame, atomic_write_json
@@ -81,8 +81,9 @@ def audit_outputs(run: RunContext, model_id: str, trained: bool) -> list[Path]:
 # -- stages ---------------------------------------------------------------------------------
 def make_model_audit(run: RunContext, model_id: str, trained: bool, population: bool) -> dict:
     ctx = audit_context(run)
-    audit = audit_model(ctx, model_id, load_model(run.dir.model(model_id)), trained=trained,
-                        folder=run.dir.model(model_id), population=population)
+    model = load_model(run.dir.model(model_id), device=compute_device())
+    audit = audit_model(ctx, model_id, model, trained=trained, folder=run.dir.model(model_id),
+                        population=population)
     save_audit(run, ctx, model_id, audit)
     return {"tokens": int(len(audit.scored.stats.logprob))}
 
@@ -106,7 +107,8 @@ def model_audit_stage(run: RunContext, info: ModelInfo, population: bool) -> Sta
 
 def make_reference_pass(run: RunContext, model_id: str) -> dict:
     """A reference model (or ref_ext, with its own tokenizer): token statistics only."""
-    ctx, model = audit_context(run), load_model(run.dir.model(model_id))
+    ctx = audit_context(run)
+    model = load_model(run.dir.model(model_id), device=compute_device())
     if model_id == "ref_ext":
         stats, _ = external_pass(ctx, model, load_tokenizer(run.dir.model(model_id)))
         audit = ModelAudit(ModelPass(stats))

@@ -39,7 +39,7 @@ class KDConfig:
     family (`kdaudit.train.methods.method_params`); set it to depart from the recipe.
     """
     recipe: str = "paper"
-    kd_ratio: float | None = None       # weight of the KD term against CE: 1.0 (LLaMA kd, seqkd 0.5)
+    kd_ratio: float | None = None       # KD term vs CE: 1.0 (LLaMA kd, seqkd: 0.5)
     temperature: float = 1.0            # divides both logits; the KD term is scaled by τ²
     on_policy_fraction: float | None = None  # share of student-written batches: imitkd 1, gkd .5
     jsd_beta: float = 0.1               # GKD: m = β p + (1 − β) q
@@ -51,7 +51,7 @@ class KDConfig:
     lm_kd_ratio: float | None = None    # paper: 0.5 for MiniLLM (its pt_loss), else 0 (CE only)
     lm_corpus: str = "builtin"          # "builtin", a .txt / .jsonl file, or a HF dataset name
     lm_corpus_records: int = 10000      # texts taken from a file or dataset
-    replay_size: int | None = None      # ImitKD / GKD / DistiLLM buffer capacity: paper 1000, 0 = none
+    replay_size: int | None = None      # ImitKD/GKD/DistiLLM buffer: paper 1000, 0 = none
     distillm_init_prob: float | None = None  # starting threshold: paper 0 (LLaMA 0.2)
     distillm_replay_schedule: str = "decreasing"  # fresh share of a student batch over time
     loss_eps: float = 0.1               # DistiLLM: validation-CE rise that raises it by 0.1

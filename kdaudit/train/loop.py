@@ -36,9 +36,9 @@ class TrainJob:
     """What one run of the loop needs.
 
     `params` are the method's parameters (`methods.method_params`; None: the method's
-    defaults); `validation` feeds DistiLLM's schedule; `lm_examples` are the public corpus
-    the pretraining LM term draws from when the method has one (`params.lm_coef` > 0); `max_length` bounds prompt + sampled
-    response. `run_key` identifies the inputs: a checkpoint left by an interrupted run with the
+    defaults); `validation` feeds DistiLLM's schedule; `lm_examples` are the public
+    corpus of the pretraining LM term, when the method has one (`params.lm_coef` > 0);
+    `max_length` bounds prompt + sampled response. `run_key` identifies the inputs: a checkpoint left by an interrupted run with the
     same key is resumed, one with another key is discarded. `dp` (a plan from
     `kdaudit.dp.dpsgd.plan`) makes the run DP-SGD.
     """

@@ -252,7 +252,7 @@ def test_opt_and_llama_families_run_every_method(tmp_path):
                       methods=["nokd", *KD_METHODS],
                       models={"teacher": "{family}-smoke-teacher",
                               "student": "{family}-smoke-student", "external": "builtin"},
-                      kd={"max_new_tokens": 16, "eval_every": 4},
+                      kd={"max_new_tokens": 16, "eval_every": 4, "minillm_rollouts": 32},
                       data={"canaries_repeated": 0, "canaries_once": 0},
                       audit={"signals": ["loss", "mink", "ref_base", "ref_ext", "blind"],
                              "memorization_records": 20})

@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdaudit-installed
 
-.PHONY: install demo test test-fast clean smoke
+.PHONY: install demo test test-fast clean smoke bench
 
 install: $(STAMP)
 
@@ -29,6 +29,9 @@ test: install
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.perf
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -110,3 +110,14 @@ def test_lm_corpus_reads_text_and_jsonl_files_and_names_a_bad_line(tmp_path):
         lm_texts(str(bad), 10, list)
     with pytest.raises(ConfigError, match="no such file"):
         lm_texts(str(tmp_path / "missing.txt"), 10, list)
+
+
+def test_student_by_method_departs_for_one_method_and_names_bad_fields():
+    cfg = load_config("smoke", student_by_method={"kd": {"lr": 5e-5, "batch_size": 4}})
+    assert (cfg.student_train("kd").lr, cfg.student_train("kd").batch_size) == (5e-5, 4)
+    assert cfg.student_train("nokd") == cfg.student
+    with pytest.raises(ConfigError, match=r"student_by_method.kd: unknown field 'lrr'"):
+        load_config("smoke", student_by_method={"kd": {"lrr": 1.0}})
+    with pytest.raises(ConfigError, match=r"student_by_method.gkd: expected a table .* one "
+                                          r"of the run's methods"):
+        load_config("smoke", student_by_method={"gkd": {"lr": 1.0}})

@@ -469,6 +469,14 @@ def test_minillm_trains_ppo_epochs_over_each_round_of_mixture_rollouts(setup, tm
     assert len(first) == 16 and all(first.count(r) % 2 == 0 for r in first)
 
 
+def test_loss_only_minillm_samples_fresh_rollouts_every_step(setup, tmp_path, monkeypatch):
+    """recipe "loss_only": a round is one batch and one PPO epoch, so every step samples."""
+    *_, calls, seen, result = _train("minillm", setup, tmp_path, monkeypatch, batch_size=4,
+                                     recipe="loss_only")
+    assert [c["step"] for c in calls] == list(range(result.steps))
+    assert all(len(c["tokens"]) == 4 for c in calls)
+
+
 def test_distillm_checks_its_validation_ce_after_every_epoch(setup, tmp_path, monkeypatch):
     # a threshold of 1 with an unfilled buffer makes every batch a fresh student batch
     *_, calls, seen, result = _train("distillm", setup, tmp_path, monkeypatch, epochs=2.0,

@@ -19,7 +19,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from kdaudit.errors import ConfigError
-from kdaudit.train.config import DPConfig, DPSGDOptions, KDConfig, TrainConfig, validate_kd
+from kdaudit.train.config import (DPConfig, DPSGDOptions, KDConfig, TrainConfig, validate_kd,
+                                  validate_train)
 
 __all__ = ["AuditConfig", "ConfigError", "DPConfig", "DPRunConfig", "DataConfig", "KDConfig",
            "ModelsConfig", "RunConfig", "TrainConfig", "load_config", "presets",
@@ -176,6 +177,8 @@ class RunConfig:
                 raise ConfigError(f"models.{role}: with several families it must contain "
                                   f"the placeholder '{{family}}', e.g. '{{family}}-tiny-{role}'; "
                                   f"got {name!r}")
+        for section in ("pretrain", "teacher", "student", "dp_train"):
+            validate_train(getattr(self, section), section)
         for method, changes in self.student_by_method.items():
             if method not in self.methods or not isinstance(changes, dict):
                 raise ConfigError(f"student_by_method.{method}: expected a table of [student] "
@@ -190,8 +193,10 @@ class RunConfig:
 
     def student_train(self, method: str) -> TrainConfig:
         """The training config of `method`'s student: `student` with its departures."""
-        return _overlay(self.student, self.student_by_method.get(method, {}),
-                        f"student_by_method.{method}")
+        train = _overlay(self.student, self.student_by_method.get(method, {}),
+                         f"student_by_method.{method}")
+        validate_train(train, f"student_by_method.{method}")
+        return train
 
     @property
     def run_dir(self) -> Path:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from kdaudit.config import ConfigError, DPConfig, DPSGDOptions, KDConfig, TrainConfig
+from kdaudit.config import ConfigError, DPConfig, DPSGDOptions, KDConfig, TrainConfig, \
+    validate_train
 from kdaudit.data.records import Record, load_records
 from kdaudit.data.template import encode_record
 from kdaudit.models import load_model, load_tokenizer
@@ -51,6 +52,7 @@ class TeacherJob(DPSGDOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        validate_train(self.train, "train")
         if isinstance(self.dp, DPConfig):    # checked by DPConfig itself
             self.dp_config = self.dp
             return
@@ -113,6 +115,8 @@ class StudentJob(DPSGDOptions):
     categories: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
+        validate_train(self.train, "train")
+        validate_train(self.dp_train, "dp_train")
         method = self.method
         if method not in METHODS or not METHODS[method].student:
             raise ConfigError(f"--method: unknown method {method!r}; expected one of "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kdaudit.config import ConfigError, load_config, presets
+from kdaudit.config import ConfigError, TrainConfig, load_config, presets
 from kdaudit.store import Manifest, atomic_write_text, stable_hash
 
 
@@ -121,3 +121,17 @@ def test_student_by_method_departs_for_one_method_and_names_bad_fields():
     with pytest.raises(ConfigError, match=r"student_by_method.gkd: expected a table .* one "
                                           r"of the run's methods"):
         load_config("smoke", student_by_method={"gkd": {"lr": 1.0}})
+
+
+def test_training_sections_are_range_checked_before_any_stage(tmp_path):
+    for section, field, value, expected in (("teacher", "batch_size", 0, "≥ 1"),
+                                            ("student", "epochs", 0, "> 0"),
+                                            ("dp_train", "lr", -0.1, "> 0"),
+                                            ("pretrain", "warmup_ratio", 1.0, "0 ≤ warmup")):
+        with pytest.raises(ConfigError, match=f"{section}.{field}: expected {expected}"):
+            load_config("smoke", **{section: {field: value}})
+    from kdaudit.distil import StudentJob
+
+    with pytest.raises(ConfigError, match=r"train.epochs: expected > 0 .*, got -1.0"):
+        StudentJob("nokd", student_base="b", data="d", out=str(tmp_path),
+                   train=TrainConfig(epochs=-1.0))

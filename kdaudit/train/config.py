@@ -12,6 +12,7 @@ from kdaudit.errors import ConfigError
 
 @dataclass
 class TrainConfig:
+    """Optimisation of one run of the loop (`validate_train` checks it, naming the section)."""
     epochs: float = 1.0
     max_steps: int = 0                  # 0 = derived from epochs
     batch_size: int = 16
@@ -172,6 +173,24 @@ class DPConfig(DPSGDOptions):
         if (self.mechanism == "lmo") != (self.lmo_params is not None):
             raise ConfigError("dp.lmo_params: a parameter file goes with mechanism 'lmo', "
                               "and mechanism 'lmo' needs one")
+
+
+def validate_train(cfg: TrainConfig, where: str = "train") -> None:
+    """Range checks for a training config, before any stage runs; the message names
+    `where` (the config section) and the field."""
+    for name, ok, expected in (
+            ("epochs", cfg.epochs > 0, "> 0 (a fraction trains part of an epoch)"),
+            ("max_steps", cfg.max_steps >= 0, "≥ 0 (0: from epochs)"),
+            ("batch_size", cfg.batch_size >= 1, "≥ 1"),
+            ("lr", cfg.lr > 0, "> 0"),
+            ("weight_decay", cfg.weight_decay >= 0, "≥ 0"),
+            ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "0 ≤ warmup_ratio < 1"),
+            ("grad_clip", cfg.grad_clip >= 0, "≥ 0 (0: no clipping)"),
+            ("checkpoint_every", cfg.checkpoint_every >= 0, "≥ 0 steps (0: only at the end)"),
+            ("log_every", cfg.log_every >= 1, "≥ 1 step")):
+        if not ok:
+            raise ConfigError(f"{where}.{name}: expected {expected}, got "
+                              f"{getattr(cfg, name)!r}")
 
 
 def validate_kd(kd: KDConfig, where: str = "kd") -> None:

@@ -276,7 +276,12 @@ def load_config(preset: str | None = "tiny", config_file: str | Path | None = No
         if "name" not in read_toml(path):
             cfg = dataclasses.replace(cfg, name=preset)
     if config_file:
-        cfg = _overlay(cfg, read_toml(config_file), str(config_file))
+        try:
+            cfg = _overlay(cfg, read_toml(config_file), str(config_file))
+        except ConfigError as e:   # a check across fields: say which file set them
+            if str(config_file) in str(e):
+                raise
+            raise ConfigError(f"{config_file}: {e}") from None
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides:
         cfg = _overlay(cfg, overrides, "overrides")

@@ -135,3 +135,10 @@ def test_training_sections_are_range_checked_before_any_stage(tmp_path):
     with pytest.raises(ConfigError, match=r"train.epochs: expected > 0 .*, got -1.0"):
         StudentJob("nokd", student_base="b", data="d", out=str(tmp_path),
                    train=TrainConfig(epochs=-1.0))
+
+
+def test_a_cross_field_error_names_the_config_file(tmp_path):
+    bad = tmp_path / "mine.toml"
+    bad.write_text("[teacher]\nbatch_size = 0\n")
+    with pytest.raises(ConfigError, match=r"mine.toml: teacher.batch_size: expected ≥ 1"):
+        load_config("smoke", bad)

@@ -9,7 +9,6 @@ finished and never redone, an unfinished one resumes stage by stage.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -94,7 +93,7 @@ def config(suite: Suite, variant: str, seed: int, out: Path) -> RunConfig:
 
 
 def _fingerprint(cfg: RunConfig) -> str:
-    return stable_hash(cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg))
+    return stable_hash(cfg.to_dict())
 
 
 def is_done(cfg: RunConfig) -> bool:

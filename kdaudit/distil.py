@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from kdaudit.config import ConfigError, DPConfig, DPSGDOptions, KDConfig, TrainConfig, \
-    validate_train
+from kdaudit.config import ConfigError, DPConfig, DPSGDOptions, KDConfig, RunConfig, \
+    TrainConfig, validate_train
+from kdaudit.data.lm_corpus import lm_examples
 from kdaudit.data.records import Record, load_records
 from kdaudit.data.template import encode_record
 from kdaudit.models import load_model, load_tokenizer
@@ -199,6 +200,8 @@ def train_student(job: StudentJob | str, /, **fields) -> loop.TrainResult:
     `train_student("gkd", teacher=..., student_base=..., data=..., out=...)`) and save it
     (safetensors + tokenizer) to `job.out`; a DP method's `out/privacy.json` holds its total
     ε."""
+    from kdaudit.pipeline.prepare import pretraining_texts   # the builtin LM-term corpus
+
     job = job if isinstance(job, StudentJob) else StudentJob(job, **fields)
     if METHODS[job.method].privacy:
         return _train_private(job)
@@ -220,28 +223,14 @@ def train_student(job: StudentJob | str, /, **fields) -> loop.TrainResult:
     return loop.train(loop.TrainJob(
         model, encode, spec, job.train, out_dir=job.out, seed=job.seed,
         pad_id=tok.pad_token_id, tokenizer=tok, teacher=teacher,
-        params=params, lm_examples=_lm_examples(spec, params, tok, job.max_length),
+        params=params, lm_examples=lm_examples(spec, params, tok, job.max_length,
+                                               lambda: pretraining_texts(RunConfig())),
         run_key=stable_hash([job.method, job.seed, str(job.student_base), str(job.teacher),
                              [r.id for r in records], dataclasses.asdict(job.kd),
                              dataclasses.asdict(job.train), job.max_length]),
         mixed_precision=job.mixed_precision, desc=job.method,
         validation=[encode_record(r, tok, job.max_length) for r in held],
         max_length=job.max_length))
-
-
-def _lm_examples(spec, params, tok, max_length: int) -> list:
-    """The LM term's corpus (`kd.lm_corpus`; "builtin": the builtin pretraining texts of
-    the default data config), encoded, when the method has the term."""
-    from kdaudit.config import RunConfig
-    from kdaudit.data.lm_corpus import lm_texts
-    from kdaudit.data.template import encode_text
-    from kdaudit.pipeline.prepare import pretraining_texts
-
-    if not (spec.lm_term and params.lm_coef):
-        return []
-    texts = lm_texts(params.lm_corpus, params.lm_corpus_records,
-                     lambda: pretraining_texts(RunConfig()))
-    return [encode_text(t, tok, max_length) for t in texts]
 
 
 def train_private_student(job: StudentJob | str, /, **fields) -> loop.TrainResult:

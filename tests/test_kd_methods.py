@@ -489,64 +489,46 @@ def test_distillm_checks_its_validation_ce_after_every_epoch(setup, tmp_path, mo
     assert len({c["step"] for c in calls}) == result.steps
 
 
-def test_on_policy_training_resumes_to_the_same_weights(setup, tmp_path):
-    """ImitKD with its buffer and LM term: the buffer, the draws and the corpus cursor are
-    checkpointed, so a resumed run ends on the same weights."""
+def _resumed_run_matches(setup, tmp_path, method: str, cfg: TrainConfig, params: KDParams,
+                         crash_at: int) -> int:
+    """Train `method` whole into a/, then crash after step `crash_at` into b/ and resume;
+    assert both end on the same weights and return the step b/ resumed from."""
     tok, examples, _ = setup
-    cfg = TrainConfig(epochs=2, batch_size=8, lr=3e-3, checkpoint_every=2)
     teacher = build_zoo_model("gpt2-smoke-teacher", tok, seed=1).eval()
     kw = dict(seed=0, pad_id=tok.pad_token_id, teacher=teacher, run_key="k", desc=None,
-              params=_params("imitkd"), max_length=80, lm_examples=examples)
+              params=params, max_length=80, lm_examples=examples)
 
-    def fresh():
-        return build_zoo_model("gpt2-smoke-student", tok, seed=0)
-
-    loop.train(loop.TrainJob(fresh(), examples, METHODS["imitkd"], cfg, out_dir=tmp_path / "a",
-                             **kw))
+    def job(out, callbacks=()):
+        return loop.TrainJob(build_zoo_model("gpt2-smoke-student", tok, seed=0), examples,
+                             METHODS[method], cfg, out_dir=tmp_path / out,
+                             callbacks=callbacks, **kw)
 
     def crash(step, record):
-        if step == 5:
+        if step == crash_at:
             raise KeyboardInterrupt
 
+    loop.train(job("a"))
     with pytest.raises(KeyboardInterrupt):
-        loop.train(loop.TrainJob(fresh(), examples, METHODS["imitkd"], cfg,
-                                 out_dir=tmp_path / "b", callbacks=[crash], **kw))
-    resumed = loop.train(loop.TrainJob(fresh(), examples, METHODS["imitkd"], cfg,
-                                       out_dir=tmp_path / "b", **kw))
-    assert resumed.resumed_from == 4
+        loop.train(job("b", [crash]))
+    resumed = loop.train(job("b"))
     a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+    return resumed.resumed_from
+
+
+def test_on_policy_training_resumes_to_the_same_weights(setup, tmp_path):
+    """ImitKD with its buffer and LM term: the buffer, the draws and the corpus cursor are
+    checkpointed, so a resumed run ends on the same weights."""
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=3e-3, checkpoint_every=2)
+    assert _resumed_run_matches(setup, tmp_path, "imitkd", cfg, _params("imitkd"), 5) == 4
 
 
 def test_minillm_resumes_mid_round_to_the_same_weights(setup, tmp_path):
     """The round's rollouts, the queue of PPO batches and the cursors are checkpointed."""
-    tok, examples, _ = setup
     cfg = TrainConfig(epochs=1, batch_size=4, lr=3e-3, checkpoint_every=3)
-    teacher = build_zoo_model("gpt2-smoke-teacher", tok, seed=1).eval()
-    kw = dict(seed=0, pad_id=tok.pad_token_id, teacher=teacher, run_key="k", desc=None,
-              params=_params("minillm", minillm_rollouts=8, minillm_ppo_epochs=2),
-              max_length=80, lm_examples=examples)
-
-    def fresh():
-        return build_zoo_model("gpt2-smoke-student", tok, seed=0)
-
-    loop.train(loop.TrainJob(fresh(), examples, METHODS["minillm"], cfg,
-                             out_dir=tmp_path / "a", **kw))
-
-    def crash(step, record):
-        if step == 4:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(loop.TrainJob(fresh(), examples, METHODS["minillm"], cfg,
-                                 out_dir=tmp_path / "b", callbacks=[crash], **kw))
-    resumed = loop.train(loop.TrainJob(fresh(), examples, METHODS["minillm"], cfg,
-                                       out_dir=tmp_path / "b", **kw))
-    assert resumed.resumed_from == 3
-    a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+    params = _params("minillm", minillm_rollouts=8, minillm_ppo_epochs=2)
+    assert _resumed_run_matches(setup, tmp_path, "minillm", cfg, params, 4) == 3
 
 
 def test_adaptive_method_needs_validation(setup):

@@ -15,6 +15,18 @@ from typing import Callable
 from kdaudit.errors import ConfigError
 
 
+def lm_examples(method, params, tokenizer, max_length: int,
+                builtin: Callable[[], list[str]]) -> list:
+    """The LM term's corpus encoded for training, when `method` has the term (`lm_coef` > 0);
+    [] otherwise. `builtin` gives the texts of "builtin"."""
+    from kdaudit.data.template import encode_text
+
+    if not (method.lm_term and params.lm_coef):
+        return []
+    texts = lm_texts(params.lm_corpus, params.lm_corpus_records, builtin)
+    return [encode_text(t, tokenizer, max_length) for t in texts]
+
+
 def lm_texts(name: str, n: int, builtin: Callable[[], list[str]]) -> list[str]:
     """Up to `n` texts of corpus `name` ("builtin": `builtin()`, all of it)."""
     if name == "builtin":

@@ -8,9 +8,11 @@ from typing import Any, Callable
 
 from kdaudit.config import DPConfig, TrainConfig
 from kdaudit.data.canaries import read_canaries, training_records
-from kdaudit.data.template import Encoded, encode_record, encode_text
+from kdaudit.data.lm_corpus import lm_examples
+from kdaudit.data.template import Encoded, encode_record
 from kdaudit.dp import dpsgd
 from kdaudit.models import load_model
+from kdaudit.pipeline.prepare import pretraining_texts
 from kdaudit.pipeline.stage import RunContext, Stage
 from kdaudit.store import atomic_write_json, stable_hash
 from kdaudit.train import loop
@@ -68,7 +70,9 @@ def make_fit(run: RunContext, fit: Fit, run_key: str) -> dict:
         model, data, spec, fit.train, out_dir=out, seed=fit_seed(run, fit),
         pad_id=tok.pad_token_id, tokenizer=tok,
         teacher=load_model(run.dir.model(fit.teacher_id)) if fit.teacher_id else None,
-        params=params, run_key=run_key, lm_examples=lm_examples(run, spec, params),
+        params=params, run_key=run_key,
+        lm_examples=lm_examples(spec, params, tok, cfg.data.max_length,
+                                lambda: pretraining_texts(cfg)),
         mixed_precision=cfg.mixed_precision, desc=f"{fit.model_id} ({fit.method})",
         validation=validation, max_length=cfg.data.max_length, dp=plan,
         private_log=run.dir.private_log(fit.model_id)))
@@ -78,18 +82,6 @@ def make_fit(run: RunContext, fit: Fit, run_key: str) -> dict:
     losses = {} if plan else {"first_loss": result.first_loss, "last_loss": result.last_loss}
     return {"steps": result.steps, **losses, "resumed_from": result.resumed_from,
             "train_seconds": round(result.seconds, 2), **({"privacy": spent} if spent else {})}
-
-
-def lm_examples(run: RunContext, spec, params) -> list[Encoded]:
-    """The LM term's corpus, encoded, when the method has the term (`lm_coef` > 0)."""
-    from kdaudit.data.lm_corpus import lm_texts
-    from kdaudit.pipeline.prepare import pretraining_texts
-
-    if not (spec.lm_term and params.lm_coef):
-        return []
-    texts = lm_texts(params.lm_corpus, params.lm_corpus_records,
-                     lambda: pretraining_texts(run.cfg))
-    return [encode_text(t, run.tokenizer, run.cfg.data.max_length) for t in texts]
 
 
 def fit_stage(run: RunContext, fit: Fit) -> Stage:

@@ -71,11 +71,14 @@ class _Cursor:
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+        self._shuffled: tuple[int, list[int]] | None = None   # (epoch, its order)
 
     def _order(self) -> list[int]:
-        order = list(range(self.n))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order
+        if self._shuffled is None or self._shuffled[0] != self.epoch:
+            order = list(range(self.n))
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+            self._shuffled = (self.epoch, order)
+        return self._shuffled[1]
 
     def take(self, k: int) -> list[int]:
         out: list[int] = []

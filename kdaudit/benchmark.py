@@ -6,20 +6,23 @@ table: the `preset` it starts from, the `seeds`, a `description`, and optionally
 each a table of overrides run beside the others (the paper's three student sizes). Runs go to
 `<out>/<suite>/<variant>/seed<k>/`; a run whose `benchmark_done.json` matches its config is
 finished and never redone, an unfinished one resumes stage by stage.
+
+Each variant is then summarised across its seeds (`kdaudit.across_seeds`: tables in
+`<out>/<suite>/<variant>/tables/`) and its report rendered from those tables alone
+(`kdaudit.report.benchmark`); `publish` copies the tables to `reports/` and renders the
+checked-in reference report there.
 """
 from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-import pandas as pd
-
 from kdaudit.config import ConfigError, RunConfig, load_config, read_toml
-from kdaudit.store import atomic_write_json, atomic_write_text, stable_hash
+from kdaudit.store import atomic_write_json, stable_hash
 
 SUITE_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "suites"
 DONE = "benchmark_done.json"
@@ -96,6 +99,17 @@ def _fingerprint(cfg: RunConfig) -> str:
     return stable_hash(cfg.to_dict())
 
 
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process and its waited-for children, in MiB (Linux
+    reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    unit = 1 / 2 ** 20 if sys.platform == "darwin" else 1 / 2 ** 10
+    return unit * max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+
+
 def is_done(cfg: RunConfig) -> bool:
     marker = cfg.run_dir / DONE
     return marker.exists() and json.loads(marker.read_text()).get("config") == \
@@ -116,241 +130,74 @@ def run_suite(suite: Suite, out: Path, seeds: Sequence[int] | None = None,
                 log(f"[bench] {variant} seed {seed}: finished, skipped")
                 continue
             log(f"[bench] {variant} seed {seed} → {cfg.run_dir}")
+            started = time.perf_counter()
             runner(cfg, log=log)
-            atomic_write_json(cfg.run_dir / DONE, {"config": _fingerprint(cfg), "seed": seed,
-                                                  "variant": variant})
+            atomic_write_json(cfg.run_dir / DONE, {
+                "config": _fingerprint(cfg), "seed": seed, "variant": variant,
+                # this invocation's part of the run (a resumed run's earlier parts are in the
+                # manifest's stage times) and the process's peak so far
+                "wall_seconds": round(time.perf_counter() - started, 1),
+                "peak_rss_mib": round(peak_rss_mib(), 1)})
     return write_summary(suite, out, seeds)
 
 
 # -- across seeds -------------------------------------------------------------------------------
-def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC by ranks (ties averaged): the Mann–Whitney statistic."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(scores)
-    n1 = int(labels.sum())
-    n0 = len(labels) - n1
-    return float((ranks[labels == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def paired_auc_test(pairs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], *,
-                    n_bootstrap: int = 1000, seed: int = 0) -> dict[str, float]:
-    """ΔAUC = AUC(model) − AUC(baseline), averaged over seeds, with a paired hierarchical
-    bootstrap: seeds drawn with replacement, then members and non-members within each seed,
-    the same records for both models. `pairs` holds (labels, model scores, baseline scores)
-    per seed. Returns the observed Δ, its 95% interval and the two-sided bootstrap p-value."""
-    rng = np.random.default_rng(seed)
-    observed = float(np.mean([_auc(y, a) - _auc(y, b) for y, a, b in pairs]))
-    draws = np.empty(n_bootstrap)
-    for i in range(n_bootstrap):
-        picked = rng.integers(len(pairs), size=len(pairs)) if len(pairs) > 1 else [0]
-        deltas = []
-        for k in picked:
-            y, a, b = pairs[k]
-            idx = np.concatenate([rng.choice(np.flatnonzero(y == c), size=int((y == c).sum()))
-                                  for c in (1, 0)])
-            deltas.append(_auc(y[idx], a[idx]) - _auc(y[idx], b[idx]))
-        draws[i] = np.mean(deltas)
-    low, high = np.percentile(draws, [2.5, 97.5])
-    p = min(1.0, 2 * min((draws <= 0).mean(), (draws >= 0).mean()))
-    return {"delta": observed, "ci_low": float(low), "ci_high": float(high), "p": float(p)}
-
-
-def verdict(test: dict[str, float]) -> str:
-    if test["ci_low"] > 0:
-        return "leaks more than nokd"
-    if test["ci_high"] < 0:
-        return "leaks less than nokd"
-    return "no significant difference"
-
-
-def _scores(run_dir: Path, model: str) -> pd.DataFrame | None:
-    path = run_dir / "scores" / f"{model}.parquet"
-    return pd.read_parquet(path).set_index("record_id") if path.exists() else None
-
-
-def metric_spread(run_dirs: Sequence[Path], metric: str) -> pd.DataFrame:
-    """Per model and signal, `metric` of each run's mia table: mean, sd, min, max, runs."""
-    mia = pd.concat([pd.read_csv(d / "tables" / "mia.csv") for d in run_dirs])
-    rows = mia[mia["metric"] == metric].copy()
-    rows["value"] = pd.to_numeric(rows["value"], errors="coerce")
-    return (rows.groupby(["model", "signal"], sort=False)["value"]
-            .agg(mean="mean", sd="std", low="min", high="max", seeds="count").reset_index())
-
-
-def spread_heatmaps(run_dirs: Sequence[Path], out: Path) -> list[tuple[str, Path]]:
-    """AUC and TPR-at-1%-FPR heatmaps (model × signal) of the mean over the runs, each cell
-    "mean±sd"; (title, path) of those drawn."""
-    from kdaudit.report import plots
-    from kdaudit.report.tables import signal_order
-
-    drawn = []
-    for metric, title in (("auc", "AUC"), ("tpr_at_1pct", "TPR at 1% FPR")):
-        s = metric_spread(run_dirs, metric)
-        if s.empty:
-            continue
-        mean = s.assign(metric=metric, value=s["mean"])
-        sd = s.assign(metric=metric, value=s["sd"])
-        order = list(dict.fromkeys(s["model"]))
-        png = plots.leakage_heatmap(mean, metric, order, signal_order(s["signal"]),
-                                    out / f"heatmap_{metric}.png", spread=sd,
-                                    title=f"{title}, mean ± sd over {len(run_dirs)} seed(s)")
-        if png is not None:
-            drawn.append((title, png))
-    return drawn
-
-
-def summarize(run_dirs: Sequence[Path], *, n_bootstrap: int = 1000
-              ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(AUC per model and signal: mean, sd, min, max over the runs; the paired test of every
-    model with scores against `nokd`, per signal)."""
-    spread = metric_spread(run_dirs, "auc")
-    tests = []
-    baselines = {d: _scores(d, "nokd") for d in run_dirs}
-    if all(b is not None for b in baselines.values()):
-        models = sorted({p.stem for d in run_dirs for p in (d / "scores").glob("*.parquet")}
-                        - {"nokd", "data", "teacher", "base_teacher", "base_student"})
-        for model in models:
-            frames = [(_scores(d, model), baselines[d]) for d in run_dirs]
-            if any(f is None for f, _ in frames):
-                continue
-            signals = [c for c in frames[0][0].columns
-                       if c in frames[0][1].columns and c not in ("label", "category")]
-            for signal in signals:
-                pairs = []
-                for a, b in frames:
-                    joined = a[["label", signal]].join(b[[signal]], rsuffix="_base").dropna()
-                    pairs.append((joined["label"].to_numpy(int),
-                                  joined[signal].to_numpy(float),
-                                  joined[f"{signal}_base"].to_numpy(float)))
-                t = paired_auc_test(pairs, n_bootstrap=n_bootstrap)
-                tests.append({"model": model, "signal": signal, **t, "seeds": len(pairs),
-                              "n_bootstrap": n_bootstrap, "verdict": verdict(t)})
-    return spread, pd.DataFrame(tests)
-
-
-STUDENT_EXCLUDED = {"nokd", "data", "teacher", "base_teacher", "base_student"}
-RATIO_FLOOR = 0.55
-
-
-def by_category(run_dirs: Sequence[Path], signal: str = "loss") -> pd.DataFrame:
-    """AUC of `signal` per model and task category, the mean over the runs (categories with
-    both members and non-members only)."""
-    rows = []
-    for d in run_dirs:
-        for path in sorted((d / "scores").glob("*.parquet")):
-            scores = pd.read_parquet(path)
-            if signal not in scores or "category" not in scores or path.stem == "data":
-                continue
-            for category, g in scores.dropna(subset=[signal]).groupby("category"):
-                if g["label"].nunique() == 2:
-                    rows.append({"model": path.stem, "category": category,
-                                 "auc": _auc(g["label"].to_numpy(int),
-                                             g[signal].to_numpy(float))})
-    if not rows:
-        return pd.DataFrame(columns=["model", "category", "auc"])
-    return pd.DataFrame(rows).groupby(["model", "category"], sort=False)["auc"].mean() \
-        .reset_index()
-
-
-def leakage_ratios(spread: pd.DataFrame) -> pd.DataFrame:
-    """Per student and signal: (AUC − ½) / (teacher's AUC − ½), mean AUCs over the seeds:
-    the share of the teacher's advantage over chance that the student kept; only where the
-    teacher reaches `RATIO_FLOOR` (nearer ½ the ratio divides by noise)."""
-    teacher = spread[spread["model"] == "teacher"].set_index("signal")["mean"]
-    rows = []
-    for r in spread[~spread["model"].isin(STUDENT_EXCLUDED)].itertuples():
-        if r.signal in teacher and teacher[r.signal] >= RATIO_FLOOR:
-            rows.append({"model": r.model, "signal": r.signal,
-                         "ratio": (r.mean - 0.5) / (teacher[r.signal] - 0.5)})
-    return pd.DataFrame(rows, columns=["model", "signal", "ratio"])
+def variant_dir(suite: Suite, variant: str, out: Path) -> Path:
+    return out / suite.name / variant
 
 
 def write_summary(suite: Suite, out: Path, seeds: Sequence[int]) -> dict[str, Path]:
-    """`<out>/<suite>/<variant>/summary.md`, `auc_across_seeds.csv`, `paired_tests.csv`: the
-    AUC spread across seeds and the paired tests against nokd (`audit.n_bootstrap` draws)."""
+    """Per variant: `<out>/<suite>/<variant>/tables/*.csv` and `meta.json` (the statistics
+    across seeds, `kdaudit.across_seeds`) and the report rendered from them alone
+    (report.md, report.html, figures/). Returns each variant's report.md."""
+    from kdaudit.across_seeds import suite_tables
+    from kdaudit.report.benchmark import write_benchmark_report
+    from kdaudit.store import atomic_write_frame
+
     paths: dict[str, Path] = {}
     for variant in suite.variants:
         cfgs = [config(suite, variant, s, out) for s in seeds]
-        spread, tests = summarize([c.run_dir for c in cfgs],
-                                  n_bootstrap=cfgs[0].audit.n_bootstrap)
-        categories = by_category([c.run_dir for c in cfgs])
-        ratios = leakage_ratios(spread)
-        root = out / suite.name / variant
-        spread.to_csv(root / "auc_across_seeds.csv", index=False)
-        tests.to_csv(root / "paired_tests.csv", index=False)
-        categories.to_csv(root / "auc_by_category.csv", index=False)
-        ratios.to_csv(root / "teacher_to_student.csv", index=False)
-        figures = spread_heatmaps([c.run_dir for c in cfgs], root)
-        paths[variant] = root / "summary.md"
-        atomic_write_text(paths[variant], _summary_md(suite, variant, seeds, spread, tests,
-                                                      categories, ratios, figures))
+        root = variant_dir(suite, variant, out)
+        tables = suite_tables([c.run_dir for c in cfgs], n_bootstrap=cfgs[0].audit.n_bootstrap)
+        for name, frame in tables.items():
+            atomic_write_frame(root / "tables" / f"{name}.csv", frame)
+        atomic_write_json(root / "meta.json", _meta(suite, variant, seeds, cfgs[0]))
+        paths[variant] = write_benchmark_report(root)["md"]
     return paths
 
 
-def executive_summary(spread: pd.DataFrame, tests: pd.DataFrame) -> list[str]:
-    """Which student leaks most, by how much above the nokd floor, and what to do."""
-    students = spread[~spread["model"].isin(STUDENT_EXCLUDED) & (spread["signal"] != "blind")]
-    if students.empty:
-        return ["No student models in this suite."]
-    top = students.loc[students["mean"].idxmax()]
-    lines = [f"- The student that leaks most is **{top.model}**: AUC {top['mean']:.3f} on "
-             f"`{top.signal}` (mean over the seeds)."]
-    teacher = spread[(spread["model"] == "teacher") & (spread["signal"] == top.signal)]
-    if not teacher.empty:
-        lines.append(f"- The teacher, trained on the members, reaches "
-                     f"{teacher['mean'].iloc[0]:.3f} on the same signal.")
-    if not tests.empty:
-        t = tests[(tests["model"] == top.model) & (tests["signal"] == top.signal)]
-        if not t.empty:
-            t = t.iloc[0]
-            lines.append(f"- Against the no-leakage floor (`nokd`): ΔAUC {t.delta:+.3f} "
-                         f"[{t.ci_low:+.3f}, {t.ci_high:+.3f}], {t.verdict}.")
-        leaking = sorted(set(tests[tests["verdict"] == "leaks more than nokd"]["model"]))
-        if leaking:
-            lines.append(f"- Students that leak more than `nokd` on at least one signal: "
-                         f"{', '.join(f'`{m}`' for m in leaking)}. Treat them as carrying "
-                         f"the teacher's private data: do not release them as trained on public "
-                         f"data alone; distil from a DP teacher or train a DP student instead "
-                         f"(see the privacy–utility frontier of a run with `[dp]`).")
-        else:
-            lines.append("- No student leaks significantly more than `nokd` on any signal.")
-    return lines
+def _meta(suite: Suite, variant: str, seeds: Sequence[int], cfg: RunConfig) -> dict[str, Any]:
+    """What the report says about the suite: its name, seeds, the config of the first seed
+    (without the run's name and folder, so no local path is published) and the versions its
+    manifest recorded."""
+    config_dict = {k: v for k, v in cfg.to_dict().items() if k not in ("name", "out_dir")}
+    manifest = cfg.run_dir / "manifest.json"
+    versions = json.loads(manifest.read_text()).get("versions", {}) if manifest.exists() else {}
+    return {"suite": suite.name, "variant": variant, "description": suite.description,
+            "seeds": list(seeds), "config": config_dict, "versions": versions}
 
 
-def _summary_md(suite: Suite, variant: str, seeds: Sequence[int], spread: pd.DataFrame,
-                tests: pd.DataFrame, categories: pd.DataFrame | None = None,
-                ratios: pd.DataFrame | None = None,
-                figures: Sequence[tuple[str, Path]] = ()) -> str:
-    lines = [f"# {suite.name} ({variant}): {len(seeds)} seed(s) {list(seeds)}", "",
-             suite.description, "", "## Summary", "", *executive_summary(spread, tests), ""]
-    for title, png in figures:
-        lines += [f"![{title} heatmap]({png.name})", ""]
-    lines += [
-             "## AUC across seeds (mean ± sd [min, max])", "",
-             "| model | signal | AUC |", "|---|---|---|"]
-    for r in spread.itertuples():
-        sd = "" if math.isnan(r.sd) else f" ± {r.sd:.3f}"
-        lines.append(f"| {r.model} | {r.signal} | {r.mean:.3f}{sd} [{r.low:.3f}, {r.high:.3f}] |")
-    if not tests.empty:
-        lines += ["", "## Against nokd: ΔAUC, paired bootstrap over seeds and records", "",
-                  "| model | signal | ΔAUC (95% CI) | p | verdict |", "|---|---|---|---|---|"]
-        for r in tests.itertuples():
-            p = f"< {1 / r.n_bootstrap:.3f}" if r.p == 0 else f"{r.p:.3f}"
-            lines.append(f"| {r.model} | {r.signal} | {r.delta:+.3f} [{r.ci_low:+.3f}, "
-                         f"{r.ci_high:+.3f}] | {p} | {r.verdict} |")
-    if ratios is not None and not ratios.empty:
-        lines += ["", "## Teacher → student: share of the teacher's AUC above ½ kept", "",
-                  "| model | signal | ratio |", "|---|---|---|"]
-        lines += [f"| {r.model} | {r.signal} | {r.ratio:.2f} |" for r in ratios.itertuples()]
-    if categories is not None and not categories.empty:
-        table = categories.pivot(index="category", columns="model", values="auc")
-        lines += ["", "## Loss-signal AUC per task category (mean over seeds)", "",
-                  "| category | " + " | ".join(table.columns) + " |",
-                  "|---|" + "---|" * len(table.columns)]
-        lines += [f"| {c} | " + " | ".join("—" if pd.isna(v) else f"{v:.3f}" for v in row)
-                  + " |" for c, row in table.iterrows()]
-    return "\n".join(lines) + "\n"
+def publish(suite: Suite, out: Path, dest: Path) -> dict[str, Path]:
+    """Copy each variant's tables and meta.json from `out` to `dest/<suite>/` (one variant) or
+    `dest/<suite>/<variant>/` and render the report there: the checked-in reference report
+    that `make reports` rebuilds."""
+    import shutil
+
+    from kdaudit.report.benchmark import write_benchmark_report
+
+    paths = {}
+    for variant in suite.variants:
+        src = variant_dir(suite, variant, out)
+        if not (src / "meta.json").exists():
+            raise FileNotFoundError(f"{src}: no finished summary; run `kdaudit benchmark "
+                                    f"{suite.name} --out {out}` first")
+        target = dest / suite.name if len(suite.variants) == 1 else dest / suite.name / variant
+        if (target / "tables").exists():
+            shutil.rmtree(target / "tables")
+        shutil.copytree(src / "tables", target / "tables")
+        shutil.copy2(src / "meta.json", target / "meta.json")
+        paths[variant] = write_benchmark_report(target)["md"]
+    return paths
 
 
 # -- the plan (--dry-run) -----------------------------------------------------------------------

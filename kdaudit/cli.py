@@ -259,6 +259,9 @@ def _add_benchmark_parser(sub) -> None:
                    help="comma-separated seeds (default: the suite's)")
     p.add_argument("--out", type=Path, default=Path("runs/benchmarks"),
                    help="output folder (default runs/benchmarks)")
+    p.add_argument("--publish", type=Path, metavar="DIR",
+                   help="after the suite, copy its tables to DIR/<suite>/ and render the "
+                        "reference report there (`make reports`: DIR = reports)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (models, data, stages, steps, memory estimates, what "
                         "is finished) and check the config, without running or downloading")
@@ -266,15 +269,17 @@ def _add_benchmark_parser(sub) -> None:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
-    from kdaudit.benchmark import load_suite, plan, run_suite
+    from kdaudit.benchmark import load_suite, plan, publish, run_suite
 
     suite = load_suite(args.suite)
     if args.dry_run:
         print(plan(suite, args.out, args.seeds))
         return 0
     for variant, path in run_suite(suite, args.out, args.seeds).items():
-        print(f"{variant}: {path}")
-        print(path.read_text())
+        print(f"{variant}: {path}\n         {path.with_suffix('.html')}")
+    if args.publish:
+        for variant, path in publish(suite, args.out, args.publish).items():
+            print(f"published {variant}: {path}")
     return 0
 
 

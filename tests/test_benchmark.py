@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from kdaudit import benchmark
+from kdaudit import across_seeds, benchmark
 from kdaudit.cli import main
 from kdaudit.config import ConfigError
 
@@ -53,7 +53,7 @@ def test_auc_by_ranks_matches_sklearn_with_ties():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)
     s = rng.integers(0, 5, 300).astype(float) + 0.3 * y
-    assert benchmark._auc(y, s) == pytest.approx(roc_auc_score(y, s))
+    assert across_seeds.auc(y, s) == pytest.approx(roc_auc_score(y, s))
 
 
 def _fake_run(cfg, strength: dict[str, float], n: int = 400):
@@ -96,32 +96,36 @@ def test_a_killed_suite_restarts_without_redoing_finished_runs(tmp_path):
     assert any("seed 0: finished, skipped" in line for line in logs)
     benchmark.run_suite(suite, tmp_path / "out", runner=runner, log=lambda _: None)
     assert calls == [0, 1, 1, 2]                          # a finished suite runs nothing
-    tests = pd.read_csv(tmp_path / "out" / "three" / "main" / "paired_tests.csv")
+    root = tmp_path / "out" / "three" / "main"
+    tests = pd.read_csv(root / "tables" / "paired_tests.csv")
     verdicts = dict(zip(tests["model"], tests["verdict"]))
     assert verdicts == {"kd": "leaks more than nokd", "twin": "no significant difference"}
     assert "teacher" not in verdicts
     kd = tests[tests["model"] == "kd"].iloc[0]
     assert kd["seeds"] == 3 and kd["ci_low"] < kd["delta"] < kd["ci_high"]
-    spread = pd.read_csv(tmp_path / "out" / "three" / "main" / "auc_across_seeds.csv")
+    spread = pd.read_csv(root / "tables" / "metrics.csv")
+    spread = spread[spread["metric"] == "auc"]
     assert set(spread["seeds"]) == {3}
     summary = paths["main"].read_text()
     assert "The student that leaks most is **kd**" in summary
-    ratios = pd.read_csv(tmp_path / "out" / "three" / "main" / "teacher_to_student.csv")
+    ratios = pd.read_csv(root / "tables" / "teacher_to_student.csv")
     kd_ratio = ratios.set_index("model").loc["kd", "ratio"]
     means = spread[spread["signal"] == "loss"].set_index("model")["mean"]
     assert kd_ratio == pytest.approx((means["kd"] - 0.5) / (means["teacher"] - 0.5))
     assert 0.1 < kd_ratio < 0.9
-    categories = pd.read_csv(tmp_path / "out" / "three" / "main" / "auc_by_category.csv")
+    categories = pd.read_csv(root / "tables" / "auc_by_category.csv")
     assert set(categories["category"]) == {"qa", "brainstorming"}
     assert "| brainstorming |" in summary
-    assert "![AUC heatmap](heatmap_auc.png)" in summary
-    assert (tmp_path / "out" / "three" / "main" / "heatmap_auc.png").stat().st_size > 1000
+    assert "![AUC heatmap](figures/heatmap_auc.png)" in summary
+    assert (root / "figures" / "heatmap_auc.png").stat().st_size > 1000
+    runs = pd.read_csv(root / "tables" / "runs.csv")
+    assert list(runs["seed"]) == [0, 1, 2] and (runs["peak_rss_mib"] > 0).all()
 
 
 def test_paired_test_of_a_model_against_itself_is_exactly_zero():
     rng = np.random.default_rng(1)
     y = np.repeat([1, 0], 50)
     s = rng.normal(size=100)
-    t = benchmark.paired_auc_test([(y, s, s), (y, s, s)], n_bootstrap=50)
+    t = across_seeds.paired_auc_test([(y, s, s), (y, s, s)], n_bootstrap=50)
     assert (t["delta"], t["ci_low"], t["ci_high"]) == (0.0, 0.0, 0.0)
-    assert benchmark.verdict(t) == "no significant difference"
+    assert across_seeds.verdict(t) == "no significant difference"

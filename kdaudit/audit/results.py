@@ -38,13 +38,14 @@ class AuditResult(ReportTables):
     notes: list[str] = field(default_factory=list)
 
     def write_tables(self, out_dir: str | Path) -> None:
-        """The tidy tables as CSV files: mia, memorization, utility, signals, blocks, privacy
-        and training (the per-step training logs behind the report's training curves)."""
+        """The tidy tables as CSV files: mia, models, memorization, utility, signals, blocks,
+        privacy and training (the per-step training logs behind the report's training
+        curves)."""
         from kdaudit.store import atomic_write_frame
 
         out_dir = Path(out_dir)
-        for name in ("mia", "memorization", "utility", "signals", "blocks", "privacy",
-                     "training"):
+        for name in ("mia", "models", "memorization", "utility", "signals", "blocks",
+                     "privacy", "training"):
             atomic_write_frame(out_dir / f"{name}.csv", getattr(self, name))
 
     def write_report(self, out_dir: str | Path, *, title: str = "kdaudit risk report",

@@ -128,8 +128,10 @@ def auc_bar_chart(mia: pd.DataFrame, order: Sequence[str], path: Path, *,
     return _save(fig, path)
 
 
-def block_risk_plot(blocks: pd.DataFrame, order: Sequence[str], path: Path) -> Path | None:
-    """Per-block MoPe AUC against relative depth, one curve (with its CI band) per model."""
+def block_risk_plot(blocks: pd.DataFrame, order: Sequence[str], path: Path, *,
+                    band: str = "95% CI") -> Path | None:
+    """Per-block MoPe AUC against relative depth, one curve per model with the band between
+    `ci_low` and `ci_high` (what that band is: `band`)."""
     if blocks is None or blocks.empty:
         return None
     fig, ax = _new_figure(6.0, 4.0)
@@ -140,7 +142,7 @@ def block_risk_plot(blocks: pd.DataFrame, order: Sequence[str], path: Path) -> P
         ax.fill_between(depth, b["ci_low"], b["ci_high"], alpha=0.15)
     ax.axhline(0.5, ls="--", lw=1, color="0.3", label="chance (0.5)")
     ax.set_xlabel("block depth (block / number of blocks)")
-    ax.set_ylabel("AUC of block MoPe (95% CI)")
+    ax.set_ylabel(f"AUC of block MoPe ({band})")
     ax.set_title("Per-block membership risk")
     ax.set_xlim(0, 1.05)
     ax.grid(True, alpha=0.3)
@@ -280,9 +282,11 @@ FRONTIER_MARKERS = ("o", "s", "^", "v", "P", "X", "D", "*")
 LOG_X_RATIO = 4.0  # perplexity on a log axis when max / min exceeds this
 
 
-def privacy_utility_plot(points: pd.DataFrame | None, path: Path) -> Path | None:
+def privacy_utility_plot(points: pd.DataFrame | None, path: Path, *,
+                         interval: str = "95% CI") -> Path | None:
     """The privacy–utility frontier (`frontier.frontier_points`): perplexity on non-members
-    against the strongest signal's AUC (left, with 95% CI) and TPR at 1% FPR (right). One
+    against the strongest signal's AUC (left, error bars `interval`) and TPR at 1% FPR
+    (right). One
     series per DP method, its points joined in ε order and annotated with ε; non-private
     models (ids without "@") as single labelled grey points. None without a DP model."""
     if points is None or points.empty or not points["model"].astype(str).str.contains("@").any():
@@ -293,9 +297,9 @@ def privacy_utility_plot(points: pd.DataFrame | None, path: Path) -> Path | None
     left = fig.add_subplot(1, 2, 1)
     axes = [left, fig.add_subplot(1, 2, 2, sharex=left)]
     methods = list(dict.fromkeys(points.loc[dp, "method"].astype(str)))
-    panels = (("auc", "ci_low", "ci_high", 1.0, "strongest signal's ROC AUC (95% CI)"),
+    panels = (("auc", "ci_low", "ci_high", 1.0, f"strongest signal's ROC AUC ({interval})"),
               ("tpr_at_1pct", "tpr_ci_low", "tpr_ci_high", 100.0,
-               "strongest signal's TPR at 1% FPR (%)"))
+               f"strongest signal's TPR at 1% FPR (%, {interval})"))
     for ax, (col, lo_col, hi_col, scale, ylabel) in zip(axes, panels):
         for i, method in enumerate(methods):
             s = points[dp & (points["method"].astype(str) == method)]

@@ -1,7 +1,6 @@
 """The Python API beyond `run`: audit any models a user brings; rebuild a run's report."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -188,21 +187,27 @@ def _external_pass(ctx: AuditContext, external: Source | None):
                          load_tokenizer(external))
 
 
-def report_run(run_dir: str | Path, *, redact: bool = True) -> dict[str, Path]:
-    """Rewrite `run_dir/report/` from the run's stored statistics and generations."""
+def report_run(run_dir: str | Path, *, redact: bool = True,
+               out: str | Path | None = None) -> dict[str, Path]:
+    """Rewrite the run's report from its stored statistics and generations, into `out`:
+    by default `run_dir/report/`, or `run_dir/report-with-secrets/` without redaction (a
+    separately named folder, so the shareable report is never overwritten by the clear one).
+    Nothing else in the run folder is written, so a read-only run reports into `out`."""
     from kdaudit.pipeline import RunContext, roster, scoring
+    from kdaudit.store import read_json
 
     run_dir = Path(run_dir)
     manifest = run_dir / "manifest.json"
     if not manifest.exists():
         raise FileNotFoundError(f"{run_dir}: no manifest.json; is this a kdaudit run directory?")
-    cfg = config_from_dict(json.loads(manifest.read_text())["config"])
+    cfg = config_from_dict(read_json(manifest)["config"])
     cfg.out_dir, cfg.name = str(run_dir.parent), run_dir.name
     run = RunContext(cfg, log=lambda _: None)
     missing = [m.id for m in roster.models(run) if not run.dir.stats(m.id).exists()]
     if missing:
         raise FileNotFoundError(f"{run_dir}: the run has not scored {missing} yet; finish it "
                                 f"with `kdaudit run` first")
+    out = Path(out) if out else run_dir / ("report" if redact else "report-with-secrets")
     return scoring.assemble_run(run).write_report(
-        run_dir / "report", title=f"kdaudit risk report: {cfg.name}", redact=redact,
+        out, title=f"kdaudit risk report: {cfg.name}", redact=redact,
         show_secrets_hint=scoring.SHOW_SECRETS_RUN)

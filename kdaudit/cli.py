@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from pathlib import Path
 
 from kdaudit.config import AuditConfig, ConfigError, load_config, presets
+from kdaudit.errors import FolderBusyError
+from kdaudit.store import FolderLock
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -43,7 +47,13 @@ def _print_summary(audit, report: dict[str, Path]) -> None:
 def _report(args: argparse.Namespace) -> int:
     from kdaudit import report_run
 
-    paths = report_run(args.run_dir, redact=not args.show_secrets)
+    redact = not args.show_secrets
+    out = args.out or args.run_dir / ("report" if redact else "report-with-secrets")
+    if not (args.run_dir / "manifest.json").exists():
+        raise FileNotFoundError(f"{args.run_dir}: no manifest.json; is this a kdaudit run "
+                                f"directory?")
+    with FolderLock(out):
+        paths = report_run(args.run_dir, redact=redact, out=out)
     print(f"Report: {paths['html']}\n        {paths['md']}")
     return 0
 
@@ -62,7 +72,6 @@ def _named(values: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from kdaudit import audit_models
     from kdaudit.api import read_inclusion
 
     models = {"teacher": args.teacher} if args.teacher else {}
@@ -86,6 +95,13 @@ def _audit(args: argparse.Namespace) -> int:
         references.setdefault(name, []).append((path, read_inclusion(mask)))
     signals = [s.strip() for s in args.signals.split(",") if s.strip()] if args.signals else None
     cfg = AuditConfig(redact=not args.show_secrets, canary_candidates=args.canary_candidates)
+    with FolderLock(args.out):   # the output folder is writable and ours before any scoring
+        return _audit_into(args, models, bases, signals, cfg, references)
+
+
+def _audit_into(args, models, bases, signals, cfg, references) -> int:
+    from kdaudit import audit_models
+
     result = audit_models(models, args.members, args.nonmembers, bases=bases, signals=signals,
                           config=cfg, references=references, population=args.population,
                           canaries=args.canaries, external=args.external,
@@ -107,7 +123,7 @@ def _student(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr),
                                ("batch_size", args.batch_size)) if v}
     # DP-SGD runs take [dp_train] (and the flags); the other students [student]
-    result = train_student(StudentJob(
+    job = StudentJob(
         args.method, student_base=args.student_base, data=args.data, out=args.out,
         teacher=args.teacher, validation=args.validation, tokenizer=args.tokenizer,
         train=dataclasses.replace(cfg.student_train(args.method), **flags), kd=cfg.kd,
@@ -119,7 +135,9 @@ def _student(args: argparse.Namespace) -> int:
         synthetic_records=cfg.dp.synthetic_records, synthetic_tokens=cfg.dp.synthetic_tokens,
         no_repeat_ngram=cfg.dp.no_repeat_ngram,
         categories=None if args.categories is None else
-        [c.strip() for c in args.categories.split(",") if c.strip()]))
+        [c.strip() for c in args.categories.split(",") if c.strip()])
+    with FolderLock(args.out):
+        result = train_student(job)
     _print_trained(args.method, result, args.out)
     if result.privacy:
         p = result.privacy
@@ -176,12 +194,14 @@ def _teacher(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.config)
     train = dataclasses.replace(cfg.teacher, **{k: v for k, v in (
         ("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v})
-    result = train_teacher(TeacherJob(
+    job = TeacherJob(
         base=args.base, data=args.data, out=args.out, dp=args.dp, epsilon=args.epsilon,
         delta=args.delta, mechanism=args.mechanism,
         lmo_params=args.lmo_params, tokenizer=args.tokenizer, train=train,
         max_length=args.max_length or cfg.data.max_length, seed=args.seed,
-        mapping=args.mapping, **{**cfg.dp.dp_sgd_options(), **_dp_sgd_flags(args)}))
+        mapping=args.mapping, **{**cfg.dp.dp_sgd_options(), **_dp_sgd_flags(args)})
+    with FolderLock(args.out):
+        result = train_teacher(job)
     _print_trained("teacher", result, args.out)
     if result.privacy and result.privacy.get("mechanism") == "lmo":
         from kdaudit.dp.lmo import LMOReport
@@ -224,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kdaudit",
         description="Audit how much private fine-tuning data leaks from a teacher language "
                     "model into the students distilled from it.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error or interrupt")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run_parser, _add_audit_parser, _add_teacher_parser, _add_student_parser):
         add(sub)
@@ -436,7 +458,10 @@ def _add_report_parser(sub) -> None:
                                    "scores of RUN_DIR without recomputing anything.")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--show-secrets", action="store_true",
-                   help="do not redact private details in example text")
+                   help="do not redact private details in example text; written to "
+                        "RUN_DIR/report-with-secrets/ so the redacted report stays as it is")
+    p.add_argument("--out", type=Path, help="folder of the report (default RUN_DIR/report, "
+                                            "or RUN_DIR/report-with-secrets)")
     p.set_defaults(fn=_report)
 
 
@@ -448,14 +473,53 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+RESUME_HINT = ("kdaudit: interrupted. Finished stages are saved: run the same command again "
+               "to resume where it stopped.")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A bad input or a busy or unwritable folder is one line on stderr and
+    exit code 2; Ctrl-C (or SIGTERM) is the resume hint and 130. `--debug` shows tracebacks."""
     args = build_parser().parse_args(argv)
     _quiet_transformers()
     try:
-        return args.fn(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"kdaudit: error: {e}", file=sys.stderr)
+        with _terminate_as_interrupt():
+            return args.fn(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"\n{RESUME_HINT}", file=sys.stderr)
+        return 130
+    except (ConfigError, ValueError, OSError, FolderBusyError) as e:
+        if args.debug:
+            raise
+        print(f"kdaudit: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """The error as the user should read it: an OSError names its file."""
+    if isinstance(e, OSError) and e.filename and not isinstance(e, FileNotFoundError) \
+            and str(e.filename) not in str(e.args[-1] if e.args else ""):
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C: the stage in progress cleans up
+    its temporary files and the finished ones stay done."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:              # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -212,6 +212,9 @@ class RunConfig:
                                    models=models)
 
 
+NON_FINITE = ("inf", "-inf", "nan")
+
+
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     origin = get_origin(hint)
     if origin is list:
@@ -219,12 +222,21 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item,) = get_args(hint)
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        _, item = get_args(hint)
+        return {k: _check_type(v, item, f"{where}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
     args = get_args(hint)
     if args and type(None) in args:  # Optional[X]
         if value is None:
             return None
         return _check_type(value, next(a for a in args if a is not type(None)), where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and value in NON_FINITE:   # strict JSON (the manifest) spells ∞ "inf"
         return float(value)
     if hint in (int, float, str, bool) and (not isinstance(value, hint) or
                                           (hint is int and isinstance(value, bool))):
@@ -254,6 +266,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 (byte {e.start}); TOML files are UTF-8") from None
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as e:

@@ -8,7 +8,6 @@ made (the messages name the `kdaudit teacher` / `kdaudit student` flags); `train
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from kdaudit.data.lm_corpus import lm_examples
 from kdaudit.data.records import Record, load_records
 from kdaudit.data.template import encode_record
 from kdaudit.models import load_model, load_tokenizer
-from kdaudit.store import stable_hash
+from kdaudit.store import read_json, stable_hash
 from kdaudit.train import loop
 from kdaudit.train.methods import METHODS, method_params
 
@@ -303,7 +302,7 @@ def _dp_teacher(job: StudentJob, records: list[Record], tok, delta: float | None
             max_length=job.max_length))
     spent_file = Path(teacher) / "privacy.json"
     if spent_file.exists():
-        return teacher, json.loads(spent_file.read_text())
+        return teacher, read_json(spent_file)
     if job.epsilon != float("inf"):
         raise ValueError(f"{teacher}: no privacy.json, so not a DP teacher; train one with "
                          f"`kdaudit teacher --dp` or give --teacher-base")

@@ -1,8 +1,10 @@
 """Run-directory layout, atomic writes and the manifest."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -11,11 +13,25 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    """A temporary file beside `path` with the mode a plain open() would give it (mkstemp
+    makes 0600 files, which colleagues could not read once renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_umask())
+    return fd, tmp
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -29,15 +45,44 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def strict_json(obj: Any) -> Any:
+    """`obj` with every non-finite float spelled as the string "inf", "-inf" or "nan": JSON
+    has no Infinity, and other tools refuse a file that writes it (the config accepts the
+    strings back for its float fields)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def _from_strict(obj: Any) -> Any:
+    if isinstance(obj, str) and obj in ("inf", "-inf", "nan"):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: _from_strict(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_strict(v) for v in obj]
+    return obj
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file written by `atomic_write_json`, its "inf" / "-inf" / "nan" back as floats."""
+    return _from_strict(json.loads(Path(path).read_text()))
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Strict JSON (`strict_json`), keys sorted, written atomically."""
+    atomic_write_text(path, json.dumps(strict_json(obj), indent=2, sort_keys=True, default=str,
+                                       allow_nan=False) + "\n")
 
 
 def atomic_write_frame(path: str | Path, frame) -> None:
     """Write a pandas DataFrame as .csv or .parquet atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file(path)
     os.close(fd)
     try:
         if path.suffix == ".parquet":
@@ -130,7 +175,7 @@ class Manifest:
         self.data: dict[str, Any] = {"stages": {}}
         if self.path.exists():
             try:
-                self.data = json.loads(self.path.read_text())
+                self.data = read_json(self.path)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{self.path}: manifest is not valid JSON ({e}); "
                                  f"delete it to start the run afresh") from None
@@ -149,3 +194,56 @@ class Manifest:
 
     def save(self) -> None:
         atomic_write_json(self.path, self.data)
+
+
+LOCK_FILE = ".kdaudit.lock"
+
+
+class FolderLock:
+    """One kdaudit process at a time per output folder: an exclusive `flock` on
+    `<folder>/.kdaudit.lock`, holding the owner's pid. The kernel drops the lock when its
+    process exits, however it dies, so a killed run never leaves a stale lock behind.
+
+        with FolderLock(run_dir):
+            ...   # a second process gets FolderBusyError naming this one's pid
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "FolderLock":
+        import fcntl
+
+        from kdaudit.errors import ConfigError, FolderBusyError
+
+        self._created = not self.folder.exists()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:        # checked before any work, so nothing computed is lost
+            raise ConfigError(f"{self.folder}: cannot write the output here "
+                              f"({e.strerror}); choose another output folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderBusyError(f"{self.folder}: another kdaudit run (pid {owner}) is using "
+                                  f"this folder; wait for it to finish or choose another "
+                                  f"output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)       # closing the descriptor releases the flock
+            self._fd = None
+            # a command that failed before writing anything leaves no folder behind
+            if self._created and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
+                (self.folder / LOCK_FILE).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self.folder.rmdir()

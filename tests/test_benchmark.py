@@ -1,8 +1,6 @@
 """`kdaudit benchmark`: suites, the offline plan, resuming a killed suite, paired tests."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -177,8 +177,9 @@ def test_report_command_rewrites_report_with_and_without_redaction(interrupted_t
     secrets = {s for ss in risky.secrets for s in ss if len(s) > 3}
     assert not any(s in redacted for s in secrets)
     assert main(["report", str(run_dir), "--show-secrets"]) == 0
-    shown = (run_dir / "report" / "report.md").read_text()
+    shown = (run_dir / "report-with-secrets" / "report.md").read_text()
     assert "[REDACTED]" in redacted and "[REDACTED]" not in shown
+    assert (run_dir / "report" / "report.md").read_text() == redacted   # not overwritten
     assert main(["report", str(run_dir / "nope")]) == 2
 
 

@@ -610,3 +610,23 @@ def test_a_white_box_bound_above_the_accounted_epsilon_is_a_violation() -> None:
     rows = {r[0]: r for r in frontier_table(points).rows}
     assert rows["distildp@eps8"][3:5] == ["0.90", "0.70"]
     assert rows["dpsgd_student@eps1"][4] == "1.40"
+
+
+def test_markdown_carries_no_raw_html_and_clips_long_records(tmp_path) -> None:
+    """A model named like an HTML tag and a 100k-character record: report.md shows the tag
+    as text wherever it appears and cuts the record, saying how much was left out."""
+    inputs = _inputs()
+    evil = "<img src=x onerror=alert(1)>"
+    rename = {"kd": evil}
+    for key in ("mia", "memorization", "utility", "examples", "models", "training"):
+        inputs[key] = inputs[key].assign(model=inputs[key]["model"].replace(rename))
+    inputs["roc"] = {}
+    long_text = "word " * 20_000
+    inputs["examples"].loc[inputs["examples"]["model"] == evil, "generation"] = long_text
+    tables = ReportTables(**{k: v for k, v in inputs.items() if k != "run_info"})
+    paths = write_report(tmp_path, tables, redact=False)
+    md = paths["md"].read_text()
+    assert evil not in md and "<img" not in md
+    assert "&lt;img src=x onerror=alert(1)" in md
+    assert len(md) < 60_000 and "more characters]" in md
+    assert "<img" not in paths["html"].read_text().replace('<img src="data:', "")

@@ -7,7 +7,6 @@ non-member scores (an estimate, not a bound).
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +19,7 @@ from kdaudit.config import AuditConfig
 from kdaudit.data.canaries import SECRET_DIGITS, Canary, random_secret
 from kdaudit.data.records import Record
 from kdaudit.data.template import encode_record
+from kdaudit.store import read_json
 
 
 def _total_nll(model, tokenizer, records: Sequence[Record], max_length: int,
@@ -79,7 +79,7 @@ def spent_privacy(source: object) -> dict | None:
     and loaded model objects)."""
     if not isinstance(source, (str, Path)) or not (Path(source) / "privacy.json").is_file():
         return None
-    return json.loads((Path(source) / "privacy.json").read_text())
+    return read_json(Path(source) / "privacy.json")
 
 
 def spent_rows(model_id: str, source: object) -> list[dict]:

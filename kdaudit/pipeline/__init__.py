@@ -19,6 +19,7 @@ from kdaudit.pipeline import prepare, roster, scoring
 from kdaudit.pipeline.private import dp_stages
 from kdaudit.pipeline.stage import Log, RunContext, Stage, execute
 from kdaudit.pipeline.training import train_stage
+from kdaudit.store import FolderLock
 from kdaudit.train.methods import METHODS
 
 __all__ = ["RunContext", "RunResult", "Stage", "execute", "run", "run_one"]
@@ -79,14 +80,16 @@ def run_one(cfg: RunConfig, log: Log = print) -> RunResult:
 
 def run(cfg: RunConfig, log: Log = print) -> RunResult:
     """Run (or resume) the whole pipeline for `cfg`. A config with `families` runs each
-    family in `<run_dir>/<family>` and adds a suite report."""
-    if not cfg.families:
-        return run_one(cfg, log)
-    results = {}
-    for family in cfg.families:
-        log(f"== family {family}")
-        results[family] = run_one(cfg.for_family(family), log)
-    return RunResult(cfg.run_dir, write_suite(cfg, results), families=results)
+    family in `<run_dir>/<family>` and adds a suite report. The run folder is locked
+    (`FolderLock`) for the whole run: a second run on it is refused, naming this one's pid."""
+    with FolderLock(cfg.run_dir):
+        if not cfg.families:
+            return run_one(cfg, log)
+        results = {}
+        for family in cfg.families:
+            log(f"== family {family}")
+            results[family] = run_one(cfg.for_family(family), log)
+        return RunResult(cfg.run_dir, write_suite(cfg, results), families=results)
 
 
 def write_suite(cfg: RunConfig, results: dict[str, RunResult]) -> dict[str, Path]:

@@ -3,7 +3,6 @@ student per (method, ε) of `cfg.dp.epsilons`. The recipes themselves are in
 `kdaudit.dp.students`, which `kdaudit student` shares."""
 from __future__ import annotations
 
-import json
 from functools import partial
 from typing import Callable
 
@@ -15,6 +14,7 @@ from kdaudit.models import load_model
 from kdaudit.pipeline.roster import dp_methods, dp_teachers, dp_unsupported, wanted_dp_methods
 from kdaudit.pipeline.stage import RunContext, Stage
 from kdaudit.pipeline.training import Fit, fit_stage
+from kdaudit.store import read_json
 from kdaudit.train.methods import METHODS
 
 
@@ -77,7 +77,7 @@ def student_privacy(run: RunContext, method: str, epsilon: float,
     """The DP student's total spend: its teacher's privacy.json composed with its own."""
     teacher = dps.teacher_id(method, epsilon)
     path = run.dir.model(teacher) / "privacy.json" if teacher else None
-    spent = json.loads(path.read_text()) if path and path.exists() else None
+    spent = read_json(path) if path and path.exists() else None
     return dps.student_privacy(method, epsilon, spent, own)
 
 

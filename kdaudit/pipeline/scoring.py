@@ -19,9 +19,9 @@ from kdaudit.data.canaries import read_canaries
 from kdaudit.models import compute_device, load_model, load_tokenizer
 from kdaudit.pipeline import roster
 from kdaudit.pipeline.stage import RunContext, Stage, versions
-from kdaudit.store import atomic_write_frame, atomic_write_json
+from kdaudit.store import atomic_write_frame, atomic_write_json, read_json
 
-SHOW_SECRETS_RUN = "kdaudit report RUN_DIR --show-secrets"
+SHOW_SECRETS_RUN = "kdaudit report RUN_DIR --show-secrets (writes RUN_DIR/report-with-secrets/)"
 
 
 def audit_context(run: RunContext) -> AuditContext:
@@ -65,7 +65,7 @@ def load_audit(run: RunContext, model_id: str) -> ModelAudit:
     if d.responses(model_id).exists():
         out.responses = list(pd.read_parquet(d.responses(model_id)).response)
     if d.privacy(model_id).exists():
-        out.privacy = json.loads(d.privacy(model_id).read_text())
+        out.privacy = read_json(d.privacy(model_id))
     return out
 
 

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 from faker.providers.address.en_US import Provider as _USAddress
 
+from kdaudit.report.tables import EXAMPLE_CHARS, clip
+
 REDACTED = "[REDACTED]"
 TEXT_FIELDS = ("instruction", "reference", "generation")
 
@@ -149,6 +151,7 @@ def example_records(examples: pd.DataFrame | None, order: Sequence[str], *,
             if redactor is not None:
                 texts = {f: redactor(t) for f, t in texts.items()}
                 record_id = redactor(record_id)
+            texts = {f: clip(t, EXAMPLE_CHARS) for f, t in texts.items()}   # after redaction
             rate = row["_rate"]
             records.append({
                 "record_id": record_id,

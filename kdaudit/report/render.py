@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jinja2
+from markupsafe import Markup
 import numpy as np
 import pandas as pd
 
@@ -23,7 +24,7 @@ from kdaudit.report import plots
 from kdaudit.report.frontier import (accounting_violations, frontier_points, frontier_table,
                                      has_dp, lmo_claim_warning, violation_warning)
 from kdaudit.report.redact import REDACTED, Redactor, example_records, parse_secrets
-from kdaudit.report.tables import (Table, heatmap_grid, heatmap_order, md_cell, memorization_table,
+from kdaudit.report.tables import (CELL_CHARS, Table, clip, heatmap_grid, heatmap_order, md_cell, memorization_table,
                                    model_order, num, ordered, results_table, signal_order,
                                    utility_table)
 from kdaudit.report.verdicts import MODEL_FREE_SIGNALS, signal_checks, verdicts
@@ -31,14 +32,36 @@ from kdaudit.report.verdicts import MODEL_FREE_SIGNALS, signal_checks, verdicts
 TEMPLATES = Path(__file__).with_name("templates")
 
 
+def md_text(value: Any) -> Any:
+    """Every value a Markdown template prints, unless a filter already made it safe (fenced
+    code, tables of escaped cells: `Markup`): no raw HTML survives wherever Markdown is
+    shown as HTML, since every `<` (which opens any tag) becomes an entity."""
+    if isinstance(value, Markup) or not isinstance(value, str):
+        return value
+    return value.replace("<", "&lt;")
+
+
 def environment(autoescape: bool) -> jinja2.Environment:
+    """HTML: jinja's autoescape. Markdown: `md_text` on every printed value, and the
+    filters md_table, md_cell (one table cell or heading line) and fence (a code block)."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=autoescape,
                              undefined=jinja2.StrictUndefined, trim_blocks=True,
-                             lstrip_blocks=True, keep_trailing_newline=True)
-    env.filters["md_table"] = lambda t: t.to_markdown()
-    env.filters["md_cell"] = md_cell
-    env.filters["fence"] = fence
+                             lstrip_blocks=True, keep_trailing_newline=True,
+                             finalize=None if autoescape else md_text)
+    env.filters["md_table"] = lambda t: Markup(t.to_markdown())
+    env.filters["md_cell"] = lambda s: Markup(md_cell(s))
+    env.filters["fence"] = lambda text, lang="text": Markup(fence(text, lang))
+    env.filters["code"] = code_span
     return env
+
+
+def code_span(text: object) -> Markup:
+    """Inline code that no backtick inside `text` can close (entities would show literally
+    there, so the text goes in as it is)."""
+    s = " ".join(str(text).split())
+    ticks = "`" * (max((len(m) for m in re.findall(r"`+", s)), default=0) + 1)
+    pad = " " if s.startswith("`") or s.endswith("`") else ""
+    return Markup(f"{ticks}{pad}{s}{pad}{ticks}")
 
 
 def fence(text: str, lang: str = "text") -> str:
@@ -218,8 +241,9 @@ def _riskiest_tables(riskiest: pd.DataFrame | None, order: Sequence[str],
             if redactor is not None:
                 texts = [redactor(t) for t in texts]
             record_id, instruction, response = texts
-            rows.append([str(r.rank), record_id, "member" if r.member else "non-member",
-                         f"{r.score:.4g}", str(r.category), instruction, response])
+            rows.append([str(r.rank), clip(record_id, 80), "member" if r.member else "non-member",
+                         f"{r.score:.4g}", str(r.category), clip(instruction, CELL_CHARS),
+                         clip(response, CELL_CHARS)])
         signal = riskiest[riskiest["model"] == model]["signal"].iloc[0]
         out[f"{model} (by {signal})"] = Table(
             columns=["#", "Record", "Truly", "Score", "Category", "Instruction", "Response"],

@@ -52,6 +52,17 @@ def md_cell(text: object) -> str:
     return " ".join(s.split())
 
 
+CELL_CHARS = 300       # a record's text in a table cell
+EXAMPLE_CHARS = 2000   # a record's text in an example block
+
+
+def clip(text: str, limit: int) -> str:
+    """`text`, cut at `limit` characters with how much was left out said at the end."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} … [{len(text) - limit:,} more characters]"
+
+
 def missing(x: object) -> bool:
     """True for None and float NaN."""
     return x is None or (isinstance(x, float) and math.isnan(x))

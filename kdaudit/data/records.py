@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -50,14 +52,16 @@ class Record:
     def from_dict(cls, d: Mapping[str, Any], where: str = "record") -> "Record":
         missing = [k for k in ("id", *REQUIRED) if k not in d or d[k] is None]
         if missing:
-            raise RecordError(f"{where}: missing field(s) {missing}; expected at least "
-                              f"'id', 'instruction' and 'response'")
+            raise RecordError(f"{where}: missing field(s) {missing}; a record needs "
+                              f"'instruction' and 'response' (optional: 'id', 'context', "
+                              f"'category', 'secrets', 'group')")
         for k in ("instruction", "context", "response", "category"):
             if k in d and d[k] is not None and not isinstance(d[k], str):
                 raise RecordError(f"{where}: field '{k}' must be a string, got "
                                   f"{type(d[k]).__name__}")
         secrets = d.get("secrets") or []
-        if isinstance(secrets, str) or not all(isinstance(s, str) for s in secrets):
+        if not isinstance(secrets, (list, tuple)) or not all(isinstance(s, str)
+                                                             for s in secrets):
             raise RecordError(f"{where}: field 'secrets' must be a list of strings")
         group = d.get("group")
         return cls(id=str(d["id"]), instruction=d["instruction"], context=d.get("context") or "",
@@ -105,11 +109,20 @@ def records_from_rows(rows: Iterable[Mapping[str, Any]], *, source: str,
     return out
 
 
+def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{path}, line {lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at "
+                          f"column {e.start + 1}); save the file as UTF-8") from None
+
+
 def read_jsonl(path: str | Path, mapping: str | Mapping[str, str] | None = None) -> list[Record]:
     path = Path(path)
     rows, lines = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode_line(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -117,6 +130,9 @@ def read_jsonl(path: str | Path, mapping: str | Mapping[str, str] | None = None)
             except json.JSONDecodeError as e:
                 raise RecordError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column "
                                   f"{e.colno}); expected one JSON object per line") from None
+            except RecursionError:
+                raise RecordError(f"{path}, line {lineno}: JSON nested too deeply; expected "
+                                  f"one flat JSON object per line") from None
             if not isinstance(row, dict):
                 raise RecordError(f"{path}, line {lineno}: expected a JSON object, got "
                                   f"{type(row).__name__}")
@@ -147,25 +163,70 @@ def load_records(source: str | Path, mapping: str | Mapping[str, str] | None = N
     is guessed from the columns.
     """
     path = Path(source)
+    if path.is_file():
+        records = _load_file(path, mapping)
+        if not records:
+            raise RecordError(f"{path}: no records (the file is empty)")
+        return records
+    return _load_dataset(source, mapping, split)
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise RecordError(f"{path}, line {line}: not UTF-8 (byte 0x{data[e.start]:02x} at "
+                          f"column {column}); save the file as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error as e:
+        raise RecordError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
+    for row in rows:
+        if None in row:     # more cells than the header has columns
+            raise RecordError(f"{path}, line {reader.line_num}: a row has more cells than the "
+                              f"header has columns ({list(reader.fieldnames or [])})")
+    return rows
+
+
+def _load_file(path: Path, mapping: str | Mapping[str, str] | None) -> list[Record]:
     suffix = path.suffix.lower()
-    if path.is_file() and suffix in (".jsonl", ".json"):
+    if suffix in (".jsonl", ".json"):
         return read_jsonl(path, mapping)
-    if path.is_file() and suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return records_from_rows(list(csv.DictReader(f)), source=str(path), mapping=mapping,
-                                     line_offset=2)
-    if path.is_file() and suffix == ".parquet":
+    if suffix == ".csv":
+        return records_from_rows(_read_csv(path), source=str(path), mapping=mapping,
+                                 line_offset=2)
+    if suffix == ".parquet":
         import pandas as pd
 
-        rows = pd.read_parquet(path).to_dict(orient="records")
-        for r in rows:  # parquet lists come back as numpy arrays
-            if "secrets" in r and r["secrets"] is not None and not isinstance(r["secrets"], str):
-                r["secrets"] = [str(s) for s in r["secrets"]]
+        try:
+            rows = pd.read_parquet(path).to_dict(orient="records")
+        except Exception as e:     # pyarrow's errors vary by version: name the file instead
+            raise RecordError(f"{path}: not a readable Parquet file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        for r in rows:  # parquet lists come back as numpy arrays, missing cells as None / NaN
+            secrets = r.get("secrets")
+            if hasattr(secrets, "tolist") and not isinstance(secrets, str):
+                secrets = secrets.tolist()
+            if isinstance(secrets, float) and math.isnan(secrets):
+                secrets = None
+            if isinstance(secrets, list):
+                secrets = [str(s) for s in secrets]
+            if "secrets" in r:
+                r["secrets"] = secrets
         return records_from_rows(rows, source=str(path), mapping=mapping)
-    if path.is_file():
-        raise RecordError(f"{path}: unsupported file type '{suffix}'; expected .jsonl, .csv, "
-                          f".parquet or a Hugging Face dataset")
+    raise RecordError(f"{path}: unsupported file type '{suffix}'; expected .jsonl, .csv, "
+                      f".parquet or a Hugging Face dataset")
+
+
+def _load_dataset(source: str | Path, mapping: str | Mapping[str, str] | None,
+                  split: str) -> list[Record]:
     import datasets
+
+    path = Path(source)
 
     if path.is_dir():
         try:

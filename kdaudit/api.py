@@ -67,6 +67,27 @@ def _audit_config(config: AuditConfig | None, signals: Sequence[str] | None,
     return cfg
 
 
+NEEDS = {"ref_base": ("bases", "a base model (the model before fine-tuning) for at least one "
+                              "audited model: bases={...} (kdaudit audit --teacher-base / "
+                              "--student-base)"),
+         "lira": ("references", "reference models: references={...} (kdaudit audit "
+                                "--reference)"),
+         "lira_offline": ("references", "reference models: references={...} (kdaudit audit "
+                                        "--reference)"),
+         "rmia": ("references", "reference models: references={...} (kdaudit audit "
+                                "--reference)")}
+
+
+def _check_signal_inputs(signals: Sequence[str], bases: Mapping | None,
+                         references: Mapping | None) -> None:
+    """A signal asked for by name whose inputs were not given fails here, before any model
+    runs (left to the defaults, such a signal is skipped and the report says so)."""
+    given = {"bases": bool(bases), "references": any((references or {}).values())}
+    for signal in signals:
+        if signal in NEEDS and not given[NEEDS[signal][0]]:
+            raise ConfigError(f"signal '{signal}' needs {NEEDS[signal][1]}")
+
+
 def _info(model_id: str, source: Source, base: str | None) -> ModelInfo:
     """A user's model: its role by name; a kdaudit DP model (privacy.json beside it) is
     private, at the total ε its training spent."""
@@ -143,6 +164,8 @@ def audit_models(models: Mapping[str, Source], members: RecordsArg, nonmembers: 
     report says how many. Every input is checked before the first model runs.
     """
     cfg = _audit_config(config, signals, external)
+    if signals is not None:
+        _check_signal_inputs(cfg.signals, bases, references)
     names = tuple(str(x) if isinstance(x, (str, Path)) else label
                   for x, label in ((members, "members"), (nonmembers, "non-members")))
     aset = AuditSet(_records(members, names[0], mapping), _records(nonmembers, names[1], mapping))

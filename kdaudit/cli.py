@@ -33,8 +33,12 @@ def _run(args: argparse.Namespace) -> int:
 def _print_summary(audit, report: dict[str, Path]) -> None:
     from attacks.blind import CONFOUND_AUC
 
-    print("\nMembership-inference AUC (members vs non-members; 0.5 = no signal):")
-    print(audit.summary().to_string(float_format=lambda v: f"{v:.3f}"))
+    summary = audit.summary()
+    if summary.empty:
+        print("\nNo model-based membership signal was run (only the model-free checks below).")
+    else:
+        print("\nMembership-inference AUC (members vs non-members; 0.5 = no signal):")
+        print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
     for name, auc in audit.split_check.items():
         flag = "  WARNING: the split looks shifted; membership results may be inflated" \
             if auc > CONFOUND_AUC else ""

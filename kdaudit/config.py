@@ -123,8 +123,25 @@ class AuditConfig:
         if unknown:
             raise ConfigError(f"audit.signals: unknown signal(s) {unknown}; available: "
                               f"{sorted(SIGNALS)}")
+        if not self.signals:
+            raise ConfigError(f"audit.signals: expected at least one signal; available: "
+                              f"{sorted(SIGNALS)}")
         if not 0 < self.mink_k <= 1:
             raise ConfigError(f"audit.mink_k: expected 0 < k ≤ 1, got {self.mink_k}")
+        at_least = {"perturbations": 1, "batch_size": 1, "n_bootstrap": 1,
+                    "memorization_tokens": 1, "memorization_records": 0,
+                    "canary_candidates": 2, "extraction_samples": 0, "utility_records": 0,
+                    "utility_tokens": 1}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"audit.{name}: expected ≥ {low}, got {getattr(self, name)}")
+        # (0, high]: the guessed share is taken each way, so at most half
+        for name, high in (("perturbation_sigma", math.inf), ("canary_guess_fraction", 0.5),
+                           ("teacher_threshold", 1.0)):
+            value = getattr(self, name)
+            if not (0 < value <= high and math.isfinite(value)):
+                raise ConfigError(f"audit.{name}: expected a number in (0, {high:g}], "
+                                  f"got {value}")
 
 
 @dataclass

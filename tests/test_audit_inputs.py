@@ -182,3 +182,41 @@ def test_truncated_records_are_counted(tiny_lm):
     note = truncation_note(records, tok, limit)
     assert note.startswith(f"{over} of {len(records)} audited records are longer than {limit}")
     assert truncation_note(records, tok, max(lengths)) is None
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_file", "{m_dir}/nosuch.jsonl: no such file; expected a .jsonl, .csv or .parquet "
+                     "file, a saved dataset folder or a Hugging Face dataset name"),
+    ("not_utf8", "{m_dir}/latin1.jsonl, line 1: not UTF-8 (byte 0xe9 at column 21); save the "
+                 "file as UTF-8"),
+    ("empty", "{m_dir}/empty.jsonl: no records (the file is empty)"),
+    ("no_signals", "audit.signals: expected at least one signal; available: "),
+    ("ref_base_without_base", "signal 'ref_base' needs a base model (the model before "
+                              "fine-tuning) for at least one audited model"),
+    ("rmia_without_references", "signal 'rmia' needs reference models"),
+    ("missing_student", "{m_dir}/nosuch-student: model folder does not exist"),
+])
+def test_bad_inputs_fail_in_one_line_before_any_model_runs(tiny_lm, tmp_path, capsys,
+                                                            no_scoring, case, expected):
+    _, _, records, model_dir = tiny_lm
+    members = _write_jsonl(tmp_path / "m.jsonl", records[:30])
+    nonmembers = _write_jsonl(tmp_path / "n.jsonl", records[30:60])
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"instruction": "caf\xe9", "response": "r"}\n')
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    args = {"missing_file": ["--members", str(tmp_path / "nosuch.jsonl")],
+            "not_utf8": ["--members", str(tmp_path / "latin1.jsonl")],
+            "empty": ["--members", str(tmp_path / "empty.jsonl")],
+            "no_signals": ["--signals", ","],
+            "ref_base_without_base": ["--signals", "loss,ref_base"],
+            "rmia_without_references": ["--signals", "rmia"],
+            "missing_student": ["--student", f"kd={tmp_path / 'nosuch-student'}"]}[case]
+    flags = {"--members": str(members), "--nonmembers": str(nonmembers)}
+    for flag in ("--members",):
+        if flag in args:
+            flags[flag] = args[args.index(flag) + 1]
+            args = args[:args.index(flag)] + args[args.index(flag) + 2:]
+    code = main(["audit", "--teacher", str(model_dir), *(x for kv in flags.items() for x in kv),
+                 *args, "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert _first_error(capsys).startswith("kdaudit: error: " + expected.format(m_dir=tmp_path))
+    assert not (tmp_path / "out").exists()

@@ -1,6 +1,8 @@
 """Config presets and validation; atomic writes and the manifest."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kdaudit.config import ConfigError, TrainConfig, load_config, presets
@@ -142,3 +144,21 @@ def test_a_cross_field_error_names_the_config_file(tmp_path):
     bad.write_text("[teacher]\nbatch_size = 0\n")
     with pytest.raises(ConfigError, match=r"mine.toml: teacher.batch_size: expected ≥ 1"):
         load_config("smoke", bad)
+
+
+@pytest.mark.parametrize("audit, message", [
+    ({"signals": []}, "audit.signals: expected at least one signal"),
+    ({"n_bootstrap": 0}, "audit.n_bootstrap: expected ≥ 1, got 0"),
+    ({"memorization_records": -1}, "audit.memorization_records: expected ≥ 0, got -1"),
+    ({"canary_guess_fraction": 0.7}, r"audit.canary_guess_fraction: expected a number in "
+                                     r"\(0, 0.5\], got 0.7"),
+    ({"perturbation_sigma": float("nan")}, "audit.perturbation_sigma: expected a number in"),
+])
+def test_audit_settings_are_range_checked_before_any_stage(tmp_path, audit, message):
+    """Before, these failed only at the audit stage, after every model had trained."""
+    path = tmp_path / "run.toml"
+    path.write_text("[audit]\n" + "\n".join(
+        f"{k} = {'nan' if isinstance(v, float) and v != v else json.dumps(v)}"
+        for k, v in audit.items()) + "\n")
+    with pytest.raises(ConfigError, match=rf"{path}: {message}"):
+        load_config("smoke", path)

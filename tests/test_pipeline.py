@@ -254,9 +254,11 @@ def test_opt_and_llama_families_run_every_method(tmp_path):
                       models={"teacher": "{family}-smoke-teacher",
                               "student": "{family}-smoke-student", "external": "builtin"},
                       kd={"max_new_tokens": 16, "eval_every": 4, "minillm_rollouts": 32},
-                      data={"canaries_repeated": 0, "canaries_once": 0},
+                      data={"canaries_repeated": 0, "canaries_once": 0, "n_members": 100,
+                            "n_nonmembers": 100, "n_public": 128},
                       audit={"signals": ["loss", "mink", "ref_base", "ref_ext", "blind"],
-                             "memorization_records": 20})
+                             "memorization_records": 20, "utility_records": 50,
+                             "n_bootstrap": 50})
     from kdaudit.pipeline import run
 
     suite = run(cfg, log=lambda _: None)

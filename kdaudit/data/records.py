@@ -168,7 +168,15 @@ def load_records(source: str | Path, mapping: str | Mapping[str, str] | None = N
         if not records:
             raise RecordError(f"{path}: no records (the file is empty)")
         return records
+    if not path.exists() and (path.suffix.lower() in LOCAL_SUFFIXES or path.parent.is_dir()
+                              and str(path.parent) not in ("", ".")):
+        # a mistyped local name must not become a hub lookup
+        raise RecordError(f"{path}: no such file; expected a .jsonl, .csv or .parquet file, "
+                          f"a saved dataset folder or a Hugging Face dataset name")
     return _load_dataset(source, mapping, split)
+
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".tsv")
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
@@ -227,14 +235,19 @@ def _load_dataset(source: str | Path, mapping: str | Mapping[str, str] | None,
     import datasets
 
     path = Path(source)
-
-    if path.is_dir():
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except FileNotFoundError:
-            ds = datasets.load_dataset(str(path))
-    else:
-        ds = datasets.load_dataset(str(source))
+    try:
+        if path.is_dir():
+            try:
+                ds = datasets.load_from_disk(str(path))
+            except FileNotFoundError:
+                ds = datasets.load_dataset(str(path))
+        else:
+            ds = datasets.load_dataset(str(source))
+    except Exception as e:   # datasets' errors vary by version and by what the name is
+        what = "a folder datasets cannot read" if path.is_dir() else \
+            "not a local file or folder, and no Hugging Face dataset of that name could be loaded"
+        raise RecordError(f"{source}: {what} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise RecordError(f"{source}: no split '{split}'; available: {list(ds)}")

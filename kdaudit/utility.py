@@ -12,7 +12,7 @@ from kdaudit.data.template import encode_prompt
 
 
 def greedy_responses(model, tokenizer, records: Sequence[Record], *, max_new_tokens: int,
-                     batch_size: int, max_length: int) -> list[str]:
+                     batch_size: int, max_length: int, desc: str | None = None) -> list[str]:
     """Each record's prompt answered greedily, one string per record, in order.
 
     Batched with left padding and a KV cache (`attacks.memorization.greedy_generate`, the
@@ -24,7 +24,7 @@ def greedy_responses(model, tokenizer, records: Sequence[Record], *, max_new_tok
                for r in records]
     tokens = greedy_generate(model, prompts, max_new_tokens=max_new_tokens,
                              pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                             batch_size=batch_size)
+                             batch_size=batch_size, desc=desc)
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
 

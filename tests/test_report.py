@@ -630,3 +630,16 @@ def test_markdown_carries_no_raw_html_and_clips_long_records(tmp_path) -> None:
     assert "&lt;img src=x onerror=alert(1)" in md
     assert len(md) < 60_000 and "more characters]" in md
     assert "<img" not in paths["html"].read_text().replace('<img src="data:', "")
+
+
+def test_a_shareable_report_names_no_absolute_local_path(tmp_path) -> None:
+    mia, _ = _synthetic()
+    config = {"out_dir": str(tmp_path / "runs"), "models": {"teacher": "/home/alice/m/teacher",
+                                                           "student": "gpt2"}}
+    paths = write_report(tmp_path, ReportTables(mia=mia, roc={}, config=config),
+                         run_info={"source": "/srv/data/members.jsonl"})
+    for key in ("md", "html"):
+        text = paths[key].read_text()
+        assert str(tmp_path) not in text and "/home/alice" not in text and "/srv/" not in text
+    md = paths["md"].read_text()
+    assert 'teacher = "…/teacher"' in md and 'student = "gpt2"' in md

@@ -62,7 +62,8 @@ def audit_model(ctx: AuditContext, model_id: str, model, *, trained: bool,
     if cfg.utility_records:
         out.responses = greedy_responses(model, tok, ctx.utility_records,
                                          max_new_tokens=cfg.utility_tokens,
-                                         batch_size=cfg.batch_size, max_length=n)
+                                         batch_size=cfg.batch_size, max_length=n,
+                                         desc=f"answer {model_id}")
     return out
 
 

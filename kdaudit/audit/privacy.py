@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from attacks.privacy import estimate_exposure, heuristic_epsilon, one_run_epsilon_lower_bound
 from attacks.scoring import token_stats
@@ -42,7 +43,7 @@ def canary_rows(model_id: str, model, tokenizer, canaries: Sequence[Canary], cfg
     if repeated and candidates > 0:
         rng = random.Random(seed)
         exposures = []
-        for c in repeated:
+        for c in tqdm(repeated, desc=f"canaries {model_id}", unit="canary", mininterval=1.0):
             others = [random_secret(rng) for _ in range(candidates)]
             recs = [c.record] + [dataclasses.replace(
                 c.record, response=c.record.response.replace(c.secret, o)) for o in others]

@@ -120,6 +120,18 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v), ensure_ascii=False)
 
 
+def shareable(value: Any) -> Any:
+    """`value` with every absolute local path cut to its last part ("…/teacher"): a report
+    is for sharing and should not reveal the layout of the machine it was made on."""
+    if isinstance(value, str) and os.path.isabs(value) and len(value) > 1:
+        return f"…/{Path(value).name}"
+    if isinstance(value, Mapping):
+        return {k: shareable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [shareable(v) for v in value]
+    return value
+
+
 def run_info_rows(run_info: Mapping[str, Any] | None, prefix: str = "") -> list[tuple[str, str]]:
     """Nested run info flattened to (dotted key, display value) pairs."""
     rows: list[tuple[str, str]] = []
@@ -369,8 +381,8 @@ def write_report(out_dir: str | os.PathLike[str], tables: ReportTables, *,
     context = {"title": title, **_figures(t, order, out, paths),
                **_text(t, order, redact, show_secrets_hint), "redact": redact,
                "redacted_marker": REDACTED, "input_notes": list(t.notes),
-               "config": None if not t.config else config_text(t.config),
-               "run_info": run_info_rows(run_info)}
+               "config": None if not t.config else config_text(shareable(t.config)),
+               "run_info": run_info_rows(shareable(run_info))}
     html = environment(autoescape=True).get_template("report.html.j2").render(**context)
     md = environment(autoescape=False).get_template("report.md.j2").render(**context)
     for key, text in (("html", html), ("md", md)):

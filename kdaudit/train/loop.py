@@ -266,7 +266,7 @@ def train(job: TrainJob) -> TrainResult:
             if step == start:
                 first_loss = last_loss
             record = _record(run, step, last_loss, parts, origin)
-            _log(log, record, step, start, total, job.cfg.log_every)
+            _log(log, record, step, total, job.cfg.log_every)
             bar.update(1)
             if not run.dp.private:
                 bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
@@ -447,10 +447,10 @@ def _record(run: _Run, step: int, loss: float, parts: dict[str, float],
             **run.source.after_step(step + 1, run.student, run.plain_teacher)}
 
 
-def _log(log, record: dict[str, float], step: int, start: int, total: int,
-         every: int) -> None:
-    """Every `every` steps, the first and the last, and every validation loss."""
-    if (step + 1) % every == 0 or step + 1 == total or step == start or "val_loss" in record:
+def _log(log, record: dict[str, float], step: int, total: int, every: int) -> None:
+    """Every `every` steps, the first and the last, and every validation loss: the same
+    lines whether or not the run was interrupted and resumed."""
+    if (step + 1) % every == 0 or step + 1 == total or step == 0 or "val_loss" in record:
         log.write(json.dumps(record) + "\n")
         log.flush()
 

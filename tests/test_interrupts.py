@@ -1,0 +1,118 @@
+"""Real signals to a real `kdaudit run`: killed during base pretraining (SIGKILL), in the
+middle of an epoch (SIGINT), while scoring (SIGTERM) and while writing the report (SIGKILL),
+restarted with the same command each time. Ctrl-C and SIGTERM end in the resume hint, exit
+130 and no traceback. The finished run's tables equal those of an
+uninterrupted run of the same config and seed in another process (determinism), and no
+stage that had finished before a kill runs again."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kdaudit.cli import RESUME_HINT
+from kdaudit.store import read_json
+
+pytestmark = pytest.mark.slow
+CONFIG = """\
+[data]
+n_members = 100
+n_nonmembers = 100
+n_public = 100
+canaries_repeated = 2
+canaries_once = 20
+[teacher]
+epochs = 2.0
+checkpoint_every = 4
+[audit]
+signals = ["loss", "zlib", "mink", "ref_base", "blind"]
+canary_candidates = 20
+memorization_records = 40
+utility_records = 40
+"""
+TIMEOUT = 600
+
+
+def _command(tmp_path: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "kdaudit", "run", "--preset", "smoke", "--config",
+            str(tmp_path / "run.toml"), "--out", str(out)]
+
+
+def _env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            "KDAUDIT_CACHE": str(cache)}
+
+
+def _running(run: Path, stage: str) -> bool:
+    manifest = run / "manifest.json"
+    return manifest.exists() and \
+        read_json(manifest)["stages"].get(stage, {}).get("status") == "running"
+
+
+def _run_until(cmd, env, log: Path, stage: str, sig: int, ready) -> list[str]:
+    """Start `cmd`, wait until it announces `[run ] <stage>` and `ready()` holds, send
+    `sig`; return its stdout lines. A run that finishes first fails the test."""
+    with log.open("w") as errors:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
+        lines = []
+        for line in p.stdout:
+            lines.append(line)
+            if line.strip() == f"[run ] {stage}":
+                break
+        deadline = time.monotonic() + TIMEOUT
+        while not ready() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p.send_signal(sig)
+        rest, _ = p.communicate(timeout=TIMEOUT)
+    lines += rest.splitlines(keepends=True)
+    everything = f"{''.join(lines)}\n{log.read_text()}"
+    if sig == signal.SIGKILL:
+        assert p.returncode == -signal.SIGKILL, f"exit {p.returncode}:\n{everything}"
+    else:    # Ctrl-C and SIGTERM: the resume hint, no traceback
+        assert p.returncode == 130, f"exit {p.returncode}:\n{everything}"
+        assert RESUME_HINT in log.read_text() and "Traceback" not in everything, everything
+    return lines
+
+
+def _tables(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run / "tables").glob("*.csv"))}
+
+
+def test_a_run_killed_four_times_finishes_with_the_uninterrupted_tables(tmp_path):
+    (tmp_path / "run.toml").write_text(CONFIG)
+    env = _env(tmp_path / "cache")
+    chain = tmp_path / "chain"
+    run = chain / "smoke"
+    ckpt = run / "models" / "teacher.ckpt" / "trainer_state.json"
+    kills = [("base_teacher", signal.SIGKILL, lambda: _running(run, "base_teacher")),
+             ("teacher", signal.SIGINT, ckpt.exists),
+             ("audit:teacher", signal.SIGTERM, lambda: _running(run, "audit:teacher")),
+             ("report", signal.SIGKILL, lambda: _running(run, "report"))]
+    done_before: set[str] = set()
+    for stage, sig, ready in kills:
+        lines = _run_until(_command(tmp_path, chain), env, tmp_path / f"{stage}.err", stage,
+                           sig, ready)
+        rerun = {ln.split()[-1] for ln in lines if ln.startswith("[run ]")}
+        assert not rerun & done_before, f"finished stages ran again: {rerun & done_before}"
+        stages = read_json(run / "manifest.json")["stages"]
+        assert stages[stage]["status"] != "done", f"the kill missed stage {stage}"
+        done_before = {k for k, v in stages.items() if v["status"] == "done"}
+    finish = subprocess.run(_command(tmp_path, chain), env=env, capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert finish.returncode == 0, f"{finish.stdout}\n{finish.stderr}"
+    rerun = {ln.split()[-1] for ln in finish.stdout.splitlines() if ln.startswith("[run ]")}
+    assert not rerun & done_before, f"finished stages ran again: {rerun & done_before}"
+    assert not list(run.rglob("*.tmp")), "temporary files were left behind"
+
+    straight = subprocess.run(_command(tmp_path, tmp_path / "straight"), env=env,
+                              capture_output=True, text=True, timeout=TIMEOUT)
+    assert straight.returncode == 0, f"{straight.stdout}\n{straight.stderr}"
+    ours, theirs = _tables(run), _tables(tmp_path / "straight" / "smoke")
+    assert sorted(ours) == sorted(theirs) and len(ours) >= 7
+    for name in ours:
+        assert ours[name] == theirs[name], f"tables/{name} differs from the uninterrupted run"

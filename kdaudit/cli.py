@@ -18,7 +18,14 @@ def _run(args: argparse.Namespace) -> int:
     dp = {k: v for k, v in (("unit", args.dp_unit),
                             ("reproducible_noise", args.reproducible_noise or None)) if v}
     overrides = {"seed": args.seed, "out_dir": args.out, "name": args.name, "dp": dp or None}
+    from kdaudit.pipeline import check_contexts
+
     cfg = load_config(args.preset, args.config, **overrides)
+    try:       # the checks that look at the models (a preset's own values always pass them)
+        for one in [cfg.for_family(f) for f in cfg.families] or [cfg]:
+            check_contexts(one)
+    except ConfigError as e:
+        raise ConfigError(f"{args.config}: {e}" if args.config else str(e)) from None
     result = run(cfg)
     if result.families:
         for family, r in result.families.items():

@@ -183,6 +183,10 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"methods: unknown method(s) {unknown}; implemented: "
                               f"{sorted(k for k in METHODS if METHODS[k].student)}")
+        by_reference = [s for s in self.audit.signals if s in ("lira", "lira_offline", "rmia")]
+        if by_reference and not self.reference_models:
+            raise ConfigError(f"audit.signals: {by_reference} need reference models: set "
+                              f"reference_models to 4 or more")
         if "ref_ext" in self.audit.signals and not self.models.external:
             raise ConfigError("audit.signals: 'ref_ext' needs an independent model: set "
                               "models.external = \"builtin\" or a model folder / hub name")

@@ -162,3 +162,21 @@ def test_audit_settings_are_range_checked_before_any_stage(tmp_path, audit, mess
         for k, v in audit.items()) + "\n")
     with pytest.raises(ConfigError, match=rf"{path}: {message}"):
         load_config("smoke", path)
+
+
+def test_lengths_beyond_the_models_context_and_lira_without_references_are_refused(tmp_path,
+                                                                                    capsys):
+    from kdaudit.cli import main
+
+    path = tmp_path / "run.toml"
+    path.write_text("[data]\nmax_length = 100000\n")
+    assert main(["run", "--preset", "smoke", "--config", str(path), "--out",
+                 str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"kdaudit: error: {path}: data.max_length: 100000 tokens exceed the 256-token context "
+        f"of models.teacher = 'gpt2-smoke-teacher'")
+    assert not (tmp_path / "runs").exists()
+    path.write_text('[audit]\nsignals = ["loss", "rmia"]\n')
+    with pytest.raises(ConfigError, match=r"\['rmia'\] need reference models: set "
+                                          r"reference_models to 4 or more"):
+        load_config("smoke", path)

@@ -8,13 +8,14 @@ models a run has.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from kdaudit import seeds
 from kdaudit.audit import AuditResult
-from kdaudit.config import RunConfig
+from kdaudit.config import ConfigError, RunConfig
 from kdaudit.pipeline import prepare, roster, scoring
 from kdaudit.pipeline.private import dp_stages
 from kdaudit.pipeline.stage import Log, RunContext, Stage, execute
@@ -82,6 +83,8 @@ def run(cfg: RunConfig, log: Log = print) -> RunResult:
     """Run (or resume) the whole pipeline for `cfg`. A config with `families` runs each
     family in `<run_dir>/<family>` and adds a suite report. The run folder is locked
     (`FolderLock`) for the whole run: a second run on it is refused, naming this one's pid."""
+    for one in [cfg.for_family(f) for f in cfg.families] or [cfg]:
+        check_contexts(one)
     with FolderLock(cfg.run_dir):
         if not cfg.families:
             return run_one(cfg, log)
@@ -90,6 +93,30 @@ def run(cfg: RunConfig, log: Log = print) -> RunResult:
             log(f"== family {family}")
             results[family] = run_one(cfg.for_family(family), log)
         return RunResult(cfg.run_dir, write_suite(cfg, results), families=results)
+
+
+def model_context(name: str) -> int | None:
+    """The longest input (tokens) of a zoo preset or a local model folder; None when unknown
+    without a download (a hub name)."""
+    from kdaudit.models.zoo import ZOO
+
+    if name in ZOO:
+        return ZOO[name].max_positions
+    config = Path(name) / "config.json"
+    if config.is_file():
+        c = json.loads(config.read_text())
+        return c.get("n_positions") or c.get("max_position_embeddings")
+    return None
+
+
+def check_contexts(cfg: RunConfig) -> None:
+    """Before any stage: `data.max_length` fits the teacher's and the student's context."""
+    for role in ("teacher", "student"):
+        name = getattr(cfg.models, role)
+        context = model_context(name)
+        if context is not None and cfg.data.max_length > context:
+            raise ConfigError(f"data.max_length: {cfg.data.max_length} tokens exceed the "
+                              f"{context}-token context of models.{role} = {name!r}")
 
 
 def write_suite(cfg: RunConfig, results: dict[str, RunResult]) -> dict[str, Path]:

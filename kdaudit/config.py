@@ -130,7 +130,7 @@ class AuditConfig:
             raise ConfigError(f"audit.mink_k: expected 0 < k ≤ 1, got {self.mink_k}")
         at_least = {"perturbations": 1, "batch_size": 1, "n_bootstrap": 1,
                     "memorization_tokens": 1, "memorization_records": 0,
-                    "canary_candidates": 2, "extraction_samples": 0, "utility_records": 0,
+                    "canary_candidates": 0, "extraction_samples": 0, "utility_records": 0,
                     "utility_tokens": 1}
         for name, low in at_least.items():
             if getattr(self, name) < low:

@@ -21,19 +21,21 @@ from kdaudit.store import read_json
 pytestmark = pytest.mark.slow
 CONFIG = """\
 [data]
-n_members = 100
-n_nonmembers = 100
-n_public = 100
+n_members = 64
+n_nonmembers = 64
+n_public = 64
 canaries_repeated = 2
-canaries_once = 20
+canaries_once = 16
+[pretrain]
+epochs = 0.5
 [teacher]
 epochs = 2.0
-checkpoint_every = 4
+checkpoint_every = 3
 [audit]
 signals = ["loss", "zlib", "mink", "ref_base", "blind"]
 canary_candidates = 20
-memorization_records = 40
-utility_records = 40
+memorization_records = 24
+utility_records = 24
 """
 TIMEOUT = 600
 

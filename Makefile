@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdaudit-installed
 
-.PHONY: install demo test test-fast clean smoke bench
+.PHONY: install demo test test-fast clean smoke bench reports
 
 install: $(STAMP)
 
@@ -24,11 +24,21 @@ demo: install
 smoke: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/kdaudit run --preset smoke
 
+# one test process per core (pytest-xdist); a test file stays in one process, so its
+# module fixtures (trained models) are built once
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist loadfile
+
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
+
+# the reference report: the tiny suite (3 seeds; resumes, never redoes a finished run), then
+# its tables copied to reports/tiny/ and the report rendered there
+BENCH_OUT ?= runs/benchmarks
+reports: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/kdaudit benchmark tiny --out $(BENCH_OUT) --publish reports
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.perf

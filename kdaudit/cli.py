@@ -27,6 +27,10 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise ConfigError(f"{args.config}: {e}" if args.config else str(e)) from None
     result = run(cfg)
+    from kdaudit import distributed
+
+    if not distributed.is_main():    # under a launcher, the main process reports
+        return 0
     if result.families:
         for family, r in result.families.items():
             print(f"\n== {family}")

@@ -37,9 +37,14 @@ def tokenizer_key(cfg: RunConfig) -> str:
 def base_key(cfg: RunConfig, preset: str) -> str:
     from kdaudit.models.zoo import ZOO
 
-    return stable_hash({"tokenizer": tokenizer_key(cfg), "preset": preset,
-                        "arch": ZOO[preset].__dict__, "pretrain": cfg.pretrain.__dict__,
-                        "max_length": cfg.data.max_length, "seed": cfg.seed})
+    from kdaudit import distributed
+
+    key = {"tokenizer": tokenizer_key(cfg), "preset": preset, "arch": ZOO[preset].__dict__,
+           "pretrain": cfg.pretrain.__dict__, "max_length": cfg.data.max_length,
+           "seed": cfg.seed}
+    if distributed.world() > 1:    # DDP pretraining is not bitwise the one-process run
+        key["processes"] = distributed.world()
+    return stable_hash(key)
 
 
 def cached_tokenizer(cfg: RunConfig, texts: list[str]):

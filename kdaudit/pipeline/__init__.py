@@ -8,12 +8,13 @@ models a run has.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kdaudit import seeds
+from kdaudit import distributed, seeds
 from kdaudit.audit import AuditResult
 from kdaudit.config import ConfigError, RunConfig
 from kdaudit.pipeline import prepare, roster, scoring
@@ -85,7 +86,7 @@ def run(cfg: RunConfig, log: Log = print) -> RunResult:
     (`FolderLock`) for the whole run: a second run on it is refused, naming this one's pid."""
     for one in [cfg.for_family(f) for f in cfg.families] or [cfg]:
         check_contexts(one)
-    with FolderLock(cfg.run_dir):
+    with FolderLock(cfg.run_dir) if distributed.is_main() else contextlib.nullcontext():
         if not cfg.families:
             return run_one(cfg, log)
         results = {}

@@ -8,8 +8,8 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence, TypeVar
 
+from kdaudit import distributed, seeds
 from kdaudit.config import RunConfig
-from kdaudit import seeds
 from kdaudit.data import records as rec
 from kdaudit.data.canaries import make_canaries, training_records, write_canaries
 from kdaudit.data.corpus import generate_records, person_name
@@ -116,7 +116,8 @@ def make_base(run: RunContext, model_id: str, preset: str) -> dict:
     user's model."""
     source = cached_base(run.cfg, preset, run.tokenizer, pretraining_texts(run.cfg)) \
         if is_zoo(preset) else preset
-    _copy_model(source, run.dir.model(model_id))
+    if distributed.is_main():    # every process pretrains (DDP); one copies the result
+        _copy_model(source, run.dir.model(model_id))
     return {"source": str(preset)}
 
 
@@ -124,7 +125,7 @@ def base_stage(run: RunContext, model_id: str, preset: str) -> Stage:
     return Stage(model_id, {"preset": preset, "tokenizer": run.hashes["tokenizer"],
                             "pretrain": run.cfg.pretrain.__dict__, "seed": run.cfg.seed},
                  [run.dir.model(model_id) / "config.json"],
-                 partial(make_base, run, model_id, preset))
+                 partial(make_base, run, model_id, preset), every_process=True)
 
 
 def make_external(run: RunContext) -> dict:
@@ -136,9 +137,13 @@ def make_external(run: RunContext) -> dict:
         texts = pretraining_texts(ext)
         student = run.cfg.models.student
         preset = student if is_zoo(student) else "gpt2-tiny-student"
-        _copy_model(cached_base(ext, preset, cached_tokenizer(ext, texts), texts),
-                    run.dir.model("ref_ext"))
-    else:
+        if distributed.is_main():      # one process trains the tokenizer, the others load it
+            cached_tokenizer(ext, texts)
+        distributed.barrier()
+        base = cached_base(ext, preset, cached_tokenizer(ext, texts), texts)
+        if distributed.is_main():
+            _copy_model(base, run.dir.model("ref_ext"))
+    elif distributed.is_main():
         _copy_model(source, run.dir.model("ref_ext"), with_tokenizer=True)
     return {"source": source}
 
@@ -149,4 +154,5 @@ def external_stage(run: RunContext) -> Stage:
                              "student": cfg.models.student, "seed": cfg.seed,
                              "data": [cfg.data.pretrain_records, cfg.data.pretrain_seed,
                                       cfg.models.vocab_size]},
-                 [run.dir.model("ref_ext") / "config.json"], partial(make_external, run))
+                 [run.dir.model("ref_ext") / "config.json"], partial(make_external, run),
+                 every_process=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Callable
 
+from kdaudit import distributed
 from kdaudit.config import RunConfig
 from kdaudit.data import records as rec
 from kdaudit.models import load_tokenizer
@@ -42,12 +43,16 @@ class RunContext:
     hashes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not distributed.is_main():      # one process speaks for a launched run
+            self.log = lambda _: None
         self.dir = RunDir(self.cfg.run_dir)
         self.dir.root.mkdir(parents=True, exist_ok=True)
         self.manifest = Manifest(self.dir.manifest)
         self._tokenizer = None
 
     def record_config(self) -> None:
+        if not distributed.is_main():
+            return
         self.manifest.data.update(config=self.cfg.to_dict(), versions=versions(),
                                   seed=self.cfg.seed)
         self.manifest.save()
@@ -72,10 +77,17 @@ class Stage:
     inputs: dict[str, Any]                       # hashed: a change reruns the stage
     outputs: list                                # paths; a missing one reruns the stage
     fn: Callable[[], dict[str, Any] | None]      # writes the outputs; returns manifest info
+    every_process: bool = False                  # training: all processes of a launcher run fn
 
 
 def execute(run: RunContext, stage: Stage) -> None:
-    """Run `stage` unless it is done with the same inputs; record it in the manifest."""
+    """Run `stage` unless it is done with the same inputs; record it in the manifest.
+
+    Under a launcher, the main process alone writes the manifest and runs the stage (every
+    process does, for a training stage); the others wait, then read what it recorded, so
+    every process holds the same stage hashes."""
+    if distributed.launched():
+        return _execute_launched(run, stage)
     name, h = stage.name, stable_hash(stage.inputs)
     if run.manifest.is_done(name, h) and all(p.exists() for p in stage.outputs):
         # downstream stages see this stage's inputs and when it ran, so a stage that is
@@ -95,3 +107,33 @@ def execute(run: RunContext, stage: Stage) -> None:
         raise
     run.manifest.mark(name, status="done", input_hash=h, started=started,
                       seconds=round(time.time() - started, 2), **info)
+
+
+def _execute_launched(run: RunContext, stage: Stage) -> None:
+    name, h = stage.name, stable_hash(stage.inputs)
+    main = distributed.is_main()
+    distributed.barrier()
+    run.manifest = Manifest(run.dir.manifest)          # as the main process left it
+    if run.manifest.is_done(name, h) and all(p.exists() for p in stage.outputs):
+        run.hashes[name] = stable_hash([h, run.manifest.stage(name).get("started")])
+        run.log(f"[skip] {name}: done, inputs unchanged")
+        return
+    run.log(f"[run ] {name}")
+    started = distributed.from_main(time.time())
+    run.hashes[name] = stable_hash([h, started])
+    if main:
+        run.manifest.mark(name, status="running", input_hash=h, started=started)
+    info: dict[str, Any] = {}
+    try:
+        if main or stage.every_process:
+            info = stage.fn() or {}
+    except BaseException as e:
+        if main:
+            run.manifest.mark(name, status="failed", input_hash=h, started=started,
+                              error=f"{type(e).__name__}: {e}")
+        raise
+    distributed.barrier()
+    if main:
+        run.manifest.mark(name, status="done", input_hash=h, started=started,
+                          seconds=round(time.time() - started, 2), **info)
+    distributed.barrier()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
+from kdaudit import distributed
 from kdaudit.config import DPConfig, TrainConfig
 from kdaudit.data.canaries import read_canaries, training_records
 from kdaudit.data.lm_corpus import lm_examples
@@ -77,7 +78,7 @@ def make_fit(run: RunContext, fit: Fit, run_key: str) -> dict:
         validation=validation, max_length=cfg.data.max_length, dp=plan,
         private_log=run.dir.private_log(fit.model_id)))
     spent = fit.privacy(result.privacy) if fit.privacy else result.privacy
-    if spent is not None:
+    if spent is not None and distributed.is_main():
         atomic_write_json(out / "privacy.json", spent)
     losses = {} if plan else {"first_loss": result.first_loss, "last_loss": result.last_loss}
     return {"steps": result.steps, **losses, "resumed_from": result.resumed_from,
@@ -87,7 +88,7 @@ def make_fit(run: RunContext, fit: Fit, run_key: str) -> dict:
 def fit_stage(run: RunContext, fit: Fit) -> Stage:
     inputs = fit_inputs(run, fit)
     return Stage(fit.model_id, inputs, [run.dir.model(fit.model_id) / "model.safetensors"],
-                 partial(make_fit, run, fit, stable_hash(inputs)))
+                 partial(make_fit, run, fit, stable_hash(inputs)), every_process=True)
 
 
 def split_examples(run: RunContext, split: str, with_canaries: bool) -> list[Encoded]:

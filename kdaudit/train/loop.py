@@ -90,16 +90,19 @@ class NoDP:
         return params
 
     def steps(self, order: list[list[int]], world: int) -> int:
-        return len(order) // world
+        return len(order)
 
     def wrap(self, model, optimizer, schedule: Callable, accelerator, n_examples: int,
              seed: int):
         return accelerator.prepare(model, optimizer, schedule(optimizer))
 
     def batches(self, order: list[list[int]], accelerator) -> list[list[int]]:
-        """This process's batches: every `world`-th of the order, from its rank."""
-        world = accelerator.num_processes
-        return order[accelerator.process_index::world][:len(order) // world]
+        """This process's share of every batch: `batch_size` is the global batch, split
+        across the processes (DDP averages their gradients), so a launched run takes the
+        same steps over the same batches as one process. A batch smaller than the number of
+        processes gives its first example to the processes it cannot serve."""
+        world, rank = accelerator.num_processes, accelerator.process_index
+        return [b[rank::world] or b[:1] for b in order] if world > 1 else order
 
     def noise_only_step(self, optimizer) -> None:
         raise RuntimeError("an empty batch outside DP-SGD")
@@ -319,9 +322,10 @@ def _prepare(job: TrainJob) -> _Run:
                          seed=seeds.per_index(job.seed, accelerator.process_index),
                          max_length=job.max_length or max(len(e.input_ids)
                                                           for e in job.examples),
-                         batch_size=job.cfg.batch_size, total_steps=total,
-                         steps_per_epoch=math.ceil(len(job.examples) / job.cfg.batch_size
-                                                   / accelerator.num_processes),
+                         # each process's share of the global batch (replay draws, LM term)
+                         batch_size=max(1, job.cfg.batch_size // accelerator.num_processes),
+                         total_steps=total,
+                         steps_per_epoch=math.ceil(len(job.examples) / job.cfg.batch_size),
                          validation=job.validation, lm_examples=job.lm_examples if lm else ())
     job.model.train()
     params = dp.setup(job.model, job.method, params, accelerator.device)

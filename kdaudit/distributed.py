@@ -1,0 +1,54 @@
+"""Several processes under a launcher (`accelerate launch`, `torchrun`): which one does what.
+
+Training stages run in every process (Accelerate's DDP, Opacus's DPDDP for DP-SGD); every
+other stage (data, tokenizer, scoring, tables, report) runs in the main process while the
+others wait, so each file is written by one process. Without a launcher there is one
+process and every function here is a no-op.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+
+@functools.lru_cache(maxsize=None)
+def _state():
+    """Accelerate's process state, on the CPU (gloo) where Accelerate would put it: when
+    ACCELERATE_USE_CPU is set or no CUDA device is there."""
+    import os
+
+    import torch
+    from accelerate import PartialState
+
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or \
+        not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def launched() -> bool:
+    """True under a launcher with more than one process (cheap: reads the environment)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def world() -> int:
+    return _state().num_processes if launched() else 1
+
+
+def is_main() -> bool:
+    return _state().is_main_process if launched() else True
+
+
+def barrier() -> None:
+    if launched():
+        _state().wait_for_everyone()
+
+
+def from_main(value: Any) -> Any:
+    """The main process's `value`, in every process."""
+    if not launched():
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]

@@ -174,7 +174,8 @@ def _meta(suite: Suite, variant: str, seeds: Sequence[int], cfg: RunConfig) -> d
     manifest = cfg.run_dir / "manifest.json"
     versions = json.loads(manifest.read_text()).get("versions", {}) if manifest.exists() else {}
     return {"suite": suite.name, "variant": variant, "description": suite.description,
-            "seeds": list(seeds), "config": config_dict, "versions": versions}
+            "seeds": list(seeds), "suite_seeds": list(suite.seeds), "config": config_dict,
+            "versions": versions}
 
 
 def publish(suite: Suite, out: Path, dest: Path) -> dict[str, Path]:

@@ -54,18 +54,26 @@ def _mean_as_value(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(value=frame["mean"]) if not frame.empty else frame
 
 
+def seeds_phrase(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def _pm(mean: float, sd: float, digits: int = 3) -> str:
     if math.isnan(mean):
         return "n/a"
     return f"{mean:.{digits}f}" if math.isnan(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
-def _students(models: pd.DataFrame, tests: pd.DataFrame) -> list[str]:
-    """Non-private distilled students (the KD methods), in model order."""
+def _students(models: pd.DataFrame, tests: pd.DataFrame, *, private: bool = False
+              ) -> list[str]:
+    """Distilled students in model order: the non-private ones (the KD methods), or with
+    `private` every student, DP ones included. Without a model table: the tested models,
+    DP variants ("@ε") counted as private."""
     if not models.empty and {"role", "private"} <= set(models):
         return [str(m) for m, r, p in zip(models["model"], models["role"], models["private"])
-                if r == "student" and not bool(p) and m != "nokd"]
-    return [m for m in dict.fromkeys(tests.get("model", [])) if "@" not in str(m)]
+                if r == "student" and (private or not bool(p))]
+    return [str(m) for m in dict.fromkeys(tests.get("model", []))
+            if private or "@" not in str(m)]
 
 
 # -- sections ------------------------------------------------------------------------------------
@@ -74,13 +82,14 @@ def executive_summary(t: Mapping[str, pd.DataFrame]) -> list[str]:
     leaks more than nokd across the seeds, and what to do."""
     metrics, tests = t["metrics"], t["paired_tests"]
     auc = metrics[metrics["metric"] == "auc"] if not metrics.empty else metrics
-    students = auc[~auc["model"].isin(("nokd", "data", "teacher", "base_teacher",
-                                       "base_student"))] if not auc.empty else auc
+    students = auc[auc["model"].isin(_students(t["models"], tests, private=True))] \
+        if not auc.empty else auc
     if students.empty:
         return ["- No student models in this suite."]
     top = students.loc[students["mean"].idxmax()]
+    over = "one seed" if int(top.seeds) == 1 else f"mean ± sd over {int(top.seeds)} seeds"
     lines = [f"- The student that leaks most is **{top.model}**: AUC {_pm(top['mean'], top.sd)} "
-             f"on `{top.signal}` (mean ± sd over {int(top.seeds)} seeds)."]
+             f"on `{top.signal}` ({over})."]
     floor = auc[(auc["model"] == "nokd") & (auc["signal"] == top.signal)]
     if not floor.empty:
         lines.append(f"- The no-leakage floor, `nokd` (the student trained on public data "
@@ -89,13 +98,18 @@ def executive_summary(t: Mapping[str, pd.DataFrame]) -> list[str]:
                      + ", ".join(f"{_pm(r.mean, r.sd)}" for r in auc[
                          (auc["model"] == "teacher") & (auc["signal"] == top.signal)]
                          .itertuples()) + ".")
+    kd_rows = auc[auc["model"].isin(_students(t["models"], tests))] if not auc.empty else auc
+    if not kd_rows.empty and kd_rows.loc[kd_rows["mean"].idxmax(), "model"] != top.model:
+        k = kd_rows.loc[kd_rows["mean"].idxmax()]
+        lines.append(f"- Among the students distilled without DP, **{k.model}** leaks most: "
+                     f"AUC {_pm(k['mean'], k.sd)} on `{k.signal}`.")
     if not tests.empty:
         row = tests[(tests["model"] == top.model) & (tests["signal"] == top.signal)]
         if not row.empty:
             r = row.iloc[0]
-            lines.append(f"- {top.model} against `nokd` on `{top.signal}`: ΔAUC {r.delta:+.3f} "
-                         f"(95% CI [{r.ci_low:+.3f}, {r.ci_high:+.3f}], paired bootstrap over "
-                         f"seeds and records): {r.verdict}.")
+            lines.insert(2, f"- {top.model} against `nokd` on `{top.signal}`: ΔAUC "
+                            f"{r.delta:+.3f} (95% CI [{r.ci_low:+.3f}, {r.ci_high:+.3f}], "
+                            f"paired bootstrap over seeds and records): {r.verdict}.")
         kd = _students(t["models"], tests)
         leaking = [m for m in kd if (tests[(tests["model"] == m)]["verdict"]
                                      == "leaks more than nokd").any()]
@@ -133,6 +147,8 @@ def _metric_table(metrics: pd.DataFrame, metric: str, order: list[str], pct: boo
     def cell(r: pd.Series) -> str:
         if math.isnan(r["mean"]):
             return "n/a"
+        if r["seeds"] == 1:
+            return f"{scale * r['mean']:.{digits}f}"
         return (f"{_pm(scale * r['mean'], scale * r['sd'], digits)} "
                 f"[{scale * r['low']:.{digits}f}, {scale * r['high']:.{digits}f}]")
 
@@ -179,7 +195,7 @@ def _figures(t: Mapping[str, pd.DataFrame], order: list[str], out: Path
         png = plots.leakage_heatmap(
             rows.assign(value=rows["mean"]), metric, heat_order, signal_order(rows["signal"]),
             out / f"heatmap_{metric}.png", spread=rows.assign(value=rows["sd"]),
-            title=f"{title}, mean ± sd over {seeds} seed(s)")
+            title=f"{title}, " + ("one seed" if seeds == 1 else f"mean ± sd over {seeds} seeds"))
         if png is not None:
             figs["heatmaps"].append((title, png))
     roc, colors = t["roc"], plots.signal_colors(signal_order(mia["signal"]))
@@ -191,7 +207,8 @@ def _figures(t: Mapping[str, pd.DataFrame], order: list[str], out: Path
             else math.nan
         figs["roc"].append((model, plots.roc_plot(
             curves, out / f"roc_{model.replace('@', '_at_')}.png",
-            title=f"ROC, {model} (log-log), mean TPR over {seeds} seed(s)",
+            title=f"ROC, {model} (log-log)"
+            + ("" if seeds == 1 else f", mean TPR over {seeds} seeds"),
             min_fpr=plots.min_fpr_for(n), colors=colors,
             aucs={s: aucs.get((model, s), math.nan) for s in curves})))
     if not t["blocks"].empty:
@@ -220,11 +237,17 @@ def document(meta: Mapping[str, Any], t: Mapping[str, pd.DataFrame], figs: Mappi
              order: list[str], link: Callable[[Path], str]) -> str:
     """The report as Markdown; `link` turns a figure's path into its URL."""
     seeds = meta["seeds"]
-    md = [f"# Benchmark `{meta['suite']}` ({meta['variant']}): {len(seeds)} seeds {seeds}", "",
-          md_cell(meta.get("description", "")), "",
-          "Every number below is measured on the runs this folder's tables come from; the "
-          "machine and package versions are at the end. Rebuild with `make reports`.", "",
-          "## Executive summary", "", *executive_summary(t), ""]
+    md = [f"# Benchmark `{meta['suite']}` ({meta['variant']}): {seeds_phrase(len(seeds))} "
+          f"{seeds}", "", md_cell(meta.get("description", "")), ""]
+    planned = meta.get("suite_seeds", seeds)
+    if sorted(planned) != sorted(seeds):
+        md += [f"The suite runs seeds {planned}; this report holds "
+               f"{seeds_phrase(len(seeds))} {seeds}, the ones finished when it was made"
+               + (": its intervals and tests are over records only." if len(seeds) == 1
+                  else "."), ""]
+    md += ["Every number below is measured on the runs this folder's tables come from; the "
+           "machine and package versions are at the end. Rebuild with `make reports`.", "",
+           "## Executive summary", "", *executive_summary(t), ""]
 
     def figure(title: str, path: Path | None) -> None:
         if path is not None:

@@ -196,8 +196,10 @@ def leakage_heatmap(mia: pd.DataFrame, metric: str, order: Sequence[str],
         cmap, vmin, vmax = "RdBu_r", 0.5 - span, 0.5 + span
     else:
         cmap, vmin, vmax = "Reds", 0.0, max(0.05, float(np.nanmax(values)))
+    # room on the left for the longest model name (≈ 0.075 inch a character at this size)
+    left = max(1.2, 0.3 + 0.075 * max(len(str(m)) for m in models))
     # the margins below take 1.3 inches of height: one model still gets a row to draw in
-    fig, ax = _new_figure(1.2 + 0.85 * len(cols), max(0.9 + 0.38 * len(models), 1.7))
+    fig, ax = _new_figure(left + 0.85 * len(cols), max(0.9 + 0.38 * len(models), 1.7))
     image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     for i in range(len(models)):
         for j in range(len(cols)):
@@ -219,7 +221,7 @@ def leakage_heatmap(mia: pd.DataFrame, metric: str, order: Sequence[str],
     ax.set_yticks(range(len(models)), models)
     ax.set_title(title, fontsize="medium")
     fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize="x-small")
-    _margins(fig, left=1.2, right=0.55, bottom=0.9)
+    _margins(fig, left=left, right=0.55, bottom=0.9)
     return _save(fig, path)
 
 

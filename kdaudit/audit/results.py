@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from attacks.memorization import match_metrics, secret_hits
 from attacks.metrics import FPR_TARGETS, roc_metrics
@@ -109,7 +110,7 @@ def assemble(ctx: AuditContext, models: Sequence[ModelInfo], audits: Mapping[str
         models = [*models, ModelInfo("data", "data", None,
                                      "the split itself, no model (blind baseline)")]
     mia_rows, roc, scores, status = [], {}, {}, []
-    for info in models:
+    for info in tqdm(models, desc="tables", unit="model", mininterval=1.0):
         inputs = _signal_inputs(ctx, info, passes, (references or {}).get(info.id), external)
         scores[info.id], roc[info.id] = _scored_frame(aset), {}
         for name in cfg.signals:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from kdaudit.data.records import Record
 from kdaudit.data.template import Encoded, format_text
@@ -86,10 +87,13 @@ def generate_synthetic(teacher, tokenizer, per_category: dict[str, int], *, seed
     teacher.eval()
     torch.manual_seed(seed)
     records, dropped = [], Counter()
+    bar = tqdm(total=sum(per_category.values()), desc="synthetic records", unit="record",
+               mininterval=1.0)
     for category, n in per_category.items():
         code = tokenizer(control_prefix(category), add_special_tokens=False)["input_ids"]
         for start in range(0, n, batch_size):
             rows = min(batch_size, n - start)
+            bar.update(rows)
             ids = torch.tensor([code] * rows, device=device)
             out = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                    do_sample=True, top_k=top_k, top_p=top_p, temperature=1.0,
@@ -104,5 +108,6 @@ def generate_synthetic(teacher, tokenizer, per_category: dict[str, int], *, seed
                     dropped[category] += 1
                 else:
                     records.append(rec)
+    bar.close()
     teacher.train(was)
     return SyntheticData(records, dropped)

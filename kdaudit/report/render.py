@@ -15,6 +15,7 @@ import jinja2
 from markupsafe import Markup
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from attacks.blind import CONFOUND_AUC as BLIND_CONFOUND_AUC
 from kdaudit.store import atomic_write_text
@@ -402,7 +403,8 @@ def _roc_figures(t: ReportTables, order: Sequence[str], out: Path, paths: dict[s
     aucs = {(str(r.model), str(r.signal)): num(r.value)
             for r in mia[mia["metric"] == "auc"].itertuples()}
     figures, taken = [], set()
-    for model in [*order, *(m for m in t.roc if m not in order)]:
+    for model in tqdm([*order, *(m for m in t.roc if m not in order)], desc="report figures",
+                      unit="model", mininterval=1.0):
         curves = t.roc.get(model)
         if not curves:
             continue

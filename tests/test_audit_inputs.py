@@ -195,6 +195,10 @@ def test_truncated_records_are_counted(tiny_lm):
                               "fine-tuning) for at least one audited model"),
     ("rmia_without_references", "signal 'rmia' needs reference models"),
     ("missing_student", "{m_dir}/nosuch-student: model folder does not exist"),
+    ("not_a_model", "{m_dir}: model folder has no config.json; expected a Hugging Face model "
+                    "folder"),
+    ("unknown_hub_dataset", "org-that-is-not/there: not a local file or folder, and no "
+                            "Hugging Face dataset of that name could be loaded"),
 ])
 def test_bad_inputs_fail_in_one_line_before_any_model_runs(tiny_lm, tmp_path, capsys,
                                                             no_scoring, case, expected):
@@ -209,7 +213,9 @@ def test_bad_inputs_fail_in_one_line_before_any_model_runs(tiny_lm, tmp_path, ca
             "no_signals": ["--signals", ","],
             "ref_base_without_base": ["--signals", "loss,ref_base"],
             "rmia_without_references": ["--signals", "rmia"],
-            "missing_student": ["--student", f"kd={tmp_path / 'nosuch-student'}"]}[case]
+            "missing_student": ["--student", f"kd={tmp_path / 'nosuch-student'}"],
+            "not_a_model": ["--student", f"kd={tmp_path}"],
+            "unknown_hub_dataset": ["--members", "org-that-is-not/there"]}[case]
     flags = {"--members": str(members), "--nonmembers": str(nonmembers)}
     for flag in ("--members",):
         if flag in args:
@@ -220,3 +226,23 @@ def test_bad_inputs_fail_in_one_line_before_any_model_runs(tiny_lm, tmp_path, ca
     assert code == 2
     assert _first_error(capsys).startswith("kdaudit: error: " + expected.format(m_dir=tmp_path))
     assert not (tmp_path / "out").exists()
+
+
+def test_records_given_as_dicts_are_refused_by_name(tiny_lm, no_scoring):
+    _, _, records, model_dir = tiny_lm
+    with pytest.raises(ValueError, match=r"^members: expected Record objects "
+                                         r"\(kdaudit.load_records\) or a file path, got dict$"):
+        kdaudit.api.audit_models({"teacher": str(model_dir)}, [r.to_dict() for r in records[:30]],
+                                 records[30:60])
+
+
+def test_only_model_free_signals_say_so_instead_of_an_empty_table(tiny_lm, tmp_path, capsys):
+    _, _, records, model_dir = tiny_lm
+    members = _write_jsonl(tmp_path / "m.jsonl", records[:30])
+    nonmembers = _write_jsonl(tmp_path / "n.jsonl", records[30:60])
+    assert main(["audit", "--teacher", str(model_dir), "--members", str(members),
+                 "--nonmembers", str(nonmembers), "--signals", "blind",
+                 "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "No model-based membership signal was run (only the model-free checks below)." in out
+    assert "Empty DataFrame" not in out and "Split check (blind baseline, no model)" in out

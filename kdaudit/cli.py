@@ -494,8 +494,12 @@ RESUME_HINT = ("kdaudit: interrupted. Finished stages are saved: run the same co
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A bad input or a busy or unwritable folder is one line on stderr and
-    exit code 2; Ctrl-C (or SIGTERM) is the resume hint and 130. `--debug` shows tracebacks."""
-    args = build_parser().parse_args(argv)
+    exit code 2; Ctrl-C (or SIGTERM) is the resume hint and 130. `--debug`, anywhere on the
+    line, shows tracebacks."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     _quiet_transformers()
     try:
         with _terminate_as_interrupt():

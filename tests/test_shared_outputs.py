@@ -99,3 +99,14 @@ def test_json_is_strict_and_reads_back(tmp_path):
     back = read_json(path)
     assert back["epsilons"] == [2.0, math.inf] and back["x"] == -math.inf
     assert math.isnan(back["n"])
+
+
+def test_debug_anywhere_on_the_line_shows_the_traceback(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args = ["audit", "--teacher", "nosuch", "--members", "m.jsonl", "--nonmembers", "n.jsonl",
+            "--out", str(blocker / "out")]
+    assert main(args) == 2
+    for debug in (["--debug", *args], [*args, "--debug"]):
+        with pytest.raises(Exception, match="cannot write the output here"):
+            main(debug)

@@ -14,29 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from small_smoke import CONFIG
 
 from kdaudit.cli import RESUME_HINT
 from kdaudit.store import read_json
 
 pytestmark = pytest.mark.slow
-CONFIG = """\
-[data]
-n_members = 64
-n_nonmembers = 64
-n_public = 64
-canaries_repeated = 2
-canaries_once = 16
-[pretrain]
-epochs = 0.5
-[teacher]
-epochs = 2.0
-checkpoint_every = 3
-[audit]
-signals = ["loss", "zlib", "mink", "ref_base", "blind"]
-canary_candidates = 20
-memorization_records = 24
-utility_records = 24
-"""
 TIMEOUT = 600
 
 

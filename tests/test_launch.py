@@ -17,26 +17,10 @@ import sys
 
 import pandas as pd
 import pytest
+from small_smoke import CONFIG
 from launcher import torchrun
 
 pytestmark = pytest.mark.slow
-CONFIG = """\
-[data]
-n_members = 64
-n_nonmembers = 64
-n_public = 64
-canaries_repeated = 2
-canaries_once = 16
-[pretrain]
-epochs = 0.5
-[teacher]
-epochs = 2.0
-[audit]
-signals = ["loss", "zlib", "mink", "ref_base", "blind"]
-canary_candidates = 20
-memorization_records = 24
-utility_records = 24
-"""
 
 
 def _run(tmp_path, out: str) -> None:

@@ -3,7 +3,8 @@
 A method supplies its loss (see `methods.py`); the loop supplies batching, the optimizer and
 schedule, Accelerate (device, precision, distribution), progress, a json-lines training log,
 and checkpoints (safetensors) from which an interrupted run resumes. DP-SGD is a strategy the
-loop calls (`DPSGD`, Opacus) where plain training has `NoDP`: the steps are the same.
+loop calls (`strategies.DPSGD`, Opacus) where plain training has `NoDP`: the steps are the
+same.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,8 +26,9 @@ from kdaudit.store import atomic_write_json, publish_dir
 from kdaudit.train import dp as opacus_dp
 from kdaudit.train.batching import batch_order
 from kdaudit.train.config import KDParams, TrainConfig
-from kdaudit.train.methods import DP_METHODS, Method, lm_term, method_params
+from kdaudit.train.methods import Method, lm_term, method_params
 from kdaudit.train.sources import BatchSource
+from kdaudit.train.strategies import DPSGD, NoDP
 
 StepCallback = Callable[[int, dict[str, float]], None]
 
@@ -74,130 +76,6 @@ class TrainResult:
     resumed_from: int
     privacy: dict[str, Any] | None = None   # DP-SGD: the ε spent (kdaudit.dp.accounting)
     private_log: Path | None = None         # DP-SGD: where the training log went
-
-
-# -- DP strategies: what differs between plain training and DP-SGD ------------------------------
-class NoDP:
-    """Plain training: Accelerate wraps model, optimizer and scheduler; each process takes its
-    share of the length-grouped batch order; gradients are clipped by their global norm; the
-    run checkpoints and resumes."""
-
-    clips_by_norm = True
-    checkpoints = True
-    private = False
-
-    def setup(self, model, method: Method, params: KDParams, device) -> KDParams:
-        return params
-
-    def steps(self, order: list[list[int]], world: int) -> int:
-        return len(order)
-
-    def wrap(self, model, optimizer, schedule: Callable, accelerator, n_examples: int,
-             seed: int):
-        return accelerator.prepare(model, optimizer, schedule(optimizer))
-
-    def batches(self, order: list[list[int]], accelerator) -> list[list[int]]:
-        """This process's share of every batch: `batch_size` is the global batch, split
-        across the processes (DDP averages their gradients), so a launched run takes the
-        same steps over the same batches as one process. A batch smaller than the number of
-        processes gives its first example to the processes it cannot serve."""
-        world, rank = accelerator.num_processes, accelerator.process_index
-        return [b[rank::world] or b[:1] for b in order] if world > 1 else order
-
-    def noise_only_step(self, optimizer) -> None:
-        raise RuntimeError("an empty batch outside DP-SGD")
-
-    def before_step(self, optimizer, idx: Sequence[int]) -> None:
-        """Nothing: plain training clips the batch's gradient as a whole, not per unit."""
-
-    def log_parts(self, idx: Sequence[int]) -> dict[str, float]:
-        return {}
-
-    def unwrap(self, model, accelerator):
-        return accelerator.unwrap_model(model)
-
-    def account(self, steps: int) -> dict[str, Any] | None:
-        return None
-
-
-class DPSGD:
-    """DP-SGD with a plan (`kdaudit.train.dp`): per-sequence losses, Opacus's per-sample
-    gradients summed per unit (person or record) and clipped, the plan's noise, its own
-    Poisson draws of units per process (never handed to Accelerate, which would re-batch
-    them), the plan's number of steps; a run restarts rather than resumes, its losses are
-    private, and the plan's accounting says what it spent."""
-
-    clips_by_norm = False
-    checkpoints = False
-    private = True
-
-    def __init__(self, plan: opacus_dp.DPPlan, persons: Sequence[str | None]):
-        self.plan = plan
-        self.units = opacus_dp.units_of(persons, plan.unit)
-        if plan.n_units and plan.n_units != len(self.units):
-            raise ValueError(f"the DP plan is for {plan.n_units} {plan.unit}s, the examples "
-                             f"hold {len(self.units)}")
-        self.unit_of = {i: u for u, members in enumerate(self.units) for i in members}
-        self.order: list[list[int]] = []
-        self.optimizer = None
-
-    def setup(self, model, method: Method, params: KDParams, device) -> KDParams:
-        """Refuse what DP-SGD cannot train; per-sequence means, so that one example's gradient
-        ignores the others' lengths."""
-        if not method.dp_sgd:
-            raise ValueError(f"DP-SGD supports the methods {DP_METHODS}, not '{method.name}'")
-        if method.lm_term and params.lm_coef:
-            raise ValueError(f"DP-SGD of '{method.name}': the pretraining LM term is not a "
-                             f"per-example loss Opacus can clip; set kd.lm_coef = 0")
-        params = replace(params, per_sequence=True)
-        opacus_dp.check_supported(model)
-        model.to(device)
-        return params
-
-    def steps(self, order: list[list[int]], world: int) -> int:
-        return self.plan.steps
-
-    def wrap(self, model, optimizer, schedule: Callable, accelerator, n_examples: int,
-             seed: int):
-        """Opacus's model and optimizer (DPDDP across processes, each rank its own seed), the
-        Poisson batches drawn, then the schedule on the private optimizer."""
-        world, rank = accelerator.num_processes, accelerator.process_index
-        model, optimizer, poisson, _ = opacus_dp.make_private(
-            model, optimizer, len(self.units), self.plan,
-            seed if world == 1 else seeds.per_index(seed, rank), distributed=world > 1)
-        self.order = [[i for u in drawn for i in self.units[u]]
-                      for drawn in opacus_dp.poisson_batches(poisson, self.plan.steps)]
-        self.optimizer = optimizer
-        return model, optimizer, schedule(optimizer)
-
-    def batches(self, order: list[list[int]], accelerator) -> list[list[int]]:
-        return self.order
-
-    def noise_only_step(self, optimizer) -> None:
-        opacus_dp.noise_only_step(optimizer)
-
-    def before_step(self, optimizer, idx: Sequence[int]) -> None:
-        """Tell the optimizer which unit each row of the batch belongs to."""
-        units = [self.unit_of[i] for i in idx]
-        position = {u: k for k, u in enumerate(dict.fromkeys(units))}
-        optimizer.segments = torch.tensor([position[u] for u in units])
-
-    def log_parts(self, idx: Sequence[int]) -> dict[str, float]:
-        """The Poisson batch's size (records): for the private log only."""
-        return {"batch_size": float(len(idx))}
-
-    def unwrap(self, model, accelerator):
-        return opacus_dp.unwrap(model)
-
-    def account(self, steps: int) -> dict[str, Any] | None:
-        """The plan's accounting, the unit and its sizes, and the white-box audit's bound."""
-        spent = self.plan.account(steps) if self.plan.account else {}
-        sizes = [len(m) for m in self.units]
-        audit = opacus_dp.white_box_bound(self.optimizer, self.plan)
-        return {**spent, "unit": self.plan.unit, "units": len(sizes),
-                "records": sum(sizes), "largest_unit": max(sizes, default=0),
-                "noise": "reproducible" if self.plan.reproducible_noise else "secret",
-                **({"white_box_audit": audit} if audit else {})}
 
 
 # -- the run -------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_a_launched_run_scores_exactly_and_trains_within_tolerance(tmp_path):
                          str(tmp_path / "run.toml"), "--out", str(tmp_path / "two")],
                         tmp_path / "logs", env={"KDAUDIT_CACHE": str(tmp_path / "cache")})
     assert "[default0]:Report:" in launched.stdout and "[default1]:Report:" not in \
-        launched.stdout                                # one process reports
+        launched.stdout, f"one process reports:\n{launched.stdout}\n{launched.stderr}"
     run = tmp_path / "two" / "smoke"
     tables = {p.name: p.read_bytes() for p in (run / "tables").glob("*.csv")}
 

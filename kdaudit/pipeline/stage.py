@@ -85,36 +85,15 @@ def execute(run: RunContext, stage: Stage) -> None:
 
     Under a launcher, the main process alone writes the manifest and runs the stage (every
     process does, for a training stage); the others wait, then read what it recorded, so
-    every process holds the same stage hashes."""
-    if distributed.launched():
-        return _execute_launched(run, stage)
+    every process holds the same stage hashes. Alone, every `distributed` call is a no-op."""
     name, h = stage.name, stable_hash(stage.inputs)
+    main = distributed.is_main()
+    if distributed.launched():
+        distributed.barrier()
+        run.manifest = Manifest(run.dir.manifest)      # as the main process left it
     if run.manifest.is_done(name, h) and all(p.exists() for p in stage.outputs):
         # downstream stages see this stage's inputs and when it ran, so a stage that is
         # recomputed (e.g. its outputs were deleted) makes everything after it rerun
-        run.hashes[name] = stable_hash([h, run.manifest.stage(name).get("started")])
-        run.log(f"[skip] {name}: done, inputs unchanged")
-        return
-    run.log(f"[run ] {name}")
-    started = time.time()
-    run.hashes[name] = stable_hash([h, started])
-    run.manifest.mark(name, status="running", input_hash=h, started=started)
-    try:
-        info = stage.fn() or {}
-    except BaseException as e:
-        run.manifest.mark(name, status="failed", input_hash=h, started=started,
-                          error=f"{type(e).__name__}: {e}")
-        raise
-    run.manifest.mark(name, status="done", input_hash=h, started=started,
-                      seconds=round(time.time() - started, 2), **info)
-
-
-def _execute_launched(run: RunContext, stage: Stage) -> None:
-    name, h = stage.name, stable_hash(stage.inputs)
-    main = distributed.is_main()
-    distributed.barrier()
-    run.manifest = Manifest(run.dir.manifest)          # as the main process left it
-    if run.manifest.is_done(name, h) and all(p.exists() for p in stage.outputs):
         run.hashes[name] = stable_hash([h, run.manifest.stage(name).get("started")])
         run.log(f"[skip] {name}: done, inputs unchanged")
         return

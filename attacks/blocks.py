@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks.scoring import ScoringBatch, check_scoring_inputs, scoring_batches
+from attacks.scoring import (ScoringBatch, check_scoring_inputs, default_batch_tokens,
+                             scoring_batches)
 
 # Known block lists, as dotted paths from the causal-LM wrapper.
 BLOCK_PATHS = ("transformer.h", "model.decoder.layers", "model.layers")
@@ -159,7 +160,8 @@ def mope_scores(model: nn.Module, sequences: Sequence[Sequence[int]], score_from
     _check_args(sequences, score_from, sigma, n_perturbations, batch_size)
     params = list(model.parameters())                 # tied weights appear (and move) once
     device = params[0].device
-    batches = scoring_batches(sequences, score_from, pad_id, batch_size, device)
+    batches = scoring_batches(sequences, score_from, pad_id, batch_size, device,
+                              default_batch_tokens(device))
     clean = np.zeros(len(sequences))
     perturbed = np.zeros(len(sequences))
     originals = [p.detach().clone() for p in params]
@@ -253,7 +255,8 @@ def block_mope_scores(model: nn.Module, sequences: Sequence[Sequence[int]],
             raise ValueError(f"block index {b} out of range for {n_layers} blocks")
     final = _final_layers(model, owner)
     device = next(model.parameters()).device
-    batches = scoring_batches(sequences, score_from, pad_id, batch_size, device)
+    batches = scoring_batches(sequences, score_from, pad_id, batch_size, device,
+                              default_batch_tokens(device))
 
     params = {b: list(layers[b].parameters()) for b in chosen}
     originals = {b: [p.detach().clone() for p in params[b]] for b in chosen}

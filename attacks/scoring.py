@@ -77,13 +77,33 @@ def check_scoring_inputs(sequences: Sequence[Sequence[int]], score_from: Sequenc
                              f"at least one token is scored and each has a prefix")
 
 
+# On a CPU, batches of about this many tokens score fastest: larger ones spill the caches
+# (measured on a 2-core machine, benchmarks/perf/bench_scoring.py). Accelerators take
+# `batch_size` sequences whatever their length.
+CPU_BATCH_TOKENS = 2048
+
+
+def default_batch_tokens(device: torch.device | str) -> int | None:
+    """The token budget of a scoring batch on `device`: `CPU_BATCH_TOKENS` on a CPU, else none."""
+    return CPU_BATCH_TOKENS if torch.device(device).type == "cpu" else None
+
+
 def scoring_batches(sequences: Sequence[Sequence[int]], score_from: Sequence[int], pad_id: int,
-                    batch_size: int, device: torch.device | str) -> list[ScoringBatch]:
-    """Length-sorted, right-padded batches (less padding, same results as one at a time)."""
+                    batch_size: int, device: torch.device | str,
+                    max_tokens: int | None = None) -> list[ScoringBatch]:
+    """Length-sorted, right-padded batches (less padding, same results as one at a time) of at
+    most `batch_size` sequences and, when `max_tokens` is set, at most that many padded
+    tokens (a longer sequence goes alone)."""
     order = np.argsort([len(s) for s in sequences], kind="stable")
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) < batch_size and (
+                max_tokens is None or (len(groups[-1]) + 1) * len(sequences[i]) <= max_tokens):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
     out = []
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
+    for idx in map(np.array, groups):
         width = max(len(sequences[i]) for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -103,37 +123,89 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(body, head) when the model's logits are `head(body(...)[0])`, the usual causal-LM
+    layout, so that the head can run on the scored positions only; else None."""
+    body, head = getattr(model, "base_model", None), model.get_output_embeddings()
+    if body is None or body is model or not isinstance(head, torch.nn.Linear):
+        return None
+    return body, head
+
+
+def scored_logits(model, batch: ScoringBatch, split: tuple | None) -> torch.Tensor:
+    """(n_scored, V) logits at the positions that predict the batch's scored tokens, in batch
+    row order. With `split` the LM head runs on those rows only: no (B, T, V) tensor."""
+    kw = dict(input_ids=batch.ids, attention_mask=batch.attn, position_ids=batch.pos)
+    sel = batch.score[:, 1:]
+    if split is None:
+        return model(**kw).logits[:, :-1][sel]
+    body, head = split
+    return head(body(**kw)[0][:, :-1][sel])
+
+
+def _checked_split(model, batch: ScoringBatch) -> tuple[tuple | None, torch.Tensor]:
+    """(`_split_head(model)` if it reproduces the model's own logits on `batch`, else None
+    (a model may scale or cap its logits after the head); the batch's scored logits)."""
+    full = scored_logits(model, batch, None)
+    split = _split_head(model)
+    if split is None:
+        return None, full
+    try:
+        part = scored_logits(model, batch, split)
+    except (RuntimeError, TypeError, ValueError):   # e.g. a wrapper whose body is the whole LM
+        return None, full
+    same = part.shape == full.shape and torch.allclose(part, full, rtol=1e-4, atol=1e-4)
+    return (split, part) if same else (None, full)
+
+
+def stats_of_logits(logits: torch.Tensor, target: torch.Tensor, dtype: torch.dtype,
+                    chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log q(target), μ, σ²) per row of `logits` (n, V), in chunks of `chunk` rows so that
+    only (chunk, V) temporaries live at once: one log-softmax and one exp per element, no
+    E[x²] − μ² cancellation."""
+    out = []
+    for lg, tg in zip(logits.split(chunk), target.split(chunk)):
+        logp = torch.log_softmax(lg.to(dtype), dim=-1)
+        lp = logp.gather(1, tg[:, None]).squeeze(1)
+        # below −1e4, q is exactly 0 in any float type: clamping keeps 0 · log 0 = 0 (a −inf
+        # logit, a masked token, would otherwise give 0 · −inf = nan) and changes no sum
+        p = logp.clamp_(min=-1e4).exp()
+        mu = (p * logp).sum(-1)
+        out.append((lp, mu, (p * (logp - mu[:, None]).square()).sum(-1)))
+    return tuple(torch.cat(parts) for parts in zip(*out)) if out else \
+        (logits.new_zeros(0, dtype=dtype),) * 3
+
+
 @torch.no_grad()
 def token_stats(model, sequences: Sequence[Sequence[int]], score_from: Sequence[int], *,
                 pad_id: int, batch_size: int = 32, device: torch.device | str | None = None,
-                dtype: torch.dtype = torch.float32, desc: str | None = None) -> TokenStats:
+                dtype: torch.dtype = torch.float32, desc: str | None = None,
+                max_tokens: int | None | str = "auto") -> TokenStats:
     """Per-token statistics of tokens `sequences[i][score_from[i]:]`, each predicted from its prefix.
 
-    Sequences are sorted by length and right-padded in batches; positions are explicit so that
-    padding never shifts them. Only scored positions go through the softmax, in `dtype`.
+    Sequences are sorted by length and right-padded in batches of at most `batch_size`
+    sequences and `max_tokens` tokens ("auto": `default_batch_tokens(device)`); positions are
+    explicit so that padding never shifts them. The LM head and the softmax run on the scored
+    positions only, the softmax in `dtype`.
     """
     check_scoring_inputs(sequences, score_from)
     device = torch.device(device) if device is not None else _model_device(model)
+    if max_tokens == "auto":
+        max_tokens = default_batch_tokens(device)
     was_training = model.training
     model.eval()
     per_seq: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [None] * len(sequences)  # type: ignore
-    batches = scoring_batches(sequences, score_from, pad_id, batch_size, device)
-    for batch in tqdm(batches, desc=desc, disable=desc is None, unit="batch", mininterval=1.0):
-        idx, ids, score = batch.idx, batch.ids, batch.score
-        logits = model(input_ids=ids, attention_mask=batch.attn, position_ids=batch.pos).logits
-        # logits at t-1 predict token t: select the rows of scored targets only
-        sel = score[:, 1:]
-        logp = torch.log_softmax(logits[:, :-1][sel].to(dtype), dim=-1)   # (n_tok, V)
-        target = ids[:, 1:][sel]
-        lp = logp.gather(1, target[:, None]).squeeze(1)
-        p = logp.exp()
-        mu = torch.special.xlogy(p, p).sum(-1)                   # 0 · log 0 = 0
-        dev = torch.where(p > 0, logp - mu[:, None], 0.0)
-        var = (p * dev.square()).sum(-1)                         # no E[x²] − μ² cancellation
+    batches = scoring_batches(sequences, score_from, pad_id, batch_size, device, max_tokens)
+    split, first = _checked_split(model, batches[0]) if batches else (None, None)
+    for n, batch in enumerate(tqdm(batches, desc=desc, disable=desc is None, unit="batch",
+                                   mininterval=1.0)):
+        sel = batch.score[:, 1:]
+        logits = first if n == 0 else scored_logits(model, batch, split)
+        lp, mu, var = stats_of_logits(logits, batch.ids[:, 1:][sel], dtype)
         counts = sel.sum(1).tolist()
         for row, (a, b, c) in enumerate(zip(lp.split(counts), mu.split(counts), var.split(counts))):
-            per_seq[idx[row]] = (a.double().cpu().numpy(), b.double().cpu().numpy(),
-                                 c.double().cpu().numpy())
+            per_seq[batch.idx[row]] = (a.double().cpu().numpy(), b.double().cpu().numpy(),
+                                       c.double().cpu().numpy())
     model.train(was_training)
     lengths = np.array([len(t[0]) for t in per_seq], dtype=np.int64)
     return TokenStats(logprob=np.concatenate([t[0] for t in per_seq]),

@@ -176,3 +176,95 @@ def test_sampled_generations_are_ranked_by_own_likelihood(tiny_lm):
         lp = torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(
             1, torch.tensor(toks)[:, None]).mean().item()
         assert mean_logp == pytest.approx(lp, abs=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-smoke-teacher", "opt-smoke-teacher",
+                                    "llama-smoke-teacher"])
+def test_the_head_runs_on_scored_positions_only_and_matches_the_full_logits(tiny_lm, preset):
+    """The fast path (body, then the LM head on the scored rows) is taken for each family,
+    and the statistics equal those of the model's own full logits."""
+    from attacks.scoring import _checked_split, scored_logits, scoring_batches
+    from kdaudit.models import build_zoo_model
+
+    _, tok, records, _ = tiny_lm
+    model = build_zoo_model(preset, tok, seed=1).eval()
+    enc = [encode_record(r, tok, 120) for r in records[:10]]
+    ids, starts = [e.input_ids for e in enc], [e.response_start for e in enc]
+    batch = scoring_batches(ids, starts, tok.pad_token_id, 4, "cpu")[-1]
+    with torch.no_grad():
+        split, first = _checked_split(model, batch)
+        assert split is not None
+        fast, full = scored_logits(model, batch, split), scored_logits(model, batch, None)
+    assert fast.shape == (int(batch.score[:, 1:].sum()), len(tok))
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    assert first is not None and torch.equal(first, fast)
+
+
+def test_a_model_that_rescales_its_logits_is_scored_from_its_own_logits(tiny_lm, scored):
+    """Negative control: logits the head alone does not give (here ×0.5, as a temperature or
+    softcap would) must not take the fast path."""
+    model, tok, _, _ = tiny_lm
+    recs, enc, stats, _ = scored
+
+    class Rescaled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.base_model = inner, inner.base_model
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, **kw):
+            out = self.inner(**kw)
+            out.logits = out.logits * 0.5
+            return out
+
+    ids, starts = [e.input_ids for e in enc], [e.response_start for e in enc]
+    got = token_stats(Rescaled(model), ids, starts, pad_id=tok.pad_token_id, batch_size=7)
+    with torch.no_grad():
+        logits = [model(input_ids=torch.tensor([i])).logits[0, s - 1:-1] * 0.5
+                  for i, s in zip(ids, starts)]
+    want = torch.cat([torch.log_softmax(lg, -1).gather(1, torch.tensor(i[s:])[:, None])[:, 0]
+                      for lg, i, s in zip(logits, ids, starts)])
+    np.testing.assert_allclose(got.logprob, want.numpy(), rtol=1e-4, atol=1e-5)
+    assert np.abs(got.logprob - stats.logprob).max() > 0.01
+
+
+def test_token_budget_batches(tiny_lm, scored):
+    """A token budget caps each batch's padded size (a longer sequence goes alone) and does
+    not change the statistics."""
+    from attacks.scoring import scoring_batches
+
+    model, tok, _, _ = tiny_lm
+    _, enc, stats, _ = scored
+    ids, starts = [e.input_ids for e in enc], [e.response_start for e in enc]
+    budget = 2 * max(map(len, ids)) - 1
+    batches = scoring_batches(ids, starts, tok.pad_token_id, 64, "cpu", max_tokens=budget)
+    assert all(b.ids.numel() <= budget or len(b.idx) == 1 for b in batches)
+    assert sorted(i for b in batches for i in b.idx) == list(range(len(ids)))
+    assert len(batches) > len(ids) // 64 + 1
+    capped = token_stats(model, ids, starts, pad_id=tok.pad_token_id, batch_size=64,
+                         max_tokens=budget)
+    np.testing.assert_allclose(capped.logprob, stats.logprob, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(capped.offsets, stats.offsets)
+
+
+def test_token_statistics_of_masked_vocabulary_are_finite_and_exact():
+    """A −inf logit (a token the model masks) has q = 0: it adds nothing to μ or σ² and
+    makes nothing nan; very negative finite logits alike."""
+    from attacks.scoring import stats_of_logits
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 4
+    logits[:, 3] = -float("inf")
+    logits[1, 7] = -1e30
+    target = torch.tensor([0, 1, 2, 4, 5, 6])
+    lp, mu, var = stats_of_logits(logits, target, torch.float32, chunk=4)
+    logp = torch.log_softmax(logits.double(), -1)
+    p = logp.exp()
+    want_mu = torch.special.xlogy(p, p).sum(-1)
+    want_var = (p * torch.where(p > 0, logp - want_mu[:, None], 0.0) ** 2).sum(-1)
+    assert torch.isfinite(mu).all() and torch.isfinite(var).all()
+    torch.testing.assert_close(lp.double(), logp.gather(1, target[:, None])[:, 0])
+    torch.testing.assert_close(mu.double(), want_mu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), want_var, rtol=1e-5, atol=1e-5)

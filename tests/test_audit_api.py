@@ -111,22 +111,27 @@ def test_sampled_extraction_runs_when_asked(tiny_lm):
 
 
 def test_single_pass_signals_share_one_forward_pass_per_batch(tiny_lm):
-    """loss, zlib, mink, minkpp and ref_base read one pass; lowercase adds exactly one more."""
-    import math
-
+    """loss, zlib, mink, minkpp and ref_base read one pass; lowercase adds exactly one more.
+    A pass is one forward per batch, plus one on its first batch: the model's own logits, to
+    check that the LM head can run on the scored positions alone."""
+    from attacks.scoring import default_batch_tokens, scoring_batches
     from kdaudit.audit import compute_pass
+    from kdaudit.data.template import encode_record
 
     model, tok, records, _ = tiny_lm
+    enc = [encode_record(r, tok, 160) for r in records]
+    n_batches = len(scoring_batches([e.input_ids for e in enc], [e.response_start for e in enc],
+                                    tok.pad_token_id, 16, "cpu", default_batch_tokens("cpu")))
     calls = []
-    handle = model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    handle = model.transformer.h[0].register_forward_pre_hook(lambda mod, args: calls.append(1))
     try:
         cfg = AuditConfig(signals=["loss", "zlib", "mink", "minkpp", "ref_base"], batch_size=16)
         compute_pass(model, tok, records, cfg, max_length=160)
-        assert len(calls) == math.ceil(len(records) / 16)
+        assert len(calls) == n_batches + 1
         calls.clear()
         compute_pass(model, tok, records, dataclasses.replace(cfg, signals=["loss", "lowercase"]),
                      max_length=160)
-        assert len(calls) == 2 * math.ceil(len(records) / 16)
+        assert n_batches + 1 < len(calls) <= 2 * (n_batches + 1) + 1
     finally:
         handle.remove()
 

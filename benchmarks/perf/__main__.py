@@ -17,7 +17,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = (
-    ("Scoring: batched, length-sorted vs one record at a time", "bench_scoring.py", []),
+    ("Scoring: the shared pass vs the bare forward pass and vs one pass per signal per record",
+     "bench_scoring.py", []),
     ("Sampling: batched KV cache vs recomputing the prefix", "bench_sampling.py", []),
     ("DP-SGD step vs non-DP step (Opacus per-sample gradients)", "bench_dpsgd.py", []),
     ("Sharing the CPU: thread policies alone and beside a competitor", "bench_threads.py",

@@ -134,9 +134,10 @@ def _check_args(sequences, score_from, sigma: float, n_perturbations: int,
 
 
 def _mean_nll(logits: torch.Tensor, batch: ScoringBatch) -> np.ndarray:
-    """(B,) float64 mean NLL of each row's scored tokens, softmax in float32."""
+    """(B,) float64 mean NLL of each row's scored tokens from their logits (n_scored, V), in
+    row-major order (`scored_logits`), softmax in float32."""
     sel = batch.score[:, 1:]
-    logp = torch.log_softmax(logits[:, :-1][sel].float(), dim=-1)       # (n_tok, V)
+    logp = torch.log_softmax(logits.float(), dim=-1)                     # (n_tok, V)
     nll = -logp.gather(1, batch.ids[:, 1:][sel][:, None]).squeeze(1)
     rows = sel.nonzero()[:, 0]                                           # row-major, like [sel]
     total = torch.zeros(len(sel), dtype=torch.float64, device=nll.device)
@@ -145,8 +146,10 @@ def _mean_nll(logits: torch.Tensor, batch: ScoringBatch) -> np.ndarray:
 
 
 def _logits(model: nn.Module, batch: ScoringBatch) -> torch.Tensor:
-    return model(input_ids=batch.ids, attention_mask=batch.attn, position_ids=batch.pos,
-                 use_cache=False).logits
+    """The model's own logits at the positions that predict scored tokens, (n_scored, V)."""
+    logits = model(input_ids=batch.ids, attention_mask=batch.attn, position_ids=batch.pos,
+                   use_cache=False).logits
+    return logits[:, :-1][batch.score[:, 1:]]
 
 
 # ----------------------------------------------------------------------------- MoPe
@@ -219,8 +222,11 @@ class _Capture:
 
 
 def _run_from(start: int, blocks: Sequence[nn.Module], calls: Sequence[tuple[tuple, dict]],
-              final: Sequence[nn.Module], hidden: torch.Tensor) -> torch.Tensor:
-    """Logits from `hidden` entering block `start`: blocks start..L−1, final norm, LM head."""
+              final: Sequence[nn.Module], hidden: torch.Tensor,
+              batch: ScoringBatch) -> torch.Tensor:
+    """Logits at the batch's scored positions, (n_scored, V), from `hidden` entering block
+    `start`: blocks start..L−1, then the final norm and the LM head (per position, so on the
+    scored positions only)."""
     h = hidden
     for k in range(start, len(blocks)):
         args, kwargs = calls[k]
@@ -229,6 +235,7 @@ def _run_from(start: int, blocks: Sequence[nn.Module], calls: Sequence[tuple[tup
         else:
             out = blocks[k](**{**kwargs, "hidden_states": h})
         h = _hidden(out)
+    h = h[:, :-1][batch.score[:, 1:]]
     for layer in final:
         h = layer(h)
     return h
@@ -277,7 +284,8 @@ def block_mope_scores(model: nn.Module, sequences: Sequence[Sequence[int]],
                                    f"the forward pass")
             if n_batch == 0 and chosen:   # the fast path must reproduce the model exactly
                 start = min(chosen)
-                fast = _run_from(start, layers, capture.calls, final, capture.hidden_in(start))
+                fast = _run_from(start, layers, capture.calls, final, capture.hidden_in(start),
+                                 batch)
                 if fast.shape != logits.shape or not torch.allclose(fast.float(), logits.float(),
                                                                     rtol=1e-4, atol=1e-4):
                     raise RuntimeError(
@@ -293,7 +301,7 @@ def block_mope_scores(model: nn.Module, sequences: Sequence[Sequence[int]],
                                        _gaussian(params[b], _block_key(seed, b, j))]
                     try:
                         _add_noise_(params[b], noise[b, j], sigma)
-                        logits = _run_from(b, layers, capture.calls, final, hidden)
+                        logits = _run_from(b, layers, capture.calls, final, hidden, batch)
                     finally:
                         _restore_(params[b], originals[b])
                     total += _mean_nll(logits, batch)

@@ -19,7 +19,10 @@ HERE = Path(__file__).resolve().parent
 BENCHES = (
     ("Scoring: the shared pass vs the bare forward pass and vs one pass per signal per record",
      "bench_scoring.py", []),
-    ("Sampling: batched KV cache vs recomputing the prefix", "bench_sampling.py", []),
+    ("Per-block MoPe: the clean prefix once per block vs the full forward per perturbation",
+     "bench_mope.py", []),
+    ("Sampling and memorization: batched KV cache vs recomputing the prefix, vs one prompt at "
+     "a time", "bench_sampling.py", []),
     ("DP-SGD step vs non-DP step (Opacus per-sample gradients)", "bench_dpsgd.py", []),
     ("Sharing the CPU: thread policies alone and beside a competitor", "bench_threads.py",
      ["--steps", "20"]),

@@ -1,10 +1,13 @@
-"""On-policy sampling: the batched KV-cache token loop vs recomputing the whole prefix at
-every token, measured side by side on the same model, prompts and seed.
+"""Generation, measured side by side on the same model and prompts:
+  on-policy sampling (kdaudit.train.sampling): the batched KV-cache token loop vs recomputing
+  the whole prefix at every token;
+  memorization (attacks.memorization.greedy_generate): batched generation vs one prompt at a
+  time, both with the KV cache.
 
     .venv/bin/python benchmarks/perf/bench_sampling.py [--prompts 32] [--new-tokens 64]
 
-Prints new tokens per second of both paths, their ratio, and whether the greedy outputs
-agree (they must).
+Prints new tokens per second of each path, the ratios, and whether the greedy outputs agree
+(they must).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import time
 
 import torch
 
+from attacks.memorization import greedy_generate
 from kdaudit.data.corpus import generate_records
 from kdaudit.data.template import encode_prompt, format_text
 from kdaudit.models import build_zoo_model, compute_device, train_tokenizer
@@ -71,6 +75,19 @@ def main() -> None:
     print(f"  KV cache:    {n / t_cache:8.0f} tokens/s ({t_cache:.2f} s)")
     print(f"  no cache:    {n / t_plain:8.0f} tokens/s ({t_plain:.2f} s)")
     print(f"  speed-up:    {t_plain / t_cache:.2f}×   greedy outputs equal: {same}")
+
+    memorize = {}
+    for batch_size in (args.prompts, 1):
+        t0 = time.perf_counter()
+        memorize[batch_size] = (greedy_generate(model, prompts, max_new_tokens=args.new_tokens,
+                                                pad_id=tok.pad_token_id, eos_id=None,
+                                                batch_size=batch_size),
+                                time.perf_counter() - t0)
+    (batched, t_batched), (single, t_single) = memorize[args.prompts], memorize[1]
+    print(f"memorization (greedy_generate), {args.prompts} prompts × {args.new_tokens} tokens")
+    print(f"  batched ({args.prompts}):  {n / t_batched:8.0f} tokens/s ({t_batched:.2f} s)")
+    print(f"  one at a time: {n / t_single:8.0f} tokens/s ({t_single:.2f} s)")
+    print(f"  batched speed-up: {t_single / t_batched:.2f}×   outputs equal: {batched == single}")
 
 
 if __name__ == "__main__":

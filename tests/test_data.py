@@ -105,6 +105,24 @@ def test_split_rejects_near_duplicate_and_small_pool():
                       seed=0)
 
 
+def test_public_near_duplicates_of_members_are_left_out():
+    """The public split (the students' data) loses the records that near-duplicate a member,
+    and says which; a non-member near duplicate is still refused."""
+    pool = generate_records(300, seed=5)
+    copies = [dataclasses.replace(r, id=f"copy-{r.id}", response=r.response + " Thanks.")
+              for r in pool]
+    s = split_records(pool + copies, n_members=100, n_nonmembers=0, n_public=0,
+                      n_validation=0, seed=0)
+    members = {r.id for r in s.members}
+    twin = (lambda i: i.removeprefix("copy-") if i.startswith("copy-") else f"copy-{i}")
+    assert s.dropped_public and all(twin(i) in members for i in s.dropped_public)
+    assert not set(s.dropped_public) & {r.id for r in s.public}
+    check_splits(s)                               # what is left passes the check
+    with pytest.raises(SplitError, match="nonmembers record.*near-duplicate a member"):
+        split_records(pool + copies, n_members=100, n_nonmembers=100, n_public=0,
+                      n_validation=0, seed=0)
+
+
 def test_exact_duplicates_are_dropped_before_the_split():
     pool = generate_records(400, seed=6)
     dup = dataclasses.replace(pool[0], id="dup")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from kdaudit.data.records import Record
@@ -24,6 +24,8 @@ class Splits:
     nonmembers: list[Record]
     public: list[Record]
     validation: list[Record]
+    # ids of public records left out for near-duplicating a member (`split_records`)
+    dropped_public: list[str] = field(default_factory=list)
 
     def items(self):
         return [("members", self.members), ("nonmembers", self.nonmembers),
@@ -98,8 +100,10 @@ def split_records(records: list[Record], *, n_members: int, n_nonmembers: int, n
     """Shuffle groups with `seed`; fill non-members, members, validation (the students' held-out
     part of public) and public (0 = the rest), whole groups at a time.
 
-    Raises SplitError when the pool is too small, or when a non-member or public record is an
-    exact or near duplicate of a member (either would fake or hide leakage).
+    Public is the students' data, not a measured split: a public record that near-duplicates
+    a member is left out (it would teach that member to every student; `Splits.dropped_public`
+    lists them). Raises SplitError when the pool is too small, or when a non-member or
+    validation record is an exact or near duplicate of a member (it would hide leakage).
     """
     records, _ = drop_exact_duplicates(records)
     groups: dict[str, list[Record]] = {}
@@ -125,19 +129,30 @@ def split_records(records: list[Record], *, n_members: int, n_nonmembers: int, n
                              f"{n_nonmembers} non-members, {n_members} members, "
                              f"{n_validation} validation and {n_public} public records "
                              f"(short of '{name}')")
-    if not out["public"]:
-        raise SplitError("the public split is empty: students need public data")
     splits = Splits(**out)
+    while dups := split_near_duplicates(splits, "public", dedup_ngram, dedup_threshold):
+        ids = {rid for rid, _ in dups}
+        splits.public = [r for r in splits.public if r.id not in ids]
+        splits.dropped_public += sorted(ids)
+    if not splits.public:
+        raise SplitError("the public split is empty: students need public data")
     check_splits(splits, dedup_ngram, dedup_threshold)
     return splits
 
 
-def check_splits(s: Splits, n: int = 8, threshold: float = 0.7) -> None:
-    """No shared id or group across splits; no near duplicate of a member outside members.
+def split_near_duplicates(s: Splits, name: str, n: int = 8,
+                          threshold: float = 0.7) -> list[tuple[str, float]]:
+    """(id, overlap) of the records of split `name` that near-duplicate a member, judged on
+    distinctive n-grams: wording shared by more than max(3, 0.1%) of all records (templates,
+    stock phrases) is left out, so a template alone never counts."""
+    everything = [r for _, recs in s.items() for r in recs]
+    return near_duplicates(getattr(s, name), s.members, n, threshold,
+                           boilerplate_ngrams(everything, n))
 
-    Near duplicates are judged on distinctive n-grams: wording shared by more than max(3, 0.1%) of all
-    records (templates, stock phrases) is left out, so a template alone never counts.
-    """
+
+def check_splits(s: Splits, n: int = 8, threshold: float = 0.7) -> None:
+    """No shared id or group across splits; no near duplicate of a member outside members
+    (`split_near_duplicates`)."""
     seen: dict[str, str] = {}
     for name, recs in s.items():
         for r in recs:
@@ -147,10 +162,8 @@ def check_splits(s: Splits, n: int = 8, threshold: float = 0.7) -> None:
                 if key in seen and seen[key] != name:
                     raise SplitError(f"{key} is in both '{seen[key]}' and '{name}'")
                 seen[key] = name
-    everything = [r for _, recs in s.items() for r in recs]
-    common = boilerplate_ngrams(everything, n)
     for name in ("nonmembers", "public", "validation"):
-        dups = near_duplicates(getattr(s, name), s.members, n, threshold, common)
+        dups = split_near_duplicates(s, name, n, threshold)
         if dups:
             rid, share = dups[0]
             raise SplitError(f"{len(dups)} {name} record(s) near-duplicate a member (e.g. {rid}: "

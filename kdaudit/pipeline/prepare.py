@@ -57,6 +57,11 @@ def make_data(run: RunContext) -> dict:
     for split, records in s.items():
         rec.write_jsonl(records, run.dir.data(split))
     info = {"sizes": {k: len(v) for k, v in s.items()}, "pool": len(pool)}
+    if s.dropped_public:
+        info["public_near_duplicates_dropped"] = s.dropped_public
+        more = ", …" if len(s.dropped_public) > 3 else ""
+        print(f"data: left out {len(s.dropped_public)} public record(s) that near-duplicate a "
+              f"member ({', '.join(s.dropped_public[:3])}{more})", flush=True)
     halves = reference_halves(s.members + s.nonmembers, cfg.reference_models, cfg.seed)
     for k, half in enumerate(halves):
         rec.write_jsonl(half, run.dir.data(f"reference_{k}"))

@@ -23,6 +23,7 @@ BENCHES = (
      "bench_mope.py", []),
     ("Sampling and memorization: batched KV cache vs recomputing the prefix, vs one prompt at "
      "a time", "bench_sampling.py", []),
+    ("Off-policy KD: the teacher every step vs the teacher cache", "bench_teacher_cache.py", []),
     ("DP-SGD step vs non-DP step (Opacus per-sample gradients)", "bench_dpsgd.py", []),
     ("Sharing the CPU: thread policies alone and beside a competitor", "bench_threads.py",
      ["--steps", "20"]),

@@ -70,6 +70,11 @@ class KDConfig:
     top_p: float = 1.0
     soft_label_weight: float = 0.4      # DistilDP: weight of the teacher's soft labels
     hidden_weight: float = 0.0          # DistilDP: weight of the hidden-state MSE
+    # off-policy methods (kd, seqkd, dpkd, distildp without the hidden term): 0 runs the teacher
+    # every step (the paper's code); k > 0 keeps its k most likely log-probabilities per
+    # response token from the first epoch (the rest of the mass spread evenly) and reuses them
+    # (`kdaudit.train.teacher_cache`); k ≥ the vocabulary keeps them all, exactly
+    teacher_cache_topk: int = 0
 
     def __post_init__(self) -> None:
         validate_kd(self)
@@ -112,6 +117,7 @@ class KDParams:
     top_p: float
     soft_label_weight: float
     hidden_weight: float
+    teacher_cache_topk: int = 0
     per_sequence: bool = False
 
 
@@ -223,6 +229,9 @@ def validate_kd(kd: KDConfig, where: str = "kd") -> None:
     check("eval_every", kd.eval_every >= 0, "≥ 0 steps (0: once per epoch)")
     check("teacher_mix_alpha", 0 <= kd.teacher_mix_alpha < 1, "0 ≤ α < 1")
     check("minillm_clip", kd.minillm_clip > 0, "> 0")
+    check("teacher_cache_topk", not isinstance(kd.teacher_cache_topk, bool)
+          and isinstance(kd.teacher_cache_topk, int) and kd.teacher_cache_topk >= 0,
+          "an integer ≥ 0 (0: no cache)")
     check("minillm_discount", 0 < kd.minillm_discount <= 1, "0 < γ ≤ 1")
     check("minillm_rollouts", opt(lambda v: v >= 0)(kd.minillm_rollouts),
           "≥ 0 (0: one batch per round)")

@@ -29,6 +29,7 @@ from kdaudit.train.config import KDParams, TrainConfig
 from kdaudit.train.methods import Method, lm_term, method_params
 from kdaudit.train.sources import BatchSource
 from kdaudit.train.strategies import DPSGD, NoDP
+from kdaudit.train.teacher_cache import TeacherCache
 
 StepCallback = Callable[[int, dict[str, float]], None]
 
@@ -95,6 +96,7 @@ class _Run:
     plain_teacher: Any
     projection: torch.nn.Module | None   # DistilDP's hidden-state projection, or None
     batches: list[list[int]]
+    teacher_cache: TeacherCache | None = None
 
 
 def private_log_path(out_dir: str | Path) -> Path:
@@ -216,9 +218,13 @@ def _prepare(job: TrainJob) -> _Run:
         teacher = accelerator.prepare_model(job.teacher, evaluation_mode=True)
         teacher.eval()
         plain_teacher = accelerator.unwrap_model(teacher)
+    # off-policy methods see the same examples every epoch: the teacher's answer can be kept
+    cache = TeacherCache(params.teacher_cache_topk) if (
+        params.teacher_cache_topk and job.method.needs_teacher and projection is None
+        and job.method.data in ("ground_truth", "teacher_samples")) else None
     return _Run(job, params, accelerator, dp, source, model, optimizer, scheduler, teacher,
                 dp.unwrap(model, accelerator), plain_teacher, projection,
-                dp.batches(order, accelerator))
+                dp.batches(order, accelerator), cache)
 
 
 def _order(job: TrainJob) -> list[list[int]]:
@@ -262,20 +268,26 @@ def _scheduler(cfg: TrainConfig, total: int) -> Callable:
         optimizer, int(cfg.warmup_ratio * total), total)
 
 
-def _forward(run: _Run, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(student logits, teacher logits or None); with DistilDP's hidden term, both models'
-    last hidden states go into `batch.extras`, the student's through the projection."""
+def _forward(run: _Run, batch, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(student logits, teacher logits or None) for the batch of examples `idx`; with
+    DistilDP's hidden term, both models' last hidden states go into `batch.extras`, the
+    student's through the projection. With a teacher cache the teacher runs on a batch only
+    while some of its examples are not yet cached."""
     hidden = run.projection is not None
     with run.accelerator.autocast():
         out = run.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                         position_ids=batch.position_ids, output_hidden_states=hidden)
         teacher_logits = None
-        if run.job.method.needs_teacher:
-            with torch.no_grad():
-                t_out = run.teacher(input_ids=batch.input_ids,
-                                    attention_mask=batch.attention_mask,
-                                    position_ids=batch.position_ids,
-                                    output_hidden_states=hidden)
+
+        @torch.no_grad()
+        def run_teacher():
+            return run.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids, output_hidden_states=hidden)
+
+        if run.job.method.needs_teacher and run.teacher_cache is not None:
+            teacher_logits = run.teacher_cache.logits(batch, idx, lambda: run_teacher().logits)
+        elif run.job.method.needs_teacher:
+            t_out = run_teacher()
             teacher_logits = t_out.logits
         if hidden:
             batch.extras["student_hidden"] = run.projection(out.hidden_states[-1])
@@ -303,7 +315,7 @@ def _step(run: _Run, step: int, idx: Sequence[int]
     rows came from). The method's loss, plus `lm_coef` times the LM term when it has one."""
     batch, origin = run.source.next_batch(step, idx, run.student, run.plain_teacher)
     batch = batch.to(run.accelerator.device)
-    logits, teacher_logits = _forward(run, batch)
+    logits, teacher_logits = _forward(run, batch, idx)
     loss, parts = run.job.method.loss(logits, teacher_logits, batch, run.params)
     if run.source.lm_examples:
         lm, lm_parts = _lm_term(run)

@@ -1,0 +1,96 @@
+"""The teacher cache of off-policy KD: exact when it keeps every log-probability, close when it
+keeps the top k, and the teacher runs only until every example is cached."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdaudit.config import ConfigError, KDConfig, TrainConfig
+from kdaudit.data.corpus import generate_records
+from kdaudit.data.template import encode_record, format_text
+from kdaudit.models import build_zoo_model, train_tokenizer
+from kdaudit.train import loop
+from kdaudit.train.batching import collate
+from kdaudit.train.methods import METHODS, method_params, shifted
+from kdaudit.train.objectives import forward_kl
+from kdaudit.train.teacher_cache import TeacherCache
+
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = train_tokenizer([format_text(r) for r in generate_records(200, seed=31)], 300)
+    examples = [encode_record(r, tok, 80) for r in generate_records(24, seed=32)]
+    teacher = build_zoo_model("gpt2-smoke-teacher", tok, seed=1).eval()
+    return tok, examples, teacher
+
+
+def _train(setup, tmp_path, method: str, topk: int):
+    """Per-step records and the number of teacher forward passes of a short run."""
+    tok, examples, teacher = setup
+    calls, steps = [], []
+    handle = teacher.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        job = loop.TrainJob(
+            build_zoo_model("gpt2-smoke-student", tok, seed=2), examples, METHODS[method],
+            TrainConfig(epochs=EPOCHS, batch_size=8, lr=1e-3, checkpoint_every=0),
+            tmp_path / f"{method}-{topk}", seed=0, pad_id=tok.pad_token_id, teacher=teacher,
+            params=method_params(METHODS[method], KDConfig(teacher_cache_topk=topk,
+                                                           max_new_tokens=8)),
+            desc=None, callbacks=[lambda step, rec: steps.append(rec)])
+        loop.train(job)
+    finally:
+        handle.remove()
+    return steps, len(calls)
+
+
+def test_a_cache_of_every_log_probability_trains_exactly_as_without(setup, tmp_path):
+    plain, plain_calls = _train(setup, tmp_path, "kd", 0)
+    cached, cached_calls = _train(setup, tmp_path, "kd", 10 ** 6)
+    assert len(plain) == len(cached) == plain_calls == 3 * EPOCHS
+    assert cached_calls == 3                       # the first epoch only
+    for a, b in zip(plain, cached):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["forward_kl"] == pytest.approx(a["forward_kl"], rel=1e-5, abs=1e-6)
+
+
+def test_top_k_keeps_the_teachers_largest_probabilities_and_the_tail_mass(tiny_lm):
+    """Rebuilt: the k kept log-probabilities exactly, the rest of the mass spread evenly. The
+    KD loss moves less as k grows, and not at all with every token kept. (How far it moves
+    depends on the teacher's tail mass: benchmarks/perf/bench_teacher_cache.py reports it on
+    the tiny teacher.)"""
+    teacher, tok, records, _ = tiny_lm
+    batch = collate([encode_record(r, tok, 120) for r in records[:8]], tok.pad_token_id)
+    idx = list(range(8))
+    with torch.no_grad():
+        full = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids).logits
+    mask = batch.target_mask[:, 1:].bool()
+    want = torch.log_softmax(full[:, :-1][mask], -1)
+    student = torch.randn_like(full)
+    s, _, m = shifted(student, batch)
+    exact = forward_kl(s, full[:, :-1], m)
+    moved = {}
+    for k in (1, 8, 64, len(tok)):
+        cache = TeacherCache(k)
+        rebuilt = cache.logits(batch, idx, lambda: full)
+        got = torch.log_softmax(rebuilt[:, :-1][mask], -1)
+        top = want.topk(min(k, len(tok)), -1)
+        torch.testing.assert_close(got.gather(1, top.indices), top.values, rtol=0, atol=1e-5)
+        assert torch.allclose(got.exp().sum(-1), torch.ones(len(got)), atol=1e-5)
+        again = cache.logits(batch, idx, lambda: pytest.fail("the teacher ran again"))
+        assert torch.equal(again, rebuilt)
+        moved[k] = abs(float(forward_kl(s, rebuilt[:, :-1], m) - exact)) / float(exact)
+    assert moved[1] > moved[8] > moved[64] > 1e-3 > 1e-5 > moved[len(tok)]
+
+
+def test_the_cache_is_for_off_policy_methods_only(setup, tmp_path):
+    """ImitKD's batches are the student's own samples: the teacher runs every step."""
+    _, imit_calls = _train(setup, tmp_path, "imitkd", 64)
+    assert imit_calls == 3 * EPOCHS
+
+
+def test_teacher_cache_topk_is_checked():
+    with pytest.raises(ConfigError, match="teacher_cache_topk: expected an integer ≥ 0"):
+        KDConfig(teacher_cache_topk=-1)

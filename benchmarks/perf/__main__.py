@@ -25,6 +25,7 @@ BENCHES = (
      "a time", "bench_sampling.py", []),
     ("Off-policy KD: the teacher every step vs the teacher cache", "bench_teacher_cache.py", []),
     ("DP-SGD step vs non-DP step (Opacus per-sample gradients)", "bench_dpsgd.py", []),
+    ("End to end: kdaudit run --preset smoke, per stage", "bench_end_to_end.py", []),
     ("Sharing the CPU: thread policies alone and beside a competitor", "bench_threads.py",
      ["--steps", "20"]),
 )

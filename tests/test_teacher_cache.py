@@ -94,3 +94,23 @@ def test_the_cache_is_for_off_policy_methods_only(setup, tmp_path):
 def test_teacher_cache_topk_is_checked():
     with pytest.raises(ConfigError, match="teacher_cache_topk: expected an integer ≥ 0"):
         KDConfig(teacher_cache_topk=-1)
+
+
+def test_the_cache_retrains_only_when_on_and_only_off_policy_methods():
+    """At 0 the stage inputs and the suite fingerprint are those of runs made before the
+    option existed (finished runs stay finished); on, it retrains kd but not imitkd."""
+    import dataclasses
+
+    from kdaudit.benchmark import _fingerprint
+    from kdaudit.config import load_config
+    from kdaudit.store import stable_hash
+
+    off, on = KDConfig(), KDConfig(teacher_cache_topk=64)
+    assert "teacher_cache_topk" not in METHODS["kd"].kd_inputs(off)
+    assert METHODS["kd"].kd_inputs(on)["teacher_cache_topk"] == 64
+    assert METHODS["imitkd"].kd_inputs(on) == METHODS["imitkd"].kd_inputs(off)
+    cfg = load_config("smoke")
+    before = cfg.to_dict()
+    del before["kd"]["teacher_cache_topk"]
+    assert _fingerprint(cfg) == stable_hash(before)
+    assert _fingerprint(dataclasses.replace(cfg, kd=on)) != _fingerprint(cfg)

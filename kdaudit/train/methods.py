@@ -282,9 +282,19 @@ class Method:
             fields.append("recipe")
         return tuple(dict.fromkeys(fields))
 
+    @property
+    def off_policy(self) -> bool:
+        """It learns from a teacher on examples fixed before training (kd, seqkd, dpkd,
+        distildp): the teacher's answer to an example can be kept (`teacher_cache_topk`)."""
+        return self.needs_teacher and self.data in ("ground_truth", "teacher_samples")
+
     def kd_inputs(self, kd) -> dict[str, Any]:
-        """This method's KD hyperparameters as a stage input: {field: value}."""
-        return {f: getattr(kd, f) for f in self.kd_fields}
+        """This method's KD hyperparameters as a stage input: {field: value}. The teacher
+        cache counts only when on (off, the inputs are those of runs made before it)."""
+        inputs = {f: getattr(kd, f) for f in self.kd_fields}
+        if self.off_policy and kd.teacher_cache_topk:
+            inputs["teacher_cache_topk"] = kd.teacher_cache_topk
+        return inputs
 
 
 _HALF_KD_ON_LLAMA = (("llama", "kd_ratio", 0.5),)   # the paper's LLaMA kd.sh and seqkd.sh

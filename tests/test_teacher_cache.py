@@ -37,7 +37,7 @@ def _train(setup, tmp_path, method: str, topk: int):
             TrainConfig(epochs=EPOCHS, batch_size=8, lr=1e-3, checkpoint_every=0),
             tmp_path / f"{method}-{topk}", seed=0, pad_id=tok.pad_token_id, teacher=teacher,
             params=method_params(METHODS[method], KDConfig(teacher_cache_topk=topk,
-                                                           max_new_tokens=8)),
+                                                           max_new_tokens=8, lm_coef=0.0)),
             desc=None, callbacks=[lambda step, rec: steps.append(rec)])
         loop.train(job)
     finally:

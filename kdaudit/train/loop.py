@@ -220,7 +220,7 @@ def _prepare(job: TrainJob) -> _Run:
         plain_teacher = accelerator.unwrap_model(teacher)
     # off-policy methods see the same examples every epoch: the teacher's answer can be kept
     cache = TeacherCache(params.teacher_cache_topk) if (
-        params.teacher_cache_topk and job.method.off_policy and projection is None) else None
+        job.method.off_policy and params.teacher_cache_topk and projection is None) else None
     return _Run(job, params, accelerator, dp, source, model, optimizer, scheduler, teacher,
                 dp.unwrap(model, accelerator), plain_teacher, projection,
                 dp.batches(order, accelerator), cache)

@@ -280,6 +280,8 @@ class Method:
             fields += ["lm_coef", "lm_kd_ratio", "lm_corpus", "lm_corpus_records"]
         if self.lm_term or self.data != "ground_truth":
             fields.append("recipe")
+        if self.off_policy:
+            fields.append("teacher_cache_topk")
         return tuple(dict.fromkeys(fields))
 
     @property
@@ -291,10 +293,8 @@ class Method:
     def kd_inputs(self, kd) -> dict[str, Any]:
         """This method's KD hyperparameters as a stage input: {field: value}. The teacher
         cache counts only when on (off, the inputs are those of runs made before it)."""
-        inputs = {f: getattr(kd, f) for f in self.kd_fields}
-        if self.off_policy and kd.teacher_cache_topk:
-            inputs["teacher_cache_topk"] = kd.teacher_cache_topk
-        return inputs
+        return {f: getattr(kd, f) for f in self.kd_fields
+                if f != "teacher_cache_topk" or kd.teacher_cache_topk}
 
 
 _HALF_KD_ON_LLAMA = (("llama", "kd_ratio", 0.5),)   # the paper's LLaMA kd.sh and seqkd.sh

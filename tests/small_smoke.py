@@ -1,8 +1,6 @@
 """The smoke preset on smaller splits, for the tests that start whole `kdaudit run`
 processes (interrupted, launched): a full run in about 15 s on a 2-core CPU."""
 
-# checkpoint_every = 1: the teacher's checkpoint exists from its first step to its last, a wide
-# window for the interrupt test's SIGINT on a loaded machine
 CONFIG = """\
 [data]
 n_members = 64
@@ -14,7 +12,7 @@ canaries_once = 16
 epochs = 0.5
 [teacher]
 epochs = 2.0
-checkpoint_every = 1
+checkpoint_every = 3
 [audit]
 signals = ["loss", "zlib", "mink", "ref_base", "blind"]
 canary_candidates = 20

@@ -69,7 +69,11 @@ def _tables(run: Path) -> dict[str, bytes]:
 
 
 def test_a_run_killed_four_times_finishes_with_the_uninterrupted_tables(tmp_path):
-    (tmp_path / "run.toml").write_text(CONFIG)
+    # a longer teacher (3× the steps) keeps its checkpoint marker up for seconds on an idle
+    # machine too, so the SIGINT below lands mid-training however fast the machine is
+    config = CONFIG.replace("[teacher]\nepochs = 2.0", "[teacher]\nepochs = 6.0")
+    assert config != CONFIG
+    (tmp_path / "run.toml").write_text(config)
     env = _env(tmp_path / "cache")
     chain = tmp_path / "chain"
     run = chain / "smoke"

@@ -140,14 +140,16 @@ def split_records(records: list[Record], *, n_members: int, n_nonmembers: int, n
     return splits
 
 
-def split_near_duplicates(s: Splits, name: str, n: int = 8,
-                          threshold: float = 0.7) -> list[tuple[str, float]]:
+def split_near_duplicates(s: Splits, name: str, n: int = 8, threshold: float = 0.7,
+                          common: set[tuple[str, ...]] | None = None
+                          ) -> list[tuple[str, float]]:
     """(id, overlap) of the records of split `name` that near-duplicate a member, judged on
     distinctive n-grams: wording shared by more than max(3, 0.1%) of all records (templates,
-    stock phrases) is left out, so a template alone never counts."""
-    everything = [r for _, recs in s.items() for r in recs]
-    return near_duplicates(getattr(s, name), s.members, n, threshold,
-                           boilerplate_ngrams(everything, n))
+    stock phrases; `common`, computed here when not given) is left out, so a template alone
+    never counts."""
+    if common is None:
+        common = boilerplate_ngrams([r for _, recs in s.items() for r in recs], n)
+    return near_duplicates(getattr(s, name), s.members, n, threshold, common)
 
 
 def check_splits(s: Splits, n: int = 8, threshold: float = 0.7) -> None:
@@ -162,8 +164,9 @@ def check_splits(s: Splits, n: int = 8, threshold: float = 0.7) -> None:
                 if key in seen and seen[key] != name:
                     raise SplitError(f"{key} is in both '{seen[key]}' and '{name}'")
                 seen[key] = name
+    common = boilerplate_ngrams([r for _, recs in s.items() for r in recs], n)
     for name in ("nonmembers", "public", "validation"):
-        dups = split_near_duplicates(s, name, n, threshold)
+        dups = split_near_duplicates(s, name, n, threshold, common)
         if dups:
             rid, share = dups[0]
             raise SplitError(f"{len(dups)} {name} record(s) near-duplicate a member (e.g. {rid}: "

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from attacks import parallel
 from attacks.scoring import (ScoringBatch, check_scoring_inputs, default_batch_tokens,
                              scoring_batches)
 
@@ -163,8 +164,8 @@ def mope_scores(model: nn.Module, sequences: Sequence[Sequence[int]], score_from
     _check_args(sequences, score_from, sigma, n_perturbations, batch_size)
     params = list(model.parameters())                 # tied weights appear (and move) once
     device = params[0].device
-    batches = scoring_batches(sequences, score_from, pad_id, batch_size, device,
-                              default_batch_tokens(device))
+    batches = [b for _, b in parallel.my_batches(scoring_batches(
+        sequences, score_from, pad_id, batch_size, device, default_batch_tokens(device)))]
     clean = np.zeros(len(sequences))
     perturbed = np.zeros(len(sequences))
     originals = [p.detach().clone() for p in params]
@@ -181,7 +182,17 @@ def mope_scores(model: nn.Module, sequences: Sequence[Sequence[int]], score_from
     finally:
         _restore_(params, originals)
         model.train(was_training)
-    return perturbed / n_perturbations - clean
+    return _merged(perturbed / n_perturbations - clean, batches)
+
+
+def _merged(scores: np.ndarray, batches: Sequence[ScoringBatch]) -> np.ndarray:
+    """`scores` (..., N_seq), filled at the sequences of this process's `batches`, with every
+    other process's sequences filled in too (`attacks.parallel`)."""
+    local = {int(i): scores[..., i] for b in batches for i in b.idx}
+    out = np.zeros_like(scores)
+    for i, value in parallel.merged(local).items():
+        out[..., i] = value
+    return out
 
 
 # ----------------------------------------------------------------------------- block MoPe
@@ -262,8 +273,8 @@ def block_mope_scores(model: nn.Module, sequences: Sequence[Sequence[int]],
             raise ValueError(f"block index {b} out of range for {n_layers} blocks")
     final = _final_layers(model, owner)
     device = next(model.parameters()).device
-    batches = scoring_batches(sequences, score_from, pad_id, batch_size, device,
-                              default_batch_tokens(device))
+    batches = [b for _, b in parallel.my_batches(scoring_batches(
+        sequences, score_from, pad_id, batch_size, device, default_batch_tokens(device)))]
 
     params = {b: list(layers[b].parameters()) for b in chosen}
     originals = {b: [p.detach().clone() for p in params[b]] for b in chosen}
@@ -311,4 +322,4 @@ def block_mope_scores(model: nn.Module, sequences: Sequence[Sequence[int]],
         for b in chosen:
             _restore_(params[b], originals[b])
         model.train(was_training)
-    return scores
+    return _merged(scores, batches)

@@ -7,20 +7,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from attacks import parallel
+
 
 def left_padded_batches(prompts: Sequence[Sequence[int]], batch_size: int, pad_id: int,
-                        desc: str | None):
-    """Length-sorted batches of prompts, left-padded for generation: (indices, ids, mask)."""
+                        desc: str | None, *, shared: bool = False):
+    """Length-sorted batches of prompts, left-padded for generation: (batch number, indices,
+    ids, mask). `shared`: only this process's share of them (`attacks.parallel`)."""
     order = np.argsort([len(p) for p in prompts], kind="stable")
     batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc=desc, disable=desc is None, unit="batch", mininterval=1.0):
+    numbered = parallel.my_batches(batches) if shared else list(enumerate(batches))
+    for k, idx in tqdm(numbered, desc=desc, disable=desc is None or not parallel.is_first(),
+                       unit="batch", mininterval=1.0):
         width = max(len(prompts[i]) for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
         for row, i in enumerate(idx):
             ids[row, width - len(prompts[i]):] = torch.as_tensor(list(prompts[i]))
             attn[row, width - len(prompts[i]):] = 1
-        yield idx, ids, attn
+        yield k, idx, ids, attn
 
 
 @torch.no_grad()
@@ -32,8 +37,8 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out: list[list[int]] = [[] for _ in prompts]
-    for idx, ids, attn in left_padded_batches(prompts, batch_size, pad_id, desc):
+    out: dict[int, list[int]] = {}
+    for _, idx, ids, attn in left_padded_batches(prompts, batch_size, pad_id, desc, shared=True):
         width = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                              max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=False,
@@ -42,9 +47,10 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
             new = gen[row, width:].tolist()
             if eos_id is not None and eos_id in new:
                 new = new[:new.index(eos_id) + 1]
-            out[i] = new
+            out[int(i)] = new
     model.train(was_training)
-    return out
+    out = parallel.merged(out)
+    return [out[i] for i in range(len(prompts))]
 
 
 def match_metrics(generated: Sequence[Sequence[int]], references: Sequence[Sequence[int]],
@@ -76,13 +82,14 @@ def sample_generate(model, prompts: Sequence[Sequence[int]], *, n: int, max_new_
                     pad_id: int, eos_id: int | None, top_k: int = 40, batch_size: int = 64,
                     seed: int = 0, desc: str | None = None) -> list[list[tuple[list[int], float]]]:
     """n top-k samples per prompt, each with the model's own mean log-likelihood of it,
-    sorted most likely first (Carlini et al. 2021 rank extraction candidates this way)."""
-    torch.manual_seed(seed)
+    sorted most likely first (Carlini et al. 2021 rank extraction candidates this way). Batch
+    k samples from seed (seed, k), so a batch's samples do not depend on the batches before."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out: list[list[tuple[list[int], float]]] = [[] for _ in prompts]
-    for idx, ids, attn in left_padded_batches(prompts, batch_size, pad_id, desc):
+    out: dict[int, list[tuple[list[int], float]]] = {int(i): [] for i in range(len(prompts))}
+    for k, idx, ids, attn in left_padded_batches(prompts, batch_size, pad_id, desc, shared=True):
+        torch.manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
         width = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                              max_new_tokens=max_new_tokens, do_sample=True, top_k=top_k,
@@ -95,11 +102,10 @@ def sample_generate(model, prompts: Sequence[Sequence[int]], *, n: int, max_new_
             [attn.to(device).repeat_interleave(n, 0), torch.ones_like(new)], 1)).logits
         logp = torch.log_softmax(full[:, width - 1:-1].float(), -1).gather(
             2, new[..., None]).squeeze(2)
-        for k in range(new.shape[0]):
-            toks = new[k].tolist()
+        for row in range(new.shape[0]):
+            toks = new[row].tolist()
             end = toks.index(eos_id) + 1 if eos_id is not None and eos_id in toks else len(toks)
-            out[idx[k // n]].append((toks[:end], float(logp[k, :end].mean())))
-    for cands in out:
-        cands.sort(key=lambda c: -c[1])
+            out[int(idx[row // n])].append((toks[:end], float(logp[row, :end].mean())))
     model.train(was_training)
-    return out
+    out = parallel.merged({i: sorted(c, key=lambda c: -c[1]) for i, c in out.items() if c})
+    return [out.get(i, []) for i in range(len(prompts))]

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from attacks import parallel
+
 
 @dataclass
 class TokenStats:
@@ -194,21 +196,24 @@ def token_stats(model, sequences: Sequence[Sequence[int]], score_from: Sequence[
         max_tokens = default_batch_tokens(device)
     was_training = model.training
     model.eval()
-    per_seq: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [None] * len(sequences)  # type: ignore
-    batches = scoring_batches(sequences, score_from, pad_id, batch_size, device, max_tokens)
-    split, first = _checked_split(model, batches[0]) if batches else (None, None)
-    for n, batch in enumerate(tqdm(batches, desc=desc, disable=desc is None, unit="batch",
-                                   mininterval=1.0)):
+    per_seq: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    batches = parallel.my_batches(
+        scoring_batches(sequences, score_from, pad_id, batch_size, device, max_tokens))
+    split, first = _checked_split(model, batches[0][1]) if batches else (None, None)
+    for n, (_, batch) in enumerate(tqdm(batches, desc=desc, unit="batch", mininterval=1.0,
+                                        disable=desc is None or not parallel.is_first())):
         sel = batch.score[:, 1:]
         logits = first if n == 0 else scored_logits(model, batch, split)
         lp, mu, var = stats_of_logits(logits, batch.ids[:, 1:][sel], dtype)
         counts = sel.sum(1).tolist()
         for row, (a, b, c) in enumerate(zip(lp.split(counts), mu.split(counts), var.split(counts))):
-            per_seq[batch.idx[row]] = (a.double().cpu().numpy(), b.double().cpu().numpy(),
-                                       c.double().cpu().numpy())
+            per_seq[int(batch.idx[row])] = (a.double().cpu().numpy(), b.double().cpu().numpy(),
+                                            c.double().cpu().numpy())
+    per_seq = parallel.merged(per_seq)
     model.train(was_training)
-    lengths = np.array([len(t[0]) for t in per_seq], dtype=np.int64)
-    return TokenStats(logprob=np.concatenate([t[0] for t in per_seq]),
-                      mean=np.concatenate([t[1] for t in per_seq]),
-                      var=np.concatenate([t[2] for t in per_seq]),
+    rows = [per_seq[i] for i in range(len(sequences))]
+    lengths = np.array([len(t[0]) for t in rows], dtype=np.int64)
+    return TokenStats(logprob=np.concatenate([t[0] for t in rows]),
+                      mean=np.concatenate([t[1] for t in rows]),
+                      var=np.concatenate([t[2] for t in rows]),
                       offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))

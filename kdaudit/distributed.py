@@ -1,8 +1,10 @@
 """Several processes under a launcher (`accelerate launch`, `torchrun`): which one does what.
 
-Training stages run in every process (Accelerate's DDP, Opacus's DPDDP for DP-SGD); every
-other stage (data, tokenizer, scoring, tables, report) runs in the main process while the
-others wait, so each file is written by one process. Without a launcher there is one
+Training stages run in every process (Accelerate's DDP, Opacus's DPDDP for DP-SGD). Audit
+stages run in every process too: each scores and generates its share of the batches
+(`attacks.parallel`, through `scoring_shard`), every process gets the merged result, and the
+main one writes it. Every other stage (data, tokenizer, tables, report) runs in the main
+process while the others wait, so each file is written by one process. Without a launcher there is one
 process and every function here is a no-op.
 """
 from __future__ import annotations
@@ -52,3 +54,20 @@ def from_main(value: Any) -> Any:
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([value], from_process=0)[0]
+
+
+def device():
+    """This process's device under a launcher (its own GPU; the CPU under gloo), else None."""
+    return _state().device if launched() else None
+
+
+def scoring_shard():
+    """This process's `attacks.parallel.Shard` under a launcher, else None (no sharing)."""
+    if not launched():
+        return None
+    from accelerate.utils import gather_object
+
+    from attacks.parallel import Shard
+
+    state = _state()
+    return Shard(state.process_index, state.num_processes, lambda obj: gather_object([obj]))

@@ -17,13 +17,17 @@ def load_tokenizer(name_or_path: str | Path):
 
 def compute_device() -> torch.device:
     """Where models are scored and sample: `KDAUDIT_DEVICE` if set (e.g. "cpu", "cuda:1"),
-    else the first CUDA device, else Apple's MPS, else the CPU. Training places itself
-    through Accelerate."""
+    else, under a launcher, this process's own device, else the first CUDA device, else
+    Apple's MPS, else the CPU. Training places itself through Accelerate."""
     import os
+
+    from kdaudit import distributed
 
     chosen = os.environ.get("KDAUDIT_DEVICE")
     if chosen:
         return torch.device(chosen)
+    if distributed.launched():
+        return torch.device(distributed.device())
     if torch.cuda.is_available():
         return torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)

@@ -11,6 +11,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from attacks import parallel
+from kdaudit import distributed
 from kdaudit.audit import AuditContext, AuditResult, AuditSet, ModelAudit, ModelInfo, \
     ModelPass, assemble, audit_model, external_pass, extra_passes, reference_models, \
     reference_pass
@@ -80,11 +82,15 @@ def audit_outputs(run: RunContext, model_id: str, trained: bool) -> list[Path]:
 
 # -- stages ---------------------------------------------------------------------------------
 def make_model_audit(run: RunContext, model_id: str, trained: bool, population: bool) -> dict:
+    """Under a launcher every process runs this: each scores and generates its share of the
+    batches, all get the whole audit, the main process writes it."""
     ctx = audit_context(run)
     model = load_model(run.dir.model(model_id), device=compute_device())
-    audit = audit_model(ctx, model_id, model, trained=trained, folder=run.dir.model(model_id),
-                        population=population)
-    save_audit(run, ctx, model_id, audit)
+    with parallel.sharded(distributed.scoring_shard()):
+        audit = audit_model(ctx, model_id, model, trained=trained,
+                            folder=run.dir.model(model_id), population=population)
+    if distributed.is_main():
+        save_audit(run, ctx, model_id, audit)
     return {"tokens": int(len(audit.scored.stats.logprob))}
 
 
@@ -102,26 +108,31 @@ def model_audit_stage(run: RunContext, info: ModelInfo, population: bool) -> Sta
                       canaries=[a.canary_candidates, a.canary_guess_fraction],
                       utility=[a.utility_records, a.utility_tokens])
     return Stage(f"audit:{info.id}", inputs, audit_outputs(run, info.id, trained),
-                 partial(make_model_audit, run, info.id, trained, population))
+                 partial(make_model_audit, run, info.id, trained, population),
+                 every_process=True)
 
 
 def make_reference_pass(run: RunContext, model_id: str) -> dict:
-    """A reference model (or ref_ext, with its own tokenizer): token statistics only."""
+    """A reference model (or ref_ext, with its own tokenizer): token statistics only, shared
+    out like an audit's under a launcher."""
     ctx = audit_context(run)
     model = load_model(run.dir.model(model_id), device=compute_device())
-    if model_id == "ref_ext":
-        stats, _ = external_pass(ctx, model, load_tokenizer(run.dir.model(model_id)))
-        audit = ModelAudit(ModelPass(stats))
-    else:
-        audit = reference_pass(ctx, model, model_id)
-    save_audit(run, ctx, model_id, audit)
+    with parallel.sharded(distributed.scoring_shard()):
+        if model_id == "ref_ext":
+            stats, _ = external_pass(ctx, model, load_tokenizer(run.dir.model(model_id)))
+            audit = ModelAudit(ModelPass(stats))
+        else:
+            audit = reference_pass(ctx, model, model_id)
+    if distributed.is_main():
+        save_audit(run, ctx, model_id, audit)
     return {"tokens": int(len(audit.scored.stats.logprob))}
 
 
 def reference_stage(run: RunContext, model_id: str) -> Stage:
     return Stage(f"score:{model_id}", {"model": run.hashes[model_id], "data": run.hashes["data"],
                                        "max_length": run.cfg.data.max_length},
-                 [run.dir.stats(model_id)], partial(make_reference_pass, run, model_id))
+                 [run.dir.stats(model_id)], partial(make_reference_pass, run, model_id),
+                 every_process=True)
 
 
 def audit_stages(run: RunContext) -> list[Callable[[], Stage]]:

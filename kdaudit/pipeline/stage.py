@@ -77,14 +77,14 @@ class Stage:
     inputs: dict[str, Any]                       # hashed: a change reruns the stage
     outputs: list                                # paths; a missing one reruns the stage
     fn: Callable[[], dict[str, Any] | None]      # writes the outputs; returns manifest info
-    every_process: bool = False                  # training: all processes of a launcher run fn
+    every_process: bool = False                  # training, audits: every process runs fn
 
 
 def execute(run: RunContext, stage: Stage) -> None:
     """Run `stage` unless it is done with the same inputs; record it in the manifest.
 
     Under a launcher, the main process alone writes the manifest and runs the stage (every
-    process does, for a training stage); the others wait, then read what it recorded, so
+    process does, for a training or audit stage); the others wait, then read what it recorded, so
     every process holds the same stage hashes. Alone, every `distributed` call is a no-op."""
     name, h = stage.name, stable_hash(stage.inputs)
     main = distributed.is_main()

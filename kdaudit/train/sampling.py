@@ -76,7 +76,7 @@ def sample_responses(student, prompts: Sequence[Sequence[int]], *, max_new_token
     for m in models:
         m.eval()
     out: list[Sample | None] = [None] * len(prompts)
-    for idx, ids, attn in left_padded_batches(prompts, batch_size, pad_id, None):
+    for _, idx, ids, attn in left_padded_batches(prompts, batch_size, pad_id, None):
         ids, attn = ids.to(device), attn.to(device)
         caches = [DynamicCache() for _ in models]
         step_ids = ids

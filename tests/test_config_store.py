@@ -176,6 +176,16 @@ def test_lengths_beyond_the_models_context_and_lira_without_references_are_refus
         f"kdaudit: error: {path}: data.max_length: 100000 tokens exceed the 256-token context "
         f"of models.teacher = 'gpt2-smoke-teacher'")
     assert not (tmp_path / "runs").exists()
+    # a sampling method whose responses would fill the whole sequence (the prompt cut to one
+    # token, the sequence past the model's positions) stops before the first stage
+    path.write_text('methods = ["nokd", "imitkd"]\n[kd]\nmax_new_tokens = 128\n')
+    assert main(["run", "--preset", "smoke", "--config", str(path), "--out",
+                 str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"kdaudit: error: {path}: kd.max_new_tokens: 128 sampled tokens leave no room for a "
+        f"prompt within data.max_length = 128 (methods ['imitkd'] sample responses); expected "
+        f"fewer than 128")
+    assert not (tmp_path / "runs").exists()
     path.write_text('[audit]\nsignals = ["loss", "rmia"]\n')
     with pytest.raises(ConfigError, match=r"\['rmia'\] need reference models: set "
                                           r"reference_models to 4 or more"):

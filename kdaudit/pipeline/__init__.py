@@ -111,13 +111,22 @@ def model_context(name: str) -> int | None:
 
 
 def check_contexts(cfg: RunConfig) -> None:
-    """Before any stage: `data.max_length` fits the teacher's and the student's context."""
+    """Before any stage: `data.max_length` fits the teacher's and the student's context, and
+    the methods that sample responses leave room in it for a prompt."""
+    from kdaudit.train.methods import METHODS
+
     for role in ("teacher", "student"):
         name = getattr(cfg.models, role)
         context = model_context(name)
         if context is not None and cfg.data.max_length > context:
             raise ConfigError(f"data.max_length: {cfg.data.max_length} tokens exceed the "
                               f"{context}-token context of models.{role} = {name!r}")
+    sampling = [m for m in cfg.methods if m in METHODS and METHODS[m].data != "ground_truth"]
+    if sampling and cfg.kd.max_new_tokens >= cfg.data.max_length:
+        raise ConfigError(f"kd.max_new_tokens: {cfg.kd.max_new_tokens} sampled tokens leave no "
+                          f"room for a prompt within data.max_length = {cfg.data.max_length} "
+                          f"(methods {sampling} sample responses); expected fewer than "
+                          f"{cfg.data.max_length}")
 
 
 def write_suite(cfg: RunConfig, results: dict[str, RunResult]) -> dict[str, Path]:

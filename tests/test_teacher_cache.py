@@ -80,7 +80,7 @@ def test_top_k_keeps_the_teachers_largest_probabilities_and_the_tail_mass(tiny_l
         torch.testing.assert_close(got.gather(1, top.indices), top.values, rtol=0, atol=1e-5)
         assert torch.allclose(got.exp().sum(-1), torch.ones(len(got)), atol=1e-5)
         again = cache.logits(batch, idx, lambda: pytest.fail("the teacher ran again"))
-        assert torch.equal(again, rebuilt)
+        assert torch.equal(again[:, :-1][mask], rebuilt[:, :-1][mask])   # the rows read
         moved[k] = abs(float(forward_kl(s, rebuilt[:, :-1], m) - exact)) / float(exact)
     assert moved[1] > moved[8] > moved[64] > 1e-3 > 1e-5 > moved[len(tok)]
 

@@ -91,10 +91,11 @@ def main() -> None:
         print(f"  {label:20s}: epochs {', '.join(f'{t:.1f}' for t in times)} s")
     for k in ks:
         cached_t, cached_kl, tail = runs[k]
+        width = 4 if k >= len(tok) else 8     # log-probability, and its token id unless all kept
         print(f"top-{k}: cached epoch / uncached epoch (epochs 2+): "
               f"{statistics.mean(cached_t[later]) / statistics.mean(plain_t[later]):.2f}×; "
               f"first epoch {cached_t[0] / plain_t[0]:.2f}×; cache memory "
-              f"{tokens * k * 8 / 2 ** 20:.1f} MiB ({k} × (4 + 4) bytes per response token)")
+              f"{tokens * k * width / 2 ** 20:.1f} MiB ({k} × {width} bytes per response token)")
         print(f"top-{k}: teacher mass beyond the top k {tail:.3f} per response token; trained "
               f"student's exact KD loss (forward KL to the teacher) {cached_kl:.4f} against "
               f"{plain_kl:.4f} with the teacher every step ({(cached_kl - plain_kl) / plain_kl:+.1%})")

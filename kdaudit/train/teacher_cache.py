@@ -5,8 +5,11 @@ teacher (in eval mode) gives each one the same logits every epoch. With `teacher
 k > 0 the first epoch keeps, per response token, the teacher's k most likely log-probabilities
 and their token ids; later epochs rebuild the teacher's logits from them instead of running
 it: the k kept log-probabilities, and the remaining mass 1 − Σ top-k spread evenly over the
-other V − k tokens. k ≥ V keeps every log-probability and the rebuilt distribution is exact.
-Memory: (4 + 4) · k bytes per response token, on the CPU.
+other V − k tokens. k ≥ V keeps every log-probability, in vocabulary order, and the rebuilt
+distribution is exact. Memory: (4 + 4) · k bytes per response token (4 · V when k ≥ V), on
+the CPU. Only the positions that predict a response token are filled in the rebuilt logits:
+the losses gather those before any arithmetic (`kdaudit.train.objectives`), so the others are
+left as allocated.
 """
 from __future__ import annotations
 
@@ -23,20 +26,22 @@ class TeacherCache:
 
     def __init__(self, k: int):
         self.k, self.vocab = k, 0
-        self.entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # (n_resp, k) each
+        # (n_resp, k) log-probabilities and token ids; ids None when every token is kept
+        self.entries: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def nbytes(self) -> int:
-        return sum(v.nbytes + i.nbytes for v, i in self.entries.values())
+        return sum(v.nbytes + (i.nbytes if i is not None else 0)
+                   for v, i in self.entries.values())
 
     def logits(self, batch: Batch, idx: Sequence[int],
                teacher_logits: Callable[[], torch.Tensor]) -> torch.Tensor:
         """(B, T, V) teacher logits for the batch of examples `idx` (rows in that order):
         from the cache, after running `teacher_logits()` once for the rows not yet in it.
         Only positions that predict a response token carry the teacher's distribution; the
-        others are uniform (the losses mask them out)."""
+        others are unset (the losses never read them)."""
         mask = batch.target_mask[:, 1:].bool()                          # position t predicts t+1
         missing = [row for row, i in enumerate(idx) if i not in self.entries]
         if missing:
@@ -45,21 +50,26 @@ class TeacherCache:
             logp = torch.log_softmax(full[:, :-1].float(), dim=-1)
             k = min(self.k, self.vocab)
             for row in missing:
-                values, ids = logp[row][mask[row]].topk(k, dim=-1)
-                self.entries[idx[row]] = (values.cpu(), ids.to(torch.int32).cpu())
+                rows = logp[row][mask[row]]
+                if k == self.vocab:
+                    self.entries[idx[row]] = (rows.cpu(), None)
+                else:
+                    values, ids = rows.topk(k, dim=-1)
+                    self.entries[idx[row]] = (values.cpu(), ids.to(torch.int32).cpu())
         return self._rebuild(batch, idx, mask)
 
     def _rebuild(self, batch: Batch, idx: Sequence[int], mask: torch.Tensor) -> torch.Tensor:
         vocab, device = self.vocab, batch.input_ids.device
         bsz, width = batch.input_ids.shape
-        out = torch.zeros(bsz, width, vocab, device=device)
+        out = torch.empty(bsz, width, vocab, device=device)   # only the masked rows are read
         values = torch.cat([self.entries[i][0] for i in idx]).to(device)
-        ids = torch.cat([self.entries[i][1] for i in idx]).to(device, torch.long)
         k = values.shape[-1]
-        rows = torch.empty(len(values), vocab, device=device)
-        if k < vocab:
+        if k == vocab:
+            rows = values
+        else:
+            ids = torch.cat([self.entries[i][1] for i in idx]).to(device, torch.long)
             tail = (1 - values.exp().sum(-1)).clamp(min=1e-30)
-            rows[:] = (tail.log() - math.log(vocab - k))[:, None]
-        rows.scatter_(1, ids, values)
+            rows = (tail.log() - math.log(vocab - k))[:, None].expand(-1, vocab).contiguous()
+            rows.scatter_(1, ids, values)
         out[:, :-1][mask] = rows
         return out

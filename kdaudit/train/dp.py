@@ -128,6 +128,8 @@ def unit_optimizer_class(base: type) -> type:
             rows = len(self._get_flat_grad_sample(self.params[0]))
             if segments is not None and len(segments) != rows:
                 raise RuntimeError(f"{len(segments)} unit ids for a batch of {rows} rows")
+            if segments is not None and torch.equal(segments.cpu(), torch.arange(rows)):
+                segments = None     # every row its own unit, in order: the sums are the rows
             n = rows if segments is None or not rows else int(segments.max()) + 1
             for p in self.params:
                 if p is self.canaries:

@@ -189,10 +189,8 @@ def _merged(scores: np.ndarray, batches: Sequence[ScoringBatch]) -> np.ndarray:
     """`scores` (..., N_seq), filled at the sequences of this process's `batches`, with every
     other process's sequences filled in too (`attacks.parallel`)."""
     local = {int(i): scores[..., i] for b in batches for i in b.idx}
-    out = np.zeros_like(scores)
-    for i, value in parallel.merged(local).items():
-        out[..., i] = value
-    return out
+    n = scores.shape[-1]
+    return np.stack(parallel.in_order(local, n), axis=-1) if n else scores
 
 
 # ----------------------------------------------------------------------------- block MoPe

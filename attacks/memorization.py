@@ -49,8 +49,7 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
                 new = new[:new.index(eos_id) + 1]
             out[int(i)] = new
     model.train(was_training)
-    out = parallel.merged(out)
-    return [out[i] for i in range(len(prompts))]
+    return parallel.in_order(out, len(prompts))
 
 
 def match_metrics(generated: Sequence[Sequence[int]], references: Sequence[Sequence[int]],
@@ -87,7 +86,7 @@ def sample_generate(model, prompts: Sequence[Sequence[int]], *, n: int, max_new_
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out: dict[int, list[tuple[list[int], float]]] = {int(i): [] for i in range(len(prompts))}
+    out: dict[int, list[tuple[list[int], float]]] = {}
     for k, idx, ids, attn in left_padded_batches(prompts, batch_size, pad_id, desc, shared=True):
         torch.manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
         width = ids.shape[1]
@@ -105,7 +104,8 @@ def sample_generate(model, prompts: Sequence[Sequence[int]], *, n: int, max_new_
         for row in range(new.shape[0]):
             toks = new[row].tolist()
             end = toks.index(eos_id) + 1 if eos_id is not None and eos_id in toks else len(toks)
-            out[int(idx[row // n])].append((toks[:end], float(logp[row, :end].mean())))
+            out.setdefault(int(idx[row // n]), []).append(
+                (toks[:end], float(logp[row, :end].mean())))
     model.train(was_training)
-    out = parallel.merged({i: sorted(c, key=lambda c: -c[1]) for i, c in out.items() if c})
-    return [out.get(i, []) for i in range(len(prompts))]
+    return parallel.in_order({i: sorted(c, key=lambda c: -c[1]) for i, c in out.items()},
+                             len(prompts))

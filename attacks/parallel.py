@@ -65,3 +65,10 @@ def merged(local: dict[Any, T]) -> dict[Any, T]:
     for part in shard.gather(local):
         out.update(part)
     return out
+
+
+def in_order(local: dict[int, T], n: int) -> list[T]:
+    """Every process's results for sequences 0..n−1 (`local`: this process's, keyed by
+    sequence index), merged, as a list in sequence order, in every process."""
+    out = merged(local)
+    return [out[i] for i in range(n)]

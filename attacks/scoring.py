@@ -209,9 +209,8 @@ def token_stats(model, sequences: Sequence[Sequence[int]], score_from: Sequence[
         for row, (a, b, c) in enumerate(zip(lp.split(counts), mu.split(counts), var.split(counts))):
             per_seq[int(batch.idx[row])] = (a.double().cpu().numpy(), b.double().cpu().numpy(),
                                             c.double().cpu().numpy())
-    per_seq = parallel.merged(per_seq)
     model.train(was_training)
-    rows = [per_seq[i] for i in range(len(sequences))]
+    rows = parallel.in_order(per_seq, len(sequences))
     lengths = np.array([len(t[0]) for t in rows], dtype=np.int64)
     return TokenStats(logprob=np.concatenate([t[0] for t in rows]),
                       mean=np.concatenate([t[1] for t in rows]),

@@ -4,8 +4,8 @@ Training stages run in every process (Accelerate's DDP, Opacus's DPDDP for DP-SG
 stages run in every process too: each scores and generates its share of the batches
 (`attacks.parallel`, through `scoring_shard`), every process gets the merged result, and the
 main one writes it. Every other stage (data, tokenizer, tables, report) runs in the main
-process while the others wait, so each file is written by one process. Without a launcher there is one
-process and every function here is a no-op.
+process while the others wait, so each file is written by one process. Without a launcher
+there is one process and every function here is a no-op.
 """
 from __future__ import annotations
 

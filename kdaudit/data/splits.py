@@ -130,14 +130,21 @@ def split_records(records: list[Record], *, n_members: int, n_nonmembers: int, n
                              f"{n_validation} validation and {n_public} public records "
                              f"(short of '{name}')")
     splits = Splits(**out)
-    while dups := split_near_duplicates(splits, "public", dedup_ngram, dedup_threshold):
+    common = split_boilerplate(splits, dedup_ngram)
+    while dups := split_near_duplicates(splits, "public", dedup_ngram, dedup_threshold, common):
         ids = {rid for rid, _ in dups}
         splits.public = [r for r in splits.public if r.id not in ids]
         splits.dropped_public += sorted(ids)
+        common = split_boilerplate(splits, dedup_ngram)     # the records changed
     if not splits.public:
         raise SplitError("the public split is empty: students need public data")
-    check_splits(splits, dedup_ngram, dedup_threshold)
+    check_splits(splits, dedup_ngram, dedup_threshold, common)
     return splits
+
+
+def split_boilerplate(s: Splits, n: int = 8) -> set[tuple[str, ...]]:
+    """The n-grams too common across all splits' records to mark a near duplicate."""
+    return boilerplate_ngrams([r for _, recs in s.items() for r in recs], n)
 
 
 def split_near_duplicates(s: Splits, name: str, n: int = 8, threshold: float = 0.7,
@@ -148,13 +155,14 @@ def split_near_duplicates(s: Splits, name: str, n: int = 8, threshold: float = 0
     stock phrases; `common`, computed here when not given) is left out, so a template alone
     never counts."""
     if common is None:
-        common = boilerplate_ngrams([r for _, recs in s.items() for r in recs], n)
+        common = split_boilerplate(s, n)
     return near_duplicates(getattr(s, name), s.members, n, threshold, common)
 
 
-def check_splits(s: Splits, n: int = 8, threshold: float = 0.7) -> None:
+def check_splits(s: Splits, n: int = 8, threshold: float = 0.7,
+                 common: set[tuple[str, ...]] | None = None) -> None:
     """No shared id or group across splits; no near duplicate of a member outside members
-    (`split_near_duplicates`)."""
+    (`split_near_duplicates`; `common`: `split_boilerplate(s, n)` when already computed)."""
     seen: dict[str, str] = {}
     for name, recs in s.items():
         for r in recs:
@@ -164,7 +172,8 @@ def check_splits(s: Splits, n: int = 8, threshold: float = 0.7) -> None:
                 if key in seen and seen[key] != name:
                     raise SplitError(f"{key} is in both '{seen[key]}' and '{name}'")
                 seen[key] = name
-    common = boilerplate_ngrams([r for _, recs in s.items() for r in recs], n)
+    if common is None:
+        common = split_boilerplate(s, n)
     for name in ("nonmembers", "public", "validation"):
         dups = split_near_duplicates(s, name, n, threshold, common)
         if dups:

@@ -84,8 +84,8 @@ def execute(run: RunContext, stage: Stage) -> None:
     """Run `stage` unless it is done with the same inputs; record it in the manifest.
 
     Under a launcher, the main process alone writes the manifest and runs the stage (every
-    process does, for a training or audit stage); the others wait, then read what it recorded, so
-    every process holds the same stage hashes. Alone, every `distributed` call is a no-op."""
+    process does, for a training or audit stage); the others wait, then read what it
+    recorded, so every process holds the same stage hashes. Alone, every `distributed` call is a no-op."""
     name, h = stage.name, stable_hash(stage.inputs)
     main = distributed.is_main()
     if distributed.launched():

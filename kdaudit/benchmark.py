@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 from kdaudit.config import ConfigError, RunConfig, load_config, read_toml
 from kdaudit.store import atomic_write_json, stable_hash
+from kdaudit.train.config import LATER_KD_OPTIONS
 
 SUITE_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "suites"
 DONE = "benchmark_done.json"
@@ -95,17 +96,13 @@ def config(suite: Suite, variant: str, seed: int, out: Path) -> RunConfig:
         raise ConfigError(f"{suite.path} (variant {variant!r}): {e}") from None
 
 
-# Options added after suites were first run, with the default that keeps the earlier
-# behaviour: at that default they are left out of the fingerprint, so a finished run stays
-# finished across the upgrade.
-LATER_OPTIONS = {("kd", "teacher_cache_topk"): 0}
-
-
 def _fingerprint(cfg: RunConfig) -> str:
+    """The suite run's configuration, less the KD options added later while at their earlier
+    behaviour (`LATER_KD_OPTIONS`)."""
     config = cfg.to_dict()
-    for (section, name), default in LATER_OPTIONS.items():
-        if config[section].get(name) == default:
-            del config[section][name]
+    for name, default in LATER_KD_OPTIONS.items():
+        if config["kd"].get(name) == default:
+            del config["kd"][name]
     return stable_hash(config)
 
 

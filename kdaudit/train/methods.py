@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from kdaudit.train import objectives
 from kdaudit.train.batching import Batch
-from kdaudit.train.config import KDConfig, KDParams
+from kdaudit.train.config import LATER_KD_OPTIONS, KDConfig, KDParams
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, Batch, KDParams],
                   tuple[torch.Tensor, dict[str, float]]]
@@ -291,10 +291,11 @@ class Method:
         return self.needs_teacher and self.data in ("ground_truth", "teacher_samples")
 
     def kd_inputs(self, kd) -> dict[str, Any]:
-        """This method's KD hyperparameters as a stage input: {field: value}. The teacher
-        cache counts only when on (off, the inputs are those of runs made before it)."""
-        return {f: getattr(kd, f) for f in self.kd_fields
-                if f != "teacher_cache_topk" or kd.teacher_cache_topk}
+        """This method's KD hyperparameters as a stage input: {field: value}. An option added
+        later counts only away from its earlier behaviour (`LATER_KD_OPTIONS`)."""
+        values = {f: getattr(kd, f) for f in self.kd_fields}
+        return {f: v for f, v in values.items()
+                if f not in LATER_KD_OPTIONS or v != LATER_KD_OPTIONS[f]}
 
 
 _HALF_KD_ON_LLAMA = (("llama", "kd_ratio", 0.5),)   # the paper's LLaMA kd.sh and seqkd.sh

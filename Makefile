@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/kdaudit run --preset tiny
+	HF_HUB_OFFLINE=1 $(VENV)/bin/kdaudit run --preset demo
 
 smoke: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/kdaudit run --preset smoke

@@ -201,8 +201,9 @@ def _add_run_parser(sub) -> None:
                                    "members, distil the students, attack every model and write "
                                    "runs/<name>/report/. Finished stages are skipped when run "
                                    "again; an interrupted run resumes.")
-    p.add_argument("--preset", default="tiny", choices=presets(),
-                   help="starting configuration (default: tiny, the CPU demo)")
+    p.add_argument("--preset", default="demo", choices=presets(),
+                   help="starting configuration (default: demo, the tiny recipe on half its "
+                        "records)")
     p.add_argument("--config", type=Path, help="TOML file overriding preset fields")
     p.add_argument("--out", help="parent folder of the run directory (default: runs)")
     p.add_argument("--name", help="run name (default: the preset's)")

@@ -1,7 +1,8 @@
 """Typed run configuration, presets loaded from TOML, and strict validation.
 
 A config is a tree of dataclasses. Presets live in `kdaudit/presets/<name>.toml` and are
-overlays on the defaults below; a user's TOML file is one more overlay. Unknown fields are
+overlays on the defaults below, or on the preset they name in `extends`; a user's TOML file
+is one more overlay. Unknown fields are
 errors that name the file and the field.
 """
 from __future__ import annotations
@@ -299,17 +300,28 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
-def load_config(preset: str | None = "tiny", config_file: str | Path | None = None,
+def _preset(name: str, below: tuple[str, ...] = ()) -> RunConfig:
+    """The preset's config: kdaudit's defaults, then the preset it `extends` (if any), then
+    its own fields. Its name is the preset's unless it sets one."""
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.exists():
+        where = f" (extended by preset '{below[-1]}')" if below else ""
+        raise ConfigError(f"unknown preset '{name}'{where}; expected one of {presets()}")
+    if name in below:
+        raise ConfigError(f"{path}: presets extend each other in a cycle: "
+                          f"{' -> '.join((*below, name))}")
+    table = read_toml(path)
+    base = table.pop("extends", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: extends: expected a preset name, got {base!r}")
+    cfg = _preset(base, (*below, name)) if base else RunConfig()
+    return _overlay(dataclasses.replace(cfg, name=name), table, str(path))
+
+
+def load_config(preset: str | None = "demo", config_file: str | Path | None = None,
                 **overrides: Any) -> RunConfig:
     """Defaults, then the preset, then `config_file`, then keyword overrides (e.g. seed=1)."""
-    cfg = RunConfig()
-    if preset:
-        path = PRESET_DIR / f"{preset}.toml"
-        if not path.exists():
-            raise ConfigError(f"unknown preset '{preset}'; expected one of {presets()}")
-        cfg = _overlay(cfg, read_toml(path), str(path))
-        if "name" not in read_toml(path):
-            cfg = dataclasses.replace(cfg, name=preset)
+    cfg = _preset(preset) if preset else RunConfig()
     if config_file:
         try:
             cfg = _overlay(cfg, read_toml(config_file), str(config_file))

@@ -39,6 +39,36 @@ def test_unknown_preset():
         load_config("nope")
 
 
+def test_the_demo_is_the_tiny_preset_on_half_its_records():
+    demo, tiny = load_config("demo").to_dict(), load_config("tiny").to_dict()
+    assert demo.pop("name") == "demo" and tiny.pop("name") == "tiny"
+    halved = {"n_members", "n_nonmembers", "n_public", "canaries_once"}
+    for f in halved:
+        assert demo["data"].pop(f) * 2 == tiny["data"].pop(f), f
+    assert demo["data"].pop("pool_size") < tiny["data"].pop("pool_size")
+    assert demo == tiny          # the same models, recipe, signals and audit
+
+
+def test_a_preset_extends_another(tmp_path, monkeypatch):
+    import kdaudit.config as config
+
+    monkeypatch.setattr(config, "PRESET_DIR", tmp_path)
+    (tmp_path / "base.toml").write_text('methods = ["kd"]\n[teacher]\nepochs = 2\n')
+    (tmp_path / "child.toml").write_text('extends = "base"\n[teacher]\nlr = 0.5\n')
+    cfg = load_config("child")
+    assert (cfg.name, cfg.methods, cfg.teacher.epochs, cfg.teacher.lr) == \
+        ("child", ["kd"], 2.0, 0.5)
+    (tmp_path / "base.toml").write_text('extends = "child"\n')
+    with pytest.raises(ConfigError, match="cycle: child -> base -> child"):
+        load_config("child")
+    (tmp_path / "child.toml").write_text('extends = "gone"\n')
+    with pytest.raises(ConfigError, match="unknown preset 'gone' \\(extended by preset 'child'\\)"):
+        load_config("child")
+    (tmp_path / "child.toml").write_text('[teacher]\nlrr = 1\nextends = "base"\n')
+    with pytest.raises(ConfigError, match=r"child\.toml\.teacher: unknown field"):
+        load_config("child")
+
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "x.txt"
     atomic_write_text(path, "old")
@@ -190,3 +220,4 @@ def test_lengths_beyond_the_models_context_and_lira_without_references_are_refus
     with pytest.raises(ConfigError, match=r"\['rmia'\] need reference models: set "
                                           r"reference_models to 4 or more"):
         load_config("smoke", path)
+

@@ -245,14 +245,16 @@ def _where(name: str) -> str:
     return "UNCHECKED: not a zoo preset, local folder or known paper model"
 
 
-def _train_gib(shape, batch: int, length: int, lora: bool) -> float:
-    """Full fine-tuning in fp32 AdamW (weights, grads, two moments: 16 bytes a parameter;
-    LoRA: the frozen weights in 16 bits) plus activations (≈ 34·B·T·width bytes per layer at
-    16 bits, Korthikanti et al. 2022, without recomputation) and the logits in fp32."""
+GPU_GIB = 80e9 / GIB   # an 80 GB GPU (A100, H100), the largest the paper suites are sized for
+
+
+def _train_gib(shape, batch: int, length: int) -> float:
+    """Full fine-tuning (kdaudit's only kind) in fp32 AdamW: weights, grads and two moments,
+    16 bytes a parameter; plus activations (≈ 34·B·T·width bytes per layer at 16 bits,
+    Korthikanti et al. 2022, without recomputation) and the logits in fp32."""
     params, layers, width, vocab = shape
-    weights = 2 * params if lora else 16 * params
     acts = 34 * batch * length * width * layers + 4 * batch * length * vocab * 2
-    return (weights + acts) / GIB
+    return (16 * params + acts) / GIB
 
 
 def plan(suite: Suite, out: Path, seeds: Sequence[int] | None = None) -> str:
@@ -266,8 +268,7 @@ def plan(suite: Suite, out: Path, seeds: Sequence[int] | None = None) -> str:
              f"seeds {seeds}; variants {list(suite.variants)}; output {out / suite.name}"]
     for variant in suite.variants:
         cfg = config(suite, variant, seeds[0], out)
-        d, lora = cfg.data, "llama" in cfg.models.student.lower() and \
-            "tiny" not in cfg.models.student
+        d = cfg.data
         lines += ["", f"== variant {variant}"]
         for role in ("teacher", "student"):
             name = getattr(cfg.models, role)
@@ -288,15 +289,22 @@ def plan(suite: Suite, out: Path, seeds: Sequence[int] | None = None) -> str:
         teacher_gib = 0.0 if shapes["teacher"] is None else 2 * shapes["teacher"][0] / GIB
         lines.append("  stage                 examples  batch  epochs     lr   steps  "
                      "est. memory (a KD student's includes the 16-bit teacher)")
+        too_large = []
         for label, role, n, train in stages:
             steps = math.ceil(math.ceil(n / train.batch_size) * train.epochs)
             shape = shapes[role]
             extra = teacher_gib if role == "student" and METHODS[label].needs_teacher else 0.0
-            mem = "unknown model" if shape is None else "{:.1f} GiB".format(
-                extra + _train_gib(shape, train.batch_size, d.max_length,
-                                   lora and role == "student"))
+            gib = None if shape is None else extra + _train_gib(shape, train.batch_size,
+                                                                d.max_length)
+            if gib is not None and gib > GPU_GIB:
+                too_large.append(label)
+            mem = "unknown model" if gib is None else f"{gib:.1f} GiB"
             lines.append(f"  {label:<20} {n:>9} {train.batch_size:>6} {train.epochs:>7g} "
                          f"{train.lr:>6g} {steps:>7}  {mem}")
+        if too_large:
+            lines.append(f"  beyond one 80 GB GPU ({GPU_GIB:.1f} GiB): {', '.join(too_large)}; "
+                         f"launch with benchmarks/accelerate/fsdp_gpus.yaml (FSDP shards the "
+                         f"student)")
         private = [m for m in cfg.methods if METHODS[m].privacy]
         if private:
             lines.append(f"  DP students {private} at ε {cfg.dp.epsilons}, dp_train "

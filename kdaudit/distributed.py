@@ -1,6 +1,7 @@
 """Several processes under a launcher (`accelerate launch`, `torchrun`): which one does what.
 
-Training stages run in every process (Accelerate's DDP, Opacus's DPDDP for DP-SGD). Audit
+Training stages run in every process (Accelerate's DDP or FSDP, Opacus's DPDDP for DP-SGD;
+under FSDP the loop keeps on-policy sampling in step, `kdaudit.train.sampling.Lockstep`). Audit
 stages run in every process too: each scores and generates its share of the batches
 (`attacks.parallel`, through `scoring_shard`), every process gets the merged result, and the
 main one writes it. Every other stage (data, tokenizer, tables, report) runs in the main

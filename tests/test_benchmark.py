@@ -1,6 +1,7 @@
 """`kdaudit benchmark`: suites, the offline plan, resuming a killed suite, paired tests."""
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,35 @@ def test_paper_gpt2_dry_run_prints_the_plan_without_doing_anything(tmp_path, cap
                      "minillm", "GiB", "not started"):
         assert expected in out, expected
     assert not (tmp_path / "b").exists()
+
+
+def test_only_a_stage_beyond_one_gpu_sends_the_user_to_the_fsdp_config(tmp_path, capsys):
+    """paper-llama fine-tunes every weight of OpenLLaMA 7B and 3B (kdaudit has no LoRA): its
+    teacher and four of its students do not fit one 80 GB GPU; every stage of paper-gpt2
+    does."""
+    assert main(["benchmark", "paper-llama", "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "beyond one 80 GB GPU (74.5 GiB): teacher (sft), seqkd, imitkd, gkd, distillm;" in out
+    assert "fsdp_gpus.yaml" in out
+    assert main(["benchmark", "paper-gpt2", "--dry-run", "--out", str(tmp_path)]) == 0
+    assert "fsdp_gpus.yaml" not in capsys.readouterr().out
+
+
+def test_the_shipped_launch_configs_are_accelerate_configs():
+    """Each file in benchmarks/accelerate loads with Accelerate's own reader (which refuses
+    unknown keys), and the FSDP one shards with FSDP2 by the models' own layers."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = Path(benchmark.__file__).parent.parent / "benchmarks" / "accelerate"
+    loaded = {p.name: load_config_from_file(str(p)) for p in folder.glob("*.yaml")}
+    assert {"cpu_2proc.yaml", "gpus_ddp.yaml", "fsdp_gpus.yaml"} <= set(loaded)
+    fsdp = loaded["fsdp_gpus.yaml"]
+    assert str(fsdp.distributed_type).endswith("FSDP") and not fsdp.use_cpu
+    assert fsdp.fsdp_config["fsdp_version"] == 2
+    assert fsdp.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp.fsdp_config   # the model's own
+    assert str(loaded["cpu_2proc.yaml"].distributed_type).endswith("MULTI_CPU")
+    assert str(loaded["gpus_ddp.yaml"].distributed_type).endswith("MULTI_GPU")
 
 
 def test_suite_errors_name_the_file_and_the_variant(tmp_path):

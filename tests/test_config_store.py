@@ -221,3 +221,13 @@ def test_lengths_beyond_the_models_context_and_lira_without_references_are_refus
                                           r"reference_models to 4 or more"):
         load_config("smoke", path)
 
+
+def test_dp_sgd_methods_are_refused_under_an_fsdp_launch(monkeypatch):
+    from kdaudit.pipeline import check_launch
+
+    cfg = load_config("smoke", methods=["nokd", "kd", "dpkd"])
+    check_launch(cfg)                                   # not launched with FSDP: fine
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match=r"\['dpkd'\] train with DP-SGD.*not FSDP"):
+        check_launch(cfg)
+    check_launch(load_config("smoke", methods=["nokd", "kd", "gkd"]))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU path, checked: `smoke` on the CPU and on CUDA, `tiny` on CUDA, their AUC tables
-# compared within a tolerance (other hardware trains other weights: same seed, other float
-# reductions), then scoring and sampling throughput on the GPU. Under 8 minutes on one GPU.
+# The GPU path, checked: `smoke` on the CPU, on CUDA and under FSDP2, `tiny` on CUDA (every KD
+# method, so on-policy sampling on the GPU), their AUC tables compared within a tolerance
+# (other hardware trains other weights: same seed, other float reductions), then scoring and
+# sampling throughput on the GPU. Under 8 minutes on one GPU.
 #
 #   bash benchmarks/perf/gpu_check.sh            # OUT=/tmp/kdaudit-gpu-check by default
 #
@@ -37,6 +38,13 @@ echo "== smoke on CUDA"
 t_gpu=$(timed "$OUT/smoke_cuda.log" $KDAUDIT run --preset smoke --out "$OUT/cuda")
 echo "smoke: CPU ${t_cpu} s, CUDA ${t_gpu} s"
 $PY tools/compare_auc.py "$OUT/cpu/smoke" "$OUT/cuda/smoke" --tolerance 0.08
+
+echo "== smoke under FSDP2 on CUDA (benchmarks/accelerate/fsdp_gpus.yaml, one process)"
+t_fsdp=$(timed "$OUT/smoke_fsdp.log" $PY -m accelerate.commands.launch \
+         --config_file benchmarks/accelerate/fsdp_gpus.yaml --num_processes 1 \
+         -m kdaudit run --preset smoke --out "$OUT/fsdp")
+echo "smoke under FSDP2: ${t_fsdp} s"
+$PY tools/compare_auc.py "$OUT/cpu/smoke" "$OUT/fsdp/smoke" --tolerance 0.08
 
 echo "== tiny on CUDA"
 t_tiny=$(timed "$OUT/tiny_cuda.log" $KDAUDIT run --preset tiny --out "$OUT/cuda")

@@ -86,6 +86,7 @@ def run(cfg: RunConfig, log: Log = print) -> RunResult:
     (`FolderLock`) for the whole run: a second run on it is refused, naming this one's pid."""
     for one in [cfg.for_family(f) for f in cfg.families] or [cfg]:
         check_contexts(one)
+        check_launch(one)
     with FolderLock(cfg.run_dir) if distributed.is_main() else contextlib.nullcontext():
         if not cfg.families:
             return run_one(cfg, log)
@@ -127,6 +128,22 @@ def check_contexts(cfg: RunConfig) -> None:
                           f"room for a prompt within data.max_length = {cfg.data.max_length} "
                           f"(methods {sampling} sample responses); expected fewer than "
                           f"{cfg.data.max_length}")
+
+
+def check_launch(cfg: RunConfig) -> None:
+    """Before any stage: under an FSDP launch config no method trains with DP-SGD, which
+    runs under DDP only (Opacus's DPDDP)."""
+    import os
+
+    from kdaudit.train.methods import METHODS
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("1", "true"):
+        return
+    private = [m for m in cfg.methods if m in METHODS and METHODS[m].privacy]
+    if private:
+        raise ConfigError(f"methods {private} train with DP-SGD, which runs under DDP "
+                          f"(Opacus's DPDDP), not FSDP: run them in a launch without an FSDP "
+                          f"config (e.g. benchmarks/accelerate/cpu_2proc.yaml's DDP)")
 
 
 def write_suite(cfg: RunConfig, results: dict[str, RunResult]) -> dict[str, Path]:

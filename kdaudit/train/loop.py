@@ -27,6 +27,7 @@ from kdaudit.train import dp as opacus_dp
 from kdaudit.train.batching import batch_order
 from kdaudit.train.config import KDParams, TrainConfig
 from kdaudit.train.methods import Method, lm_term, method_params
+from kdaudit.train.sampling import Lockstep
 from kdaudit.train.sources import BatchSource
 from kdaudit.train.strategies import DPSGD, NoDP
 from kdaudit.train.teacher_cache import TeacherCache
@@ -190,6 +191,9 @@ def _prepare(job: TrainJob) -> _Run:
     params = job.params if job.params is not None else method_params(job.method)
     dp = DPSGD(job.dp, [e.person for e in job.examples]) if job.dp is not None else NoDP()
     accelerator = Accelerator(mixed_precision=job.mixed_precision)
+    if _sharded(accelerator) and job.dp is not None:
+        raise ValueError(f"method '{job.method.name}': DP-SGD runs under DDP (Opacus's DPDDP), "
+                         f"not FSDP: launch DP stages without an FSDP config")
     set_seed(job.seed)
     order = _order(job)
     total = dp.steps(order, accelerator.num_processes)
@@ -206,7 +210,8 @@ def _prepare(job: TrainJob) -> _Run:
                          batch_size=max(1, job.cfg.batch_size // accelerator.num_processes),
                          total_steps=total,
                          steps_per_epoch=math.ceil(len(job.examples) / job.cfg.batch_size),
-                         validation=job.validation, lm_examples=job.lm_examples if lm else ())
+                         validation=job.validation, lm_examples=job.lm_examples if lm else (),
+                         lockstep=_lockstep(accelerator))
     job.model.train()
     params = dp.setup(job.model, job.method, params, accelerator.device)
     projection = _attach_projection(job.model, job.teacher, job.method, params)
@@ -214,8 +219,13 @@ def _prepare(job: TrainJob) -> _Run:
                                           _scheduler(job.cfg, total), accelerator,
                                           len(job.examples), job.seed)
     teacher = plain_teacher = None
-    if job.teacher is not None:
+    if job.teacher is not None and _sharded(accelerator):
+        # whole in every process: its forwards stay local, so neither the sampling nor the
+        # teacher cache (each process's own examples) has to keep step
+        teacher = job.teacher.to(accelerator.device)
+    elif job.teacher is not None:
         teacher = accelerator.prepare_model(job.teacher, evaluation_mode=True)
+    if teacher is not None:
         teacher.eval()
         plain_teacher = accelerator.unwrap_model(teacher)
     # off-policy methods see the same examples every epoch: the teacher's answer can be kept
@@ -224,6 +234,27 @@ def _prepare(job: TrainJob) -> _Run:
     return _Run(job, params, accelerator, dp, source, model, optimizer, scheduler, teacher,
                 dp.unwrap(model, accelerator), plain_teacher, projection,
                 dp.batches(order, accelerator), cache)
+
+
+def _sharded(accelerator) -> bool:
+    """FSDP: the student's weights are sharded over the processes."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _lockstep(accelerator) -> Lockstep | None:
+    """Under FSDP every student forward is a collective, so on-policy sampling keeps the
+    processes in step (`Lockstep`); elsewhere each process samples on its own (None)."""
+    if not _sharded(accelerator):
+        return None
+    from accelerate.utils import broadcast_object_list
+
+    def every(flag: bool) -> bool:
+        return bool(accelerator.gather(torch.tensor([flag], device=accelerator.device)).all())
+
+    return Lockstep(first=lambda value: broadcast_object_list([value], from_process=0)[0],
+                    all=every)
 
 
 def _order(job: TrainJob) -> list[list[int]]:
@@ -351,14 +382,18 @@ def _log(log, record: dict[str, float], step: int, total: int, every: int) -> No
 def _save_model(run: _Run, out_dir: Path, log_path: Path,
                 privacy: dict[str, Any] | None) -> None:
     """The main process publishes the model (without the projection), the tokenizer, the
-    training log and `privacy.json`, then removes the checkpoint."""
+    training log and `privacy.json`, then removes the checkpoint. Under FSDP the weights are
+    first gathered from every process."""
+    state = run.accelerator.get_state_dict(run.model) if _sharded(run.accelerator) else None
     if not run.accelerator.is_main_process:
         return
+    if state is not None:
+        state = {k: v for k, v in state.items() if not k.startswith("kdaudit_projection.")}
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if run.projection is not None:
         del run.student.kdaudit_projection
-    run.student.save_pretrained(str(tmp), safe_serialization=True)
+    run.student.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
     if privacy is not None:
         atomic_write_json(tmp / "privacy.json", privacy)
     if run.job.tokenizer is not None:

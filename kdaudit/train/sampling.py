@@ -12,12 +12,23 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
 
 from attacks.memorization import left_padded_batches
+
+
+@dataclass(frozen=True)
+class Lockstep:
+    """Keeps processes in step where every forward of the student is a collective (FSDP
+    shards it, so each forward gathers its weights from all processes): they take the same
+    on-policy decisions (`first`: the main process's draw, in every process) and sample for
+    the same number of tokens (`all`: True when every process has finished its batch)."""
+
+    first: Callable[[float], float]
+    all: Callable[[bool], bool]
 
 
 @dataclass
@@ -60,11 +71,13 @@ def sample_responses(student, prompts: Sequence[Sequence[int]], *, max_new_token
                      pad_id: int, eos_id: int | None, teacher=None, teacher_mix: float = 0.0,
                      temperature: float = 1.0, top_p: float = 1.0,
                      generator: torch.Generator | None = None,
-                     batch_size: int = 64) -> list[Sample]:
+                     batch_size: int = 64, lockstep: Lockstep | None = None) -> list[Sample]:
     """Sample one response per prompt, in prompt order.
 
     With `teacher_mix` α > 0 each token is drawn from `(1 − α) q + α p` (MiniLLM); the teacher
-    is also run (and its log probabilities returned) whenever it is given.
+    is also run (and its log probabilities returned) whenever it is given. With `lockstep`, a
+    batch that has finished keeps running the models (writing nothing) until every process's
+    batch has.
     """
     if not 0.0 <= teacher_mix <= 1.0:
         raise ValueError(f"teacher_mix must be in [0, 1], got {teacher_mix}")
@@ -86,10 +99,17 @@ def sample_responses(student, prompts: Sequence[Sequence[int]], *, max_new_token
         lp = torch.zeros(rows, max_new_tokens, device=device)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+        finished = False
         for t in range(max_new_tokens):
             logits = []
             for k, m in enumerate(models):
                 logits.append(_forward(m, step_ids, attn, caches[k]))
+            if finished:       # only keeping the other processes company (`lockstep`)
+                if lockstep.all(True):
+                    break
+                step_ids = torch.full_like(step_ids, pad_id)
+                attn = torch.cat([attn, torch.zeros_like(attn[:, :1])], dim=1)
+                continue
             tau = temperature if temperature > 0 else 1.0
             logq = torch.log_softmax(logits[0] / tau, -1)
             logp = torch.log_softmax(logits[1] / tau, -1) if teacher is not None else None
@@ -103,7 +123,10 @@ def sample_responses(student, prompts: Sequence[Sequence[int]], *, max_new_token
                 nxt = mix.argmax(-1)
             else:
                 probs = _top_p_filter(mix, top_p).exp()
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                # drawn where the generator lives (a CPU generator cannot draw on a GPU)
+                on = generator.device if generator is not None else probs.device
+                nxt = torch.multinomial(probs.to(on), 1, generator=generator)
+                nxt = nxt.squeeze(-1).to(device)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             tokens[:, t] = nxt
             lq[:, t] = logq.gather(-1, nxt[:, None]).squeeze(-1)
@@ -113,7 +136,8 @@ def sample_responses(student, prompts: Sequence[Sequence[int]], *, max_new_token
                 newly = (nxt == eos_id) & ~done
                 lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
                 done |= newly
-            if bool(done.all()):
+            finished = bool(done.all())
+            if lockstep.all(finished) if lockstep is not None else finished:
                 break
             step_ids = nxt[:, None]
             attn = torch.cat([attn, (~done | (nxt == eos_id) if eos_id is not None

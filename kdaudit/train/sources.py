@@ -31,7 +31,7 @@ from kdaudit.data.template import Encoded
 from kdaudit.train.batching import Batch, collate
 from kdaudit.train.config import KDParams
 from kdaudit.train.methods import Method, cross_entropy, shifted
-from kdaudit.train.sampling import Sample, sample_responses
+from kdaudit.train.sampling import Lockstep, Sample, sample_responses
 
 VALIDATION_BATCH = 64   # the paper's --eval-batch-size: its validation CE is a mean of batch means
 
@@ -98,8 +98,10 @@ class BatchSource:
     def __init__(self, method: Method, examples: Sequence[Encoded], params: KDParams, *,
                  pad_id: int, eos_id: int | None, seed: int, max_length: int,
                  batch_size: int = 16, steps_per_epoch: int = 1, total_steps: int = 1,
-                 validation: Sequence[Encoded] = (), lm_examples: Sequence[Encoded] = ()):
+                 validation: Sequence[Encoded] = (), lm_examples: Sequence[Encoded] = (),
+                 lockstep: Lockstep | None = None):
         self.method, self.params = method, params
+        self.lockstep = lockstep
         self.examples = list(examples)
         self.pad_id, self.eos_id, self.max_length = pad_id, eos_id, max_length
         self.batch_size, self.steps_per_epoch = batch_size, max(1, steps_per_epoch)
@@ -120,6 +122,11 @@ class BatchSource:
             raise ValueError(f"method '{method.name}' needs validation examples (carved from "
                              f"the public split) for its adaptive schedule")
 
+    def _agreed(self, value: float) -> float:
+        """A draw or measurement every process must act on alike: the main process's under
+        `lockstep`, else this process's own."""
+        return self.lockstep.first(value) if self.lockstep is not None else value
+
     # -- sampling --------------------------------------------------------------------------
     def _prompt(self, e: Encoded) -> list[int]:
         room = max(1, self.max_length - self.params.max_new_tokens)
@@ -131,7 +138,8 @@ class BatchSource:
         samples = sample_responses(model, prompts, max_new_tokens=self.params.max_new_tokens,
                                    pad_id=self.pad_id, eos_id=self.eos_id, teacher=teacher,
                                    teacher_mix=mix, temperature=self.params.sample_temperature,
-                                   top_p=self.params.top_p, generator=self.generator)
+                                   top_p=self.params.top_p, generator=self.generator,
+                                   lockstep=self.lockstep)
         return [Encoded(p + s.tokens, len(p)) for p, s in zip(prompts, samples)], samples
 
     def prepare(self, model, teacher) -> dict[str, float]:
@@ -139,7 +147,7 @@ class BatchSource:
         validation CE (kept from a checkpoint on resume), returned for the log."""
         logged = {}
         if self.schedule is not None and self.schedule.reference is None:
-            val = self.validation_ce(model)
+            val = self._agreed(self.validation_ce(model))
             self.schedule.update(val)
             logged = {"val_loss": val, "student_data_prob": self.schedule.prob}
         if not self.prepared:
@@ -172,7 +180,7 @@ class BatchSource:
             return self._rollout_batch(model, teacher)
         if self.method.data != "student_samples":
             return collate(chosen, self.pad_id), {"generated": 0}
-        r = self.rng.random()
+        r = self._agreed(self.rng.random())
         if self.schedule is None:                                   # ImitKD, GKD
             if r >= self.params.on_policy_fraction:
                 return collate(chosen, self.pad_id), {"generated": 0}
@@ -249,7 +257,7 @@ class BatchSource:
         the threshold."""
         if self.schedule is None or step % (self.params.eval_every or self.steps_per_epoch):
             return {}
-        val = self.validation_ce(model)
+        val = self._agreed(self.validation_ce(model))
         self.schedule.update(val)
         return {"val_loss": val, "student_data_prob": self.schedule.prob}
 

@@ -80,6 +80,43 @@ def test_without_noise_and_clipping_a_dp_step_is_an_sgd_step(setup):
             torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_gpt2_per_sample_gradients_are_each_example_s_own(setup):
+    """GPT-2's Conv1D layers get their per-sample gradients from kdaudit's grad sampler (not
+    Opacus's functorch fallback), and each example's equals the gradient of its loss alone."""
+    from opacus import GradSampleModule
+    from transformers.pytorch_utils import Conv1D
+
+    from kdaudit.train.batching import collate
+
+    tok, examples = setup
+    b = collate(examples[:3], tok.pad_token_id)
+    model = build_zoo_model("gpt2-smoke-student", tok, seed=0).train()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    assert layers
+
+    def loss_of(net, rows):
+        logits = net(input_ids=b.input_ids[rows], attention_mask=b.attention_mask[rows],
+                     position_ids=b.position_ids[rows]).logits
+        return dpsgd.per_sequence_ce(logits, b.input_ids[rows], b.target_mask[rows])
+
+    alone = []
+    for i in range(3):
+        model.zero_grad()
+        loss_of(model, slice(i, i + 1)).backward()
+        alone.append({(n, k): p.grad.clone() for n, m in layers.items()
+                      for k, p in m.named_parameters()})
+    dpsgd.register_grad_samplers()
+    assert Conv1D in GradSampleModule.GRAD_SAMPLERS
+    model.zero_grad()
+    module = GradSampleModule(model, loss_reduction="mean")
+    loss_of(module, slice(0, 3)).backward()
+    for (n, k), _ in alone[0].items():
+        per_sample = getattr(layers[n], k).grad_sample
+        for i in range(3):
+            torch.testing.assert_close(per_sample[i], alone[i][n, k], rtol=1e-4, atol=1e-6,
+                                       msg=f"{n}.{k}, example {i}")
+
+
 def test_opt_is_refused_with_the_reason(setup, tmp_path):
     tok, examples = setup
     with pytest.raises(ValueError, match="not available for opt models: its decoder layers"):

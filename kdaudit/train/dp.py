@@ -12,7 +12,8 @@ tells the ε spent through the plan's `account`. This module only applies it:
   unit (the copies of a record stay one person only at the person level).
 - The loader is never wrapped by Accelerate (that would re-batch it and break the
   accounting); it hands the loop units, which the loop turns into records.
-- Per-sample gradients by Opacus's "hooks" grad samplers. Ghost clipping refuses the tied
+- Per-sample gradients by Opacus's "hooks" grad samplers, with one added for GPT-2's
+  `Conv1D` (`register_grad_samplers`). Ghost clipping refuses the tied
   input/output embeddings of the zoo's gpt2, opt and llama models ("Parameter tying is not
   supported with Ghost Clipping", Opacus 1.6), so hooks it is for all three.
 - OPT is refused with a clear error (`UNSUPPORTED`): its layers flatten batch and sequence,
@@ -161,6 +162,26 @@ UNSUPPORTED = {
 }
 
 
+@functools.cache
+def register_grad_samplers() -> None:
+    """Per-sample gradients for transformers' `Conv1D` (GPT-2's attention and MLP layers: a
+    linear layer, y = x W + b with W stored in × out), which Opacus does not know: without
+    this it falls back to functorch, which runs each layer's forward again per example
+    (measured: a DP step of the tiny GPT-2 teacher 470 → 390 ms)."""
+    from opacus.grad_sample import register_grad_sampler
+    from transformers.pytorch_utils import Conv1D
+
+    @register_grad_sampler(Conv1D)
+    def conv1d_grad_sample(layer, activations, backprops):
+        x = activations[0].to(backprops.dtype)
+        out = {}
+        if layer.weight.requires_grad:
+            out[layer.weight] = torch.einsum("n...i,n...j->nij", x, backprops)
+        if layer.bias is not None and layer.bias.requires_grad:
+            out[layer.bias] = torch.einsum("n...k->nk", backprops)
+        return out
+
+
 def check_supported(model) -> None:
     """A clear error for architectures whose per-sample gradients Opacus gets wrong."""
     kind = getattr(model.config, "model_type", "")
@@ -180,6 +201,7 @@ def make_private(model, optimizer, n_units: int, p: DPPlan, seed: int,
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
+    register_grad_samplers()
     if distributed and p.noise is not None:
         raise ValueError(f"{p.mechanism} noise runs in one process only: its optimizer does "
                          f"not all-reduce gradients across ranks")

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from kdaudit.config import ConfigError, RunConfig, load_config, read_toml
 from kdaudit.store import atomic_write_json, stable_hash
-from kdaudit.train.config import LATER_KD_OPTIONS
+from kdaudit.train.config import without_later_defaults
 
 SUITE_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "suites"
 DONE = "benchmark_done.json"
@@ -100,9 +100,7 @@ def _fingerprint(cfg: RunConfig) -> str:
     """The suite run's configuration, less the KD options added later while at their earlier
     behaviour (`LATER_KD_OPTIONS`)."""
     config = cfg.to_dict()
-    for name, default in LATER_KD_OPTIONS.items():
-        if config["kd"].get(name) == default:
-            del config["kd"][name]
+    config["kd"] = without_later_defaults(config["kd"])
     return stable_hash(config)
 
 

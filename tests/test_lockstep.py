@@ -8,7 +8,6 @@ collective. The stand-in model writes a fixed answer and ends it at a length set
 """
 from __future__ import annotations
 
-import threading
 from types import SimpleNamespace
 
 import torch
@@ -18,6 +17,7 @@ from kdaudit.data.template import Encoded
 from kdaudit.train.methods import METHODS, method_params
 from kdaudit.train.sampling import Lockstep, sample_responses
 from kdaudit.train.sources import BatchSource
+from thread_ranks import Exchange, run_ranks
 
 EOS, PAD, WORD = 1, 0, 5
 
@@ -40,35 +40,13 @@ class StopsAt(torch.nn.Module):
 
 def in_step(fn, world: int = 2) -> list:
     """`fn(rank, lockstep)` in `world` threads sharing one thread-barrier `Lockstep`."""
-    barrier = threading.Barrier(world)
-    slots: list = [None] * world
-    results: list = [None] * world
-    errors: list = []
+    exchange = Exchange(world)
 
     def lockstep(rank: int) -> Lockstep:
-        def share(value):
-            slots[rank] = value
-            barrier.wait()
-            out = list(slots)
-            barrier.wait()
-            return out
-        return Lockstep(first=lambda v: share(v)[0], all=lambda flag: all(share(flag)))
+        return Lockstep(first=lambda v: exchange.share(rank, v)[0],
+                        all=lambda flag: all(exchange.share(rank, flag)))
 
-    def work(rank):
-        try:
-            results[rank] = fn(rank, lockstep(rank))
-        except BaseException as e:   # noqa: BLE001 - reported below
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    if errors:
-        raise errors[0]
-    return results
+    return run_ranks(lambda rank: fn(rank, lockstep(rank)), exchange, world)
 
 
 def test_a_finished_process_keeps_running_the_student_until_every_process_has_finished():

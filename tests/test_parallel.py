@@ -21,50 +21,35 @@ from attacks.blocks import block_mope_scores, mope_scores
 from attacks.memorization import greedy_generate, sample_generate
 from attacks.scoring import token_stats
 from kdaudit.data.template import encode_prompt, encode_record
+from thread_ranks import Exchange, run_ranks
 
 
 def run_sharded(fn, world: int = 2) -> list:
-    """`fn(r)` in `world` threads, thread r inside `sharded` as rank r: every thread's result."""
-    barrier, turn = threading.Barrier(world), threading.Lock()
+    """`fn(r)` in `world` threads, thread r inside `sharded` as rank r: every thread's result.
+    The threads take turns: each holds `turn` until it reaches the gather."""
+    exchange, turn = Exchange(world), threading.Lock()
     holding = [False] * world
-    slots: list = [None] * world
-    results: list = [None] * world
-    errors: list = []
 
     def gather_for(rank):
         def gather(obj):
-            slots[rank] = obj
             if holding[rank]:
                 holding[rank] = False
                 turn.release()
-            barrier.wait()
-            out = list(slots)
-            barrier.wait()          # nobody overwrites a slot before all have read it
-            return out
+            return exchange.share(rank, obj)
         return gather
 
     def work(rank):
+        turn.acquire()
+        holding[rank] = True
         try:
-            turn.acquire()
-            holding[rank] = True
             with parallel.sharded(parallel.Shard(rank, world, gather_for(rank))):
-                results[rank] = fn(rank)
-        except BaseException as e:   # noqa: BLE001 - reported below
-            errors.append(e)
-            barrier.abort()
+                return fn(rank)
         finally:
             if holding[rank]:
                 holding[rank] = False
                 turn.release()
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    if errors:
-        raise errors[0]
-    return results
+    return run_ranks(work, exchange, world)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,12 @@ RECIPES = ("paper", "loss_only")
 LATER_KD_OPTIONS: dict[str, Any] = {"teacher_cache_topk": 0}
 
 
+def without_later_defaults(kd: dict[str, Any]) -> dict[str, Any]:
+    """KD values {field: value} less the `LATER_KD_OPTIONS` at their earlier behaviour."""
+    return {f: v for f, v in kd.items()
+            if f not in LATER_KD_OPTIONS or v != LATER_KD_OPTIONS[f]}
+
+
 @dataclass
 class KDConfig:
     """Hyperparameters of the KD methods (docs/methods.md §3–§4).

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from kdaudit.train import objectives
 from kdaudit.train.batching import Batch
-from kdaudit.train.config import LATER_KD_OPTIONS, KDConfig, KDParams
+from kdaudit.train.config import KDConfig, KDParams, without_later_defaults
 
 LossFn = Callable[[torch.Tensor, torch.Tensor | None, Batch, KDParams],
                   tuple[torch.Tensor, dict[str, float]]]
@@ -293,9 +293,7 @@ class Method:
     def kd_inputs(self, kd) -> dict[str, Any]:
         """This method's KD hyperparameters as a stage input: {field: value}. An option added
         later counts only away from its earlier behaviour (`LATER_KD_OPTIONS`)."""
-        values = {f: getattr(kd, f) for f in self.kd_fields}
-        return {f: v for f, v in values.items()
-                if f not in LATER_KD_OPTIONS or v != LATER_KD_OPTIONS[f]}
+        return without_later_defaults({f: getattr(kd, f) for f in self.kd_fields})
 
 
 _HALF_KD_ON_LLAMA = (("llama", "kd_ratio", 0.5),)   # the paper's LLaMA kd.sh and seqkd.sh

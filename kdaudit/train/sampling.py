@@ -101,15 +101,14 @@ def sample_responses(student, prompts: Sequence[Sequence[int]], *, max_new_token
         lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
         finished = False
         for t in range(max_new_tokens):
-            logits = []
-            for k, m in enumerate(models):
-                logits.append(_forward(m, step_ids, attn, caches[k]))
-            if finished:       # only keeping the other processes company (`lockstep`)
+            if finished:       # only keeping the other processes company (`lockstep`): the
+                _forward(student, step_ids, attn, caches[0])   # student's forward is collective
                 if lockstep.all(True):
                     break
                 step_ids = torch.full_like(step_ids, pad_id)
                 attn = torch.cat([attn, torch.zeros_like(attn[:, :1])], dim=1)
                 continue
+            logits = [_forward(m, step_ids, attn, caches[k]) for k, m in enumerate(models)]
             tau = temperature if temperature > 0 else 1.0
             logq = torch.log_softmax(logits[0] / tau, -1)
             logp = torch.log_softmax(logits[1] / tau, -1) if teacher is not None else None

@@ -81,17 +81,25 @@ def audit_outputs(run: RunContext, model_id: str, trained: bool) -> list[Path]:
 
 
 # -- stages ---------------------------------------------------------------------------------
-def make_model_audit(run: RunContext, model_id: str, trained: bool, population: bool) -> dict:
-    """Under a launcher every process runs this: each scores and generates its share of the
-    batches, all get the whole audit, the main process writes it."""
+def _audited_everywhere(run: RunContext, model_id: str,
+                        compute: Callable[[AuditContext, object], ModelAudit]) -> dict:
+    """Load the model and `compute(ctx, model)` its audit. Under a launcher every process runs
+    this: each scores and generates its share of the batches, all get the whole audit, the
+    main process writes it."""
     ctx = audit_context(run)
     model = load_model(run.dir.model(model_id), device=compute_device())
     with parallel.sharded(distributed.scoring_shard()):
-        audit = audit_model(ctx, model_id, model, trained=trained,
-                            folder=run.dir.model(model_id), population=population)
+        audit = compute(ctx, model)
     if distributed.is_main():
         save_audit(run, ctx, model_id, audit)
     return {"tokens": int(len(audit.scored.stats.logprob))}
+
+
+def make_model_audit(run: RunContext, model_id: str, trained: bool, population: bool) -> dict:
+    """One of the run's models: its passes, generations, canaries and answers."""
+    return _audited_everywhere(run, model_id, lambda ctx, model: audit_model(
+        ctx, model_id, model, trained=trained, folder=run.dir.model(model_id),
+        population=population))
 
 
 def model_audit_stage(run: RunContext, info: ModelInfo, population: bool) -> Stage:
@@ -113,19 +121,14 @@ def model_audit_stage(run: RunContext, info: ModelInfo, population: bool) -> Sta
 
 
 def make_reference_pass(run: RunContext, model_id: str) -> dict:
-    """A reference model (or ref_ext, with its own tokenizer): token statistics only, shared
-    out like an audit's under a launcher."""
-    ctx = audit_context(run)
-    model = load_model(run.dir.model(model_id), device=compute_device())
-    with parallel.sharded(distributed.scoring_shard()):
+    """A reference model (or ref_ext, with its own tokenizer): token statistics only."""
+    def compute(ctx, model):
         if model_id == "ref_ext":
             stats, _ = external_pass(ctx, model, load_tokenizer(run.dir.model(model_id)))
-            audit = ModelAudit(ModelPass(stats))
-        else:
-            audit = reference_pass(ctx, model, model_id)
-    if distributed.is_main():
-        save_audit(run, ctx, model_id, audit)
-    return {"tokens": int(len(audit.scored.stats.logprob))}
+            return ModelAudit(ModelPass(stats))
+        return reference_pass(ctx, model, model_id)
+
+    return _audited_everywhere(run, model_id, compute)
 
 
 def reference_stage(run: RunContext, model_id: str) -> Stage:

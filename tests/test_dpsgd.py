@@ -117,6 +117,76 @@ def test_gpt2_per_sample_gradients_are_each_example_s_own(setup):
                                        msg=f"{n}.{k}, example {i}")
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_dp_backward_to_the_embeddings_gives_the_full_backward_s_per_sample_gradients(
+        setup, family):
+    """The DP backward pass asks autograd for the embedding weights only (`graph_roots`):
+    every parameter's per-sample gradients are those of the full backward, bit for bit, and
+    the batch gradients of the other weights, which Opacus discards, are not computed."""
+    from opacus import GradSampleModule
+
+    from kdaudit.train.batching import collate
+
+    tok, examples = setup
+    b = collate(examples[:4], tok.pad_token_id)
+    dpsgd.register_grad_samplers()
+    module = GradSampleModule(build_zoo_model(f"{family}-smoke-student", tok, seed=0).train(),
+                              loss_reduction="mean")
+
+    def per_sample(inputs):
+        module.zero_grad(set_to_none=True)
+        logits = module(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                        position_ids=b.position_ids).logits
+        dpsgd.per_sequence_ce(logits, b.input_ids, b.target_mask).backward(inputs=inputs)
+        dpsgd.check_per_sample_grads(module.named_parameters())
+        return {n: (p.grad_sample.clone(), p.grad) for n, p in module.named_parameters()}
+
+    roots = dpsgd.graph_roots(module)
+    assert roots and all(r.requires_grad for r in roots)
+    full, to_roots = per_sample(None), per_sample(roots)
+    assert full.keys() == to_roots.keys()
+    for name, (g, _) in full.items():
+        assert torch.equal(to_roots[name][0], g), name
+    skipped = [n for n, (_, grad) in to_roots.items() if grad is None]
+    assert len(skipped) >= len(full) - 2, skipped      # only the embeddings' batch gradients
+
+
+def test_a_layer_off_the_path_to_the_embeddings_is_named(setup):
+    """Negative control of the DP backward to the embeddings: a trainable layer whose input
+    does not come from the embeddings gets no per-sample gradient, and the check names it."""
+    from opacus import GradSampleModule
+
+    from kdaudit.train.batching import collate
+
+    tok, examples = setup
+    b = collate(examples[:4], tok.pad_token_id)
+
+    class WithBias(torch.nn.Module):     # a learned per-example offset from a constant input
+        def __init__(self):
+            super().__init__()
+            self.lm = build_zoo_model("gpt2-smoke-student", tok, seed=0)
+            self.offset = torch.nn.Linear(3, 1)
+
+        def forward(self, input_ids, **kw):
+            logits = self.lm(input_ids=input_ids, **kw).logits
+            return logits + self.offset(torch.ones(len(input_ids), 3))[:, :, None]
+
+    dpsgd.register_grad_samplers()
+    module = GradSampleModule(WithBias().train(), loss_reduction="mean")
+
+    def loss():
+        logits = module(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                        position_ids=b.position_ids)
+        return dpsgd.per_sequence_ce(logits, b.input_ids, b.target_mask)
+
+    loss().backward(inputs=dpsgd.graph_roots(module))
+    with pytest.raises(RuntimeError, match=r"no per-sample gradient for _module\.offset\.weight"):
+        dpsgd.check_per_sample_grads(module.named_parameters())
+    module = GradSampleModule(WithBias().train(), loss_reduction="mean")
+    loss().backward()                   # the full backward reaches it
+    dpsgd.check_per_sample_grads(module.named_parameters())
+
+
 def test_opt_is_refused_with_the_reason(setup, tmp_path):
     tok, examples = setup
     with pytest.raises(ValueError, match="not available for opt models: its decoder layers"):

@@ -41,7 +41,7 @@ import functools
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -110,8 +110,11 @@ def unit_optimizer_class(base: type) -> type:
         canary_generator: torch.Generator | None = None
         canary_rate: float = 0.0
         canary_scores: torch.Tensor | None = None
+        param_names: dict[int, str] = {}
 
         def pre_step(self, closure=None):
+            check_per_sample_grads((self.param_names.get(id(p), f"parameter {k}"), p)
+                                   for k, p in enumerate(self.params) if p is not self.canaries)
             self._sum_per_unit()
             return super().pre_step(closure)
 
@@ -182,6 +185,36 @@ def register_grad_samplers() -> None:
         return out
 
 
+def graph_roots(model) -> list[torch.Tensor] | None:
+    """The trainable weights of the model's embedding layers, the tensors a DP backward pass
+    asks autograd for (`loss.backward(inputs=...)`); None when there are none (then the whole
+    backward runs).
+
+    Opacus forms each layer's per-sample gradients in a backward hook, from the layer's input
+    and the gradient of its output, and discards the batch gradient autograd computes for the
+    layer's weights. Every layer of a language model lies between the embeddings and the
+    loss, so a backward pass to the embedding weights alone still computes every layer's
+    output gradient and fires every hook, and skips the weight-gradient products nobody reads
+    (measured on the tiny GPT-2 teacher: DP step 371 → 345 ms, per-sample gradients equal).
+    A trainable layer off that path gets no per-sample gradient; the optimizer's step then
+    names it (`check_per_sample_grads`) instead of training it on nothing."""
+    roots = [p for m in model.modules() if isinstance(m, torch.nn.Embedding)
+             for p in m.parameters(recurse=False) if p.requires_grad]
+    return list({id(p): p for p in roots}.values()) or None
+
+
+def check_per_sample_grads(named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Raise, naming them, if trainable parameters got no per-sample gradient in backward."""
+    missing = [name for name, p in named_parameters
+               if p.requires_grad and getattr(p, "grad_sample", None) is None]
+    if missing:
+        raise RuntimeError(
+            f"DP-SGD: no per-sample gradient for {', '.join(missing[:5])}"
+            f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}; the backward "
+            f"pass runs to the embedding weights only (`graph_roots`), and these parameters "
+            f"are not on a path from them to the loss")
+
+
 def check_supported(model) -> None:
     """A clear error for architectures whose per-sample gradients Opacus gets wrong."""
     kind = getattr(model.config, "model_type", "")
@@ -232,6 +265,7 @@ def make_private(model, optimizer, n_units: int, p: DPPlan, seed: int,
         expected_batch_size=optimizer.expected_batch_size,
         loss_reduction=optimizer.loss_reduction, generator=optimizer.generator)
     unit_optimizer.noise = p.noise
+    unit_optimizer.param_names = {id(q): name for name, q in model.named_parameters()}
     if canaries is not None:
         g = dp_generator(p, seed, CANARIES, device)
         unit_optimizer.canaries, unit_optimizer.canary_generator = canaries, g

@@ -352,7 +352,7 @@ def _step(run: _Run, step: int, idx: Sequence[int]
         loss = loss + run.params.lm_coef * lm
         parts.update(lm_parts)
     parts.update(run.dp.log_parts(idx))
-    run.accelerator.backward(loss)
+    run.accelerator.backward(loss, inputs=run.dp.backward_inputs)   # DP: to the embeddings
     if run.job.cfg.grad_clip and run.dp.clips_by_norm:
         run.accelerator.clip_grad_norm_(run.model.parameters(), run.job.cfg.grad_clip)
     run.dp.before_step(run.optimizer, idx)

@@ -22,6 +22,7 @@ class NoDP:
     clips_by_norm = True
     checkpoints = True
     private = False
+    backward_inputs = None      # every gradient
 
     def setup(self, model, method: Method, params: KDParams, device) -> KDParams:
         return params
@@ -77,6 +78,7 @@ class DPSGD:
         self.unit_of = {i: u for u, members in enumerate(self.units) for i in members}
         self.order: list[list[int]] = []
         self.optimizer = None
+        self.backward_inputs: list[torch.Tensor] | None = None
 
     def setup(self, model, method: Method, params: KDParams, device) -> KDParams:
         """Refuse what DP-SGD cannot train; per-sequence means, so that one example's gradient
@@ -105,6 +107,7 @@ class DPSGD:
         self.order = [[i for u in drawn for i in self.units[u]]
                       for drawn in opacus_dp.poisson_batches(poisson, self.plan.steps)]
         self.optimizer = optimizer
+        self.backward_inputs = opacus_dp.graph_roots(model)
         return model, optimizer, schedule(optimizer)
 
     def batches(self, order: list[list[int]], accelerator) -> list[list[int]]:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import ast
 import os
+import re
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,3 +132,23 @@ def test_scoring_device_follows_kdaudit_device_then_cuda(monkeypatch):
     assert compute_device() == torch.device("cuda")
     monkeypatch.setenv("KDAUDIT_DEVICE", "cpu")
     assert compute_device() == torch.device("cpu")
+
+
+def test_openmp_runs_with_kdaudit_s_spin_when_kdaudit_is_imported_first():
+    """What OpenMP itself reports (OMP_DISPLAY_ENV): kdaudit's short spin after
+    `import kdaudit, torch`, torch's own 300,000 turns with KDAUDIT_THREADS=off."""
+    from kdaudit import threads
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "KDAUDIT_THREADS")}
+    spins = {}
+    for mode in ("", "off"):
+        proc = subprocess.run([sys.executable, "-c", "import kdaudit, torch"], capture_output=True,
+                              text=True, env={**env, "KDAUDIT_THREADS": mode,
+                                              "OMP_DISPLAY_ENV": "verbose"})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        found = re.search(r"GOMP_SPINCOUNT = '(\d+)'", proc.stdout + proc.stderr)
+        if found is None:
+            pytest.skip("this torch build's OpenMP is not libgomp (no GOMP_SPINCOUNT shown)")
+        spins[mode] = int(found.group(1))
+    assert spins == {"": int(threads.SPINCOUNT), "off": 300000}

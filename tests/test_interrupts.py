@@ -51,7 +51,7 @@ def _run_until(cmd, env, log: Path, stage: str, sig: int, ready) -> list[str]:
                 break
         deadline = time.monotonic() + TIMEOUT
         while not ready() and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.01)
         p.send_signal(sig)
         rest, _ = p.communicate(timeout=TIMEOUT)
     lines += rest.splitlines(keepends=True)
@@ -69,9 +69,10 @@ def _tables(run: Path) -> dict[str, bytes]:
 
 
 def test_a_run_killed_four_times_finishes_with_the_uninterrupted_tables(tmp_path):
-    # a longer teacher (3× the steps) keeps its checkpoint marker up for seconds on an idle
-    # machine too, so the SIGINT below lands mid-training however fast the machine is
-    config = CONFIG.replace("[teacher]\nepochs = 2.0", "[teacher]\nepochs = 6.0")
+    # a longer teacher (6× the steps) keeps its checkpoint marker up for seconds on an idle
+    # machine too (3× gave a window of 1.9 s, which a test process starved by the other test
+    # workers once missed), so the SIGINT below lands mid-training however fast the machine is
+    config = CONFIG.replace("[teacher]\nepochs = 2.0", "[teacher]\nepochs = 12.0")
     assert config != CONFIG
     (tmp_path / "run.toml").write_text(config)
     env = _env(tmp_path / "cache")

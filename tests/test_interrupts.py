@@ -92,10 +92,9 @@ def test_a_run_killed_four_times_finishes_with_the_uninterrupted_tables(tmp_path
     inherited = _inherited_signals()
     if "default_int_handler" not in inherited or "blocked True" in inherited:
         warnings.warn(f"test process: {inherited}; the runs get the default handling")
-    # a longer teacher (6× the steps) keeps its checkpoint marker up for seconds on an idle
-    # machine too (3× gave a window of 1.9 s, which a test process starved by the other test
-    # workers once missed), so the SIGINT below lands mid-training however fast the machine is
-    config = CONFIG.replace("[teacher]\nepochs = 2.0", "[teacher]\nepochs = 12.0")
+    # a longer teacher (3× the steps) keeps its checkpoint up for seconds on an idle machine
+    # too, so the SIGINT below lands mid-training however fast the machine is
+    config = CONFIG.replace("[teacher]\nepochs = 2.0", "[teacher]\nepochs = 6.0")
     assert config != CONFIG
     (tmp_path / "run.toml").write_text(config)
     env = _env(tmp_path / "cache")

@@ -8,8 +8,9 @@ take the cores the other process's threads need, and both slow down more than in
 (`GOMP_SPINCOUNT`) keeps the speed alone and cuts the slowdown beside a competitor;
 `OMP_WAIT_POLICY=PASSIVE` (no spin) cuts it further but is slow alone where operators are
 small (measured on `make demo`: the teacher stage 157 s against 97 s, every training stage
-35–60% slower), so it is not the default. OpenMP reads these once, when torch is first imported, so
-kdaudit sets them on import, before torch, unless the user set them or `KDAUDIT_THREADS=off`.
+35–60% slower), so it is not the default. OpenMP reads these once, when torch is first
+imported, so kdaudit sets them on import, before torch, unless the user set them or
+`KDAUDIT_THREADS=off`.
 """
 from __future__ import annotations
 

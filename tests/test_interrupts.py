@@ -49,10 +49,13 @@ def _signals_as_from_a_terminal() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
-def _inherited_signals() -> str:
-    """What this test process has for SIGINT: its handler and whether it is blocked."""
+def _warn_if_sigint_is_not_default() -> None:
+    """Say so when this test process has SIGINT ignored, handled otherwise or blocked."""
+    handler = signal.getsignal(signal.SIGINT)
     blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    return f"SIGINT handler {signal.getsignal(signal.SIGINT)!r}, blocked {blocked}"
+    if handler is not signal.default_int_handler or blocked:
+        warnings.warn(f"test process: SIGINT handler {handler!r}, blocked {blocked}; the runs "
+                      f"get the default handling")
 
 
 def _run_until(cmd, env, log: Path, stage: str, sig: int, ready) -> list[str]:
@@ -89,9 +92,7 @@ def _tables(run: Path) -> dict[str, bytes]:
 
 
 def test_a_run_killed_four_times_finishes_with_the_uninterrupted_tables(tmp_path):
-    inherited = _inherited_signals()
-    if "default_int_handler" not in inherited or "blocked True" in inherited:
-        warnings.warn(f"test process: {inherited}; the runs get the default handling")
+    _warn_if_sigint_is_not_default()
     # a longer teacher (3× the steps) keeps its checkpoint up for seconds on an idle machine
     # too, so the SIGINT below lands mid-training however fast the machine is
     config = CONFIG.replace("[teacher]\nepochs = 2.0", "[teacher]\nepochs = 6.0")
@@ -102,9 +103,9 @@ def test_a_run_killed_four_times_finishes_with_the_uninterrupted_tables(tmp_path
     run = chain / "smoke"
     # the first checkpoint's state folder stays until the stage ends (its step marker does
     # not: each save removes it first), so a slow poll cannot fall between two markers
-    ckpt = run / "models" / "teacher.ckpt" / "trainer_state.json"
+    checkpoint_state = run / "models" / "teacher.ckpt" / "state"
     kills = [("base_teacher", signal.SIGKILL, lambda: _running(run, "base_teacher")),
-             ("teacher", signal.SIGINT, lambda: (ckpt.parent / "state").exists()),
+             ("teacher", signal.SIGINT, checkpoint_state.exists),
              ("audit:teacher", signal.SIGTERM, lambda: _running(run, "audit:teacher")),
              ("report", signal.SIGKILL, lambda: _running(run, "report"))]
     done_before: set[str] = set()

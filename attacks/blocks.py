@@ -15,9 +15,13 @@ restored bit-identically from saved copies (also when an exception is raised).
 Block MoPe fast path: perturbing block i leaves everything upstream of it unchanged, so one clean
 forward pass per batch captures each block's input hidden states and call arguments (attention
 mask, position embeddings/ids, ...); each perturbation then reruns only blocks i..L−1, the final
-norm (and OPT's `project_out`) and the LM head.
+norm (and OPT's `project_out`) and the LM head. Only the scored positions' logits are read, so
+the LM head and the last block's MLP (where the block has an `mlp` submodule: GPT-2, Llama,
+GPT-NeoX; not OPT) run on those positions only; the scores are unchanged.
 """
 from __future__ import annotations
+
+import contextlib
 
 from typing import Any, Callable, Iterator, Sequence
 
@@ -230,19 +234,55 @@ class _Capture:
         return args[0] if args else kwargs["hidden_states"]
 
 
+class _MLPOnRows:
+    """Hooks that run a block's per-position MLP (`block.mlp`) on the rows of `rows` (B, T)
+    only, writing zeros elsewhere. Used on the last block, whose output is read at the scored
+    positions only: the MLP is most of a block's work, and the others are thrown away. A block
+    without an `mlp` submodule taking (B, T, d) hidden states runs in full."""
+
+    def __init__(self, block: nn.Module, rows: torch.Tensor):
+        self.mlp, self.rows, self.active = getattr(block, "mlp", None), rows, False
+
+    def __enter__(self) -> "_MLPOnRows":
+        self.handles = [] if not isinstance(self.mlp, nn.Module) else [
+            self.mlp.register_forward_pre_hook(self._select),
+            self.mlp.register_forward_hook(self._scatter)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _select(self, module, args):
+        x = args[0] if args else None
+        self.active = isinstance(x, torch.Tensor) and x.dim() == 3 and \
+            x.shape[:2] == self.rows.shape
+        return (x[self.rows], *args[1:]) if self.active else None
+
+    def _scatter(self, module, args, out):
+        if not self.active or not isinstance(out, torch.Tensor):
+            return None
+        full = out.new_zeros(*self.rows.shape, out.shape[-1])
+        full[self.rows] = out
+        return full
+
+
 def _run_from(start: int, blocks: Sequence[nn.Module], calls: Sequence[tuple[tuple, dict]],
               final: Sequence[nn.Module], hidden: torch.Tensor,
               batch: ScoringBatch) -> torch.Tensor:
     """Logits at the batch's scored positions, (n_scored, V), from `hidden` entering block
     `start`: blocks start..L−1, then the final norm and the LM head (per position, so on the
-    scored positions only)."""
+    scored positions only; the last block's MLP too, see `_MLPOnRows`)."""
+    read = torch.zeros_like(batch.score)          # positions whose output predicts a scored token
+    read[:, :-1] = batch.score[:, 1:]
     h = hidden
     for k in range(start, len(blocks)):
         args, kwargs = calls[k]
-        if args:
-            out = blocks[k](h, *args[1:], **kwargs)
-        else:
-            out = blocks[k](**{**kwargs, "hidden_states": h})
+        with _MLPOnRows(blocks[k], read) if k == len(blocks) - 1 else contextlib.nullcontext():
+            if args:
+                out = blocks[k](h, *args[1:], **kwargs)
+            else:
+                out = blocks[k](**{**kwargs, "hidden_states": h})
         h = _hidden(out)
     h = h[:, :-1][batch.score[:, 1:]]
     for layer in final:

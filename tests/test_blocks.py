@@ -226,6 +226,35 @@ def test_perturbing_block_leaves_upstream_bit_identical(models, data, fam):
         assert not torch.equal(pert[f"out{i}"], clean[f"out{i}"])   # block i itself changed
 
 
+@pytest.mark.parametrize("fam", ["gpt2", "llama", "neox"])
+def test_the_last_block_s_mlp_runs_on_the_scored_positions_only(models, data, fam):
+    """In a perturbed pass the last block's MLP sees one row per scored token (its output is
+    read nowhere else); earlier blocks' MLPs see every position. Scores match the naive path
+    (test above), so the trim is exact where it matters."""
+    seqs, starts = data
+    model = models[fam]
+    layers = find_blocks(model)
+    rows: dict[int, list[int]] = {0: [], len(layers) - 1: []}
+
+    def count(k):
+        def hook(module, args, out):
+            x = args[0]
+            rows[k].append(x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[1])
+        return hook
+
+    handles = [layers[k].mlp.register_forward_hook(count(k)) for k in rows]
+    try:
+        block_mope_scores(model, seqs, starts, pad_id=PAD, n_perturbations=1,
+                          batch_size=len(seqs), blocks=[len(layers) - 1])
+    finally:
+        for h in handles:
+            h.remove()
+    scored = sum(len(s) - f for s, f in zip(seqs, starts))
+    padded = len(seqs) * max(map(len, seqs))
+    assert rows[0] == [padded]                   # the clean pass; block 0 is not rerun
+    assert rows[len(layers) - 1] == [padded, scored, scored]   # clean, fast-path check, perturbed
+
+
 def test_block_subset_batching_and_seed(models, data):
     seqs, starts = data
     model = models["llama"]

@@ -5,12 +5,13 @@
 Naive: perturb block b, run the whole model on every batch, restore (blocks × perturbations
 full forward passes). Fast (`attacks.blocks.block_mope_scores`): one clean pass per batch
 keeps each block's input, and each perturbation of block b reruns only blocks b..L−1, the
-final norm and the LM head, the head on the scored positions only. Both draw the same noise;
-their scores must agree. Run on the tiny teacher (3 blocks) and on an 8-block model of the
-same width, where the saving of skipping the blocks upstream grows: for L blocks the fast
-path runs (L + 1) / 2L of the naive block computations, 0.67 for 3 blocks, 0.56 for 8, plus
-one clean pass per batch, which more perturbations amortise: the default is kdaudit's own
-(`audit.perturbations`, 10).
+final norm and the LM head; the head and the last block's MLP on the scored positions only.
+Both draw the same noise; their scores must agree. Run on the tiny teacher (3 blocks) and on
+an 8-block model of the same width, where the saving of skipping the blocks upstream grows:
+for L blocks the fast path runs (L + 1) / 2L of the naive block calls, 0.67 for 3 blocks,
+0.56 for 8, plus one clean pass per batch, which more perturbations amortise: the default is
+kdaudit's own (`audit.perturbations`, 10). Trimming the last block's MLP takes the 3-block
+case below that count.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kdaudit.cli_jobs import add_dp_sgd_flags, add_student_parser, add_teacher_parser
 from kdaudit.config import AuditConfig, ConfigError, load_config, presets
+from kdaudit import threads
 from kdaudit.errors import FolderBusyError
 from kdaudit.store import FolderLock
 
@@ -292,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args.debug = debug
     _quiet_transformers()
     try:
+        threads.govern()
         with _terminate_as_interrupt():
             return args.fn(args)
     except KeyboardInterrupt:

@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/perf/bench_teacher_cache.py [--examples 128] [--topk 256,2048]
 
-Trains the same kd student twice from the same start on the same batches: the teacher run on
-every step (the paper's code), then with `teacher_cache_topk` = k for each k given (the
-teacher runs in the first epoch only; k = 2048, the whole vocabulary, is exact). The teacher and the student are the tiny preset's pretrained bases (from the
+Trains the same kd student from the same start on the same batches: the teacher run on every
+step (the paper's code), and with `teacher_cache_topk` = k for each k given (the teacher runs
+in the first epoch only; k = 2048, the whole vocabulary, is exact), in alternating rounds. The teacher and the student are the tiny preset's pretrained bases (from the
 machine's cache; pretrained here when missing), so the teacher's distributions are peaked as a
 trained model's are. Prints the seconds per epoch of both runs, the ratio of a cached epoch
 (after the first) to an uncached one, the cache's memory, the teacher's mass beyond its top k,
@@ -51,8 +51,10 @@ def exact_kd(student, teacher, examples, pad_id: int, topk: int) -> tuple[float,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--topk", default="256,2048", help="comma-separated k")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds over the runs, in alternating order; each keeps its faster")
     args = ap.parse_args()
 
     cfg = load_config("tiny")
@@ -64,9 +66,10 @@ def main() -> None:
     examples = [encode_record(r, tok, cfg.data.max_length)
                 for r in generate_records(args.examples, seed=5)]
     train_cfg = dataclasses.replace(cfg.student, epochs=args.epochs, checkpoint_every=0)
-    runs = {}
+    runs: dict[int, tuple[list[float], float, float]] = {}
     ks = [int(k) for k in args.topk.split(",")]
-    for topk in [0, *ks]:
+    order = [0, *ks]
+    for topk in [*order, *reversed(order)][:len(order) * args.rounds]:
         records, stamps = [], []
         job = loop.TrainJob(
             load_model(bases["student"]), examples, METHODS["kd"], train_cfg,
@@ -80,12 +83,15 @@ def main() -> None:
         final = exact_kd(job.model, teacher, examples, tok.pad_token_id, topk or 1)
         steps = len(records) // args.epochs
         ends = [stamps[(e + 1) * steps - 1] for e in range(args.epochs)]
-        runs[topk] = ([b - a for a, b in zip([start, *ends], ends)], *final)
+        times = [b - a for a, b in zip([start, *ends], ends)]
+        if topk not in runs or statistics.mean(times[1:]) < statistics.mean(runs[topk][0][1:]):
+            runs[topk] = (times, *final)          # the faster round of each, by epochs 2+
     plain_t, plain_kl, _ = runs[0]
     later = slice(1, None)
     tokens = sum(len(e.input_ids) - e.response_start for e in examples)
     print(f"kd, tiny bases on {compute_device()}, {args.examples} examples ({tokens} response "
-          f"tokens), {args.epochs} epochs, {torch.get_num_threads()} threads")
+          f"tokens), {args.epochs} epochs, {torch.get_num_threads()} threads, the faster of "
+          f"{args.rounds} alternating rounds")
     for k, (times, _, _) in runs.items():
         label = f"cache, top-{k}" if k else "teacher every step"
         print(f"  {label:20s}: epochs {', '.join(f'{t:.1f}' for t in times)} s")

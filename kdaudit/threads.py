@@ -23,6 +23,7 @@ numbers then depend, in their last bits, on what else ran beside it.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import warnings
@@ -117,13 +118,16 @@ class _Sampler:
         delays = _run_delays() or {}
         waited = sum(max(0, d - self.delays[tid]) for tid, d in delays.items()
                      if tid in self.delays)
-        waiting = waited / 1e9 / (now - self.t)
+        span = now - self.t
+        waiting = waited / 1e9 / span
         self.t, self.delays = now, delays
         import torch
 
-        n = self.governor.decide(waiting)
-        if n != torch.get_num_threads():
+        n, before = self.governor.decide(waiting), torch.get_num_threads()
+        if n != before:
             torch.set_num_threads(n)
+            print(f"[threads] {before} → {n}: {waiting:.2f} threads waited for a CPU on "
+                  f"average over the last {span:.1f} s", file=sys.stderr, flush=True)
 
 
 _sampler: _Sampler | None = None

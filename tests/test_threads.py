@@ -73,6 +73,7 @@ def test_adaptive_mode_sets_torch_s_thread_count_from_the_run_queue_waits():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.split() == ["1"]
+    assert "[threads] 2 → 1:" in proc.stderr              # the change is reported
 
 
 def test_the_governor_is_off_unless_asked_and_a_bad_mode_is_named(monkeypatch, capsys):

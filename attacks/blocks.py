@@ -22,7 +22,6 @@ GPT-NeoX; not OPT) run on those positions only; the scores are unchanged.
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -284,7 +283,7 @@ def _run_from(start: int, blocks: Sequence[nn.Module], calls: Sequence[tuple[tup
             else:
                 out = blocks[k](**{**kwargs, "hidden_states": h})
         h = _hidden(out)
-    h = h[:, :-1][batch.score[:, 1:]]
+    h = h[read]                                   # row-major, like `_logits`
     for layer in final:
         h = layer(h)
     return h

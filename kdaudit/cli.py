@@ -7,9 +7,9 @@ import signal
 import sys
 from pathlib import Path
 
+from kdaudit import threads
 from kdaudit.cli_jobs import add_dp_sgd_flags, add_student_parser, add_teacher_parser
 from kdaudit.config import AuditConfig, ConfigError, load_config, presets
-from kdaudit import threads
 from kdaudit.errors import FolderBusyError
 from kdaudit.store import FolderLock
 

@@ -34,9 +34,13 @@ SPINCOUNT = "10000"     # libgomp's default is 300,000 (OMP_WAIT_POLICY unset)
 MODES = ("", "off", "adaptive")
 
 
+def _requested() -> str:
+    return os.environ.get("KDAUDIT_THREADS", "").strip().lower()
+
+
 def mode() -> str:
     """`KDAUDIT_THREADS`, checked: '' (the default policy), 'off' or 'adaptive'."""
-    value = os.environ.get("KDAUDIT_THREADS", "").strip().lower()
+    value = _requested()
     if value not in MODES:
         raise ValueError(f"KDAUDIT_THREADS={value!r}: expected one of 'off', 'adaptive' or "
                          f"unset")
@@ -44,9 +48,9 @@ def mode() -> str:
 
 
 def configure() -> None:
-    """Default GOMP_SPINCOUNT to a short spin (only effective before torch is imported)."""
-    if os.environ.get("KDAUDIT_THREADS", "").strip().lower() == "off" or \
-            "OMP_WAIT_POLICY" in os.environ:
+    """Default GOMP_SPINCOUNT to a short spin (only effective before torch is imported). It
+    runs on import, so a bad KDAUDIT_THREADS is left for the CLI to name (`mode`)."""
+    if _requested() == "off" or "OMP_WAIT_POLICY" in os.environ:
         return
     os.environ.setdefault("GOMP_SPINCOUNT", SPINCOUNT)
 

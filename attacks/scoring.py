@@ -6,6 +6,7 @@ Every single-pass membership signal is a function of these statistics.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -215,4 +216,88 @@ def token_stats(model, sequences: Sequence[Sequence[int]], score_from: Sequence[
     return TokenStats(logprob=np.concatenate([t[0] for t in rows]),
                       mean=np.concatenate([t[1] for t in rows]),
                       var=np.concatenate([t[2] for t in rows]),
+                      offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+
+def cache_keyword(model) -> str:
+    """The KV-cache argument of `model.forward`: `cache` (transformers ≥ 5.x) or
+    `past_key_values` (older releases)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every sequence shares, leaving each at least one of its own."""
+    shortest = min(len(s) for s in sequences)
+    first = sequences[0]
+    n = 0
+    while n < shortest - 1 and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def shared_prefix_stats(model, sequences: Sequence[Sequence[int]], score_from: Sequence[int], *,
+                        pad_id: int, batch_size: int = 32,
+                        device: torch.device | str | None = None,
+                        dtype: torch.dtype = torch.float32) -> TokenStats:
+    """`token_stats` of sequences that share a long token prefix (a canary and its candidate
+    secrets): the prefix runs once and the sequences' own tokens run on its KV cache.
+
+    Equal to `token_stats` up to float rounding (the attention over the prefix is summed in
+    another order); falls back to it when the shared prefix is shorter than half the shortest
+    sequence. Batches are shared out among processes as `token_stats`'s are."""
+    check_scoring_inputs(sequences, score_from)
+    n = common_prefix_length(sequences)
+    if n < 1 or 2 * n < min(len(s) for s in sequences):
+        return token_stats(model, sequences, score_from, pad_id=pad_id, batch_size=batch_size,
+                           device=device, dtype=dtype)
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    prefix = torch.as_tensor(list(sequences[0][:n]), device=device)[None]
+    keyword = cache_keyword(model)
+
+    def prefix_pass(rows: int):
+        """(the prefix's logits (n, V), a KV cache of it for `rows` sequences)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix),
+                    position_ids=torch.arange(n, device=device)[None], use_cache=True,
+                    **{keyword: cache})
+        cache.batch_repeat_interleave(rows)
+        return out.logits[0], cache
+
+    order = np.argsort([len(s) for s in sequences], kind="stable")
+    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    per_seq: dict[int, tuple[np.ndarray, ...]] = {}
+    for _, idx in parallel.my_batches(batches):
+        own = [list(sequences[i][n:]) for i in idx]
+        width = max(len(o) for o in own)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attn = torch.zeros(len(idx), n + width, dtype=torch.long)
+        attn[:, :n] = 1
+        for row, o in enumerate(own):
+            ids[row, :len(o)] = torch.as_tensor(o)
+            attn[row, n:n + len(o)] = 1
+        prefix_logits, cache = prefix_pass(len(idx))
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device),
+                       position_ids=(n + torch.arange(width, device=device))[None].expand(
+                           len(idx), -1), use_cache=True, **{keyword: cache}).logits
+        # token t is predicted by the logits at t − 1: the prefix's up to t = n, then its own
+        rows = [torch.cat([prefix_logits, logits[row, :len(sequences[i]) - n - 1]])
+                [score_from[i] - 1:] for row, i in enumerate(idx)]
+        targets = torch.as_tensor([t for i in idx for t in sequences[i][score_from[i]:]],
+                                  device=device)
+        stats = stats_of_logits(torch.cat(rows), targets, dtype)
+        counts = [len(r) for r in rows]
+        for i, *parts in zip(idx, *(v.split(counts) for v in stats)):
+            per_seq[int(i)] = tuple(p.double().cpu().numpy() for p in parts)
+    model.train(was_training)
+    rows = parallel.in_order(per_seq, len(sequences))
+    lengths = np.array([len(r[0]) for r in rows], dtype=np.int64)
+    return TokenStats(logprob=np.concatenate([r[0] for r in rows]),
+                      mean=np.concatenate([r[1] for r in rows]),
+                      var=np.concatenate([r[2] for r in rows]),
                       offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))

@@ -11,6 +11,7 @@ two-process run (tests/test_launch.py) checks the same end to end.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 from attacks import parallel
 from attacks.blocks import block_mope_scores, mope_scores
 from attacks.memorization import greedy_generate, sample_generate
-from attacks.scoring import token_stats
+from attacks.scoring import common_prefix_length, shared_prefix_stats, token_stats
 from kdaudit.data.template import encode_prompt, encode_record
 from thread_ranks import Exchange, run_ranks
 
@@ -64,6 +65,21 @@ def test_shared_out_token_stats_equal_one_process(inputs):
     kw = dict(pad_id=tok.pad_token_id, batch_size=4)
     alone = token_stats(model, ids, starts, **kw)
     shared = run_sharded(lambda _: token_stats(model, ids, starts, **kw))
+    for got in shared:
+        for field in ("logprob", "mean", "var", "offsets"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(alone, field))
+
+
+def test_shared_out_shared_prefix_stats_equal_one_process(inputs):
+    model, tok, records, _, _ = inputs
+    others = [dataclasses.replace(records[0], response=records[0].response + f" {k:05d}")
+              for k in range(9)]
+    enc = [encode_record(r, tok, 160) for r in others]
+    ids, starts = [e.input_ids for e in enc], [e.response_start for e in enc]
+    kw = dict(pad_id=tok.pad_token_id, batch_size=4)
+    assert 2 * common_prefix_length(ids) >= min(map(len, ids))   # the shared-prefix path
+    alone = shared_prefix_stats(model, ids, starts, **kw)
+    shared = run_sharded(lambda _: shared_prefix_stats(model, ids, starts, **kw))
     for got in shared:
         for field in ("logprob", "mean", "var", "offsets"):
             np.testing.assert_array_equal(getattr(got, field), getattr(alone, field))

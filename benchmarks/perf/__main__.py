@@ -23,6 +23,8 @@ BENCHES = (
      "bench_mope.py", []),
     ("Sampling and memorization: batched KV cache vs recomputing the prefix, vs one prompt at "
      "a time", "bench_sampling.py", []),
+    ("Canary exposure: the candidates' shared prefix once vs every candidate in full",
+     "bench_canaries.py", []),
     ("Off-policy KD: the teacher every step vs the teacher cache", "bench_teacher_cache.py", []),
     ("DP-SGD step vs non-DP step (Opacus per-sample gradients)", "bench_dpsgd.py", []),
     ("End to end: kdaudit run --preset smoke, per stage", "bench_end_to_end.py", []),

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from attacks.privacy import estimate_exposure, heuristic_epsilon, one_run_epsilon_lower_bound
-from attacks.scoring import token_stats
+from attacks.scoring import shared_prefix_stats, token_stats
 from kdaudit.config import AuditConfig
 from kdaudit.data.canaries import SECRET_DIGITS, Canary, random_secret
 from kdaudit.data.records import Record
@@ -24,10 +24,13 @@ from kdaudit.store import read_json
 
 
 def _total_nll(model, tokenizer, records: Sequence[Record], max_length: int,
-               batch_size: int) -> np.ndarray:
+               batch_size: int, *, shared_prefix: bool = False) -> np.ndarray:
+    """Each record's total response NLL; `shared_prefix`: the records differ only near their
+    end (a canary and its candidates), so their common prefix is run once."""
     enc = [encode_record(r, tokenizer, max_length) for r in records]
-    s = token_stats(model, [e.input_ids for e in enc], [e.response_start for e in enc],
-                    pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    stats = shared_prefix_stats if shared_prefix else token_stats
+    s = stats(model, [e.input_ids for e in enc], [e.response_start for e in enc],
+              pad_id=tokenizer.pad_token_id, batch_size=batch_size)
     return s.total_nll()
 
 
@@ -47,7 +50,7 @@ def canary_rows(model_id: str, model, tokenizer, canaries: Sequence[Canary], cfg
             others = [random_secret(rng) for _ in range(candidates)]
             recs = [c.record] + [dataclasses.replace(
                 c.record, response=c.record.response.replace(c.secret, o)) for o in others]
-            nll = _total_nll(model, tokenizer, recs, max_length, batch_size)
+            nll = _total_nll(model, tokenizer, recs, max_length, batch_size, shared_prefix=True)
             # a skew-normal fit to the candidates' losses extrapolates the rank into the tail
             # (Carlini et al. 2019); plain counting could not resolve ranks below |R|/candidates
             exposures.append(estimate_exposure(nll[0], nll[1:], 10.0 ** SECRET_DIGITS,

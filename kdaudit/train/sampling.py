@@ -9,7 +9,6 @@ position ids (left padding shifts them), one forward per new token per model on 
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -18,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from attacks.memorization import left_padded_batches
+from attacks.scoring import cache_keyword
 
 
 @dataclass(frozen=True)
@@ -51,18 +51,11 @@ def _top_p_filter(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logprobs, -math.inf).scatter(-1, order, sorted_lp)
 
 
-def _cache_keyword(model) -> str:
-    """transformers ≥ 5.x names the KV-cache argument `cache`; older releases
-    `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters \
-        else "past_key_values"
-
-
 def _forward(model, ids: torch.Tensor, attn: torch.Tensor, cache) -> torch.Tensor:
     """Last-position logits; `cache` (a DynamicCache) is extended in place."""
     positions = (attn.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
     out = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True,
-                **{_cache_keyword(model): cache})
+                **{cache_keyword(model): cache})
     return out.logits[:, -1].float()
 
 

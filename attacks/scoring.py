@@ -236,6 +236,49 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def _rows_on_prefix(model, sequences: Sequence[Sequence[int]], idx: Sequence[int], n: int,
+                    pad_id: int, device: torch.device) -> list[torch.Tensor]:
+    """For each sequence `sequences[i]`, i in `idx`: the logits (len − 1, V) predicting its
+    tokens 1.., from one pass over the shared prefix (its first n tokens) and one over the
+    sequences' own tokens, right-padded, on the prefix's KV cache."""
+    from transformers import DynamicCache
+
+    keyword = cache_keyword(model)
+    prefix = torch.as_tensor(list(sequences[idx[0]][:n]), device=device)[None]
+    cache = DynamicCache()
+    prefix_logits = model(input_ids=prefix, attention_mask=torch.ones_like(prefix),
+                          position_ids=torch.arange(n, device=device)[None], use_cache=True,
+                          **{keyword: cache}).logits[0]
+    cache.batch_repeat_interleave(len(idx))
+    own = [list(sequences[i][n:]) for i in idx]
+    width = max(len(o) for o in own)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(idx), n + width, dtype=torch.long)
+    attn[:, :n] = 1
+    for row, o in enumerate(own):
+        ids[row, :len(o)] = torch.as_tensor(o)
+        attn[row, n:n + len(o)] = 1
+    positions = (n + torch.arange(width, device=device))[None].expand(len(idx), -1)
+    logits = model(input_ids=ids.to(device), attention_mask=attn.to(device),
+                   position_ids=positions, use_cache=True, **{keyword: cache}).logits
+    # token t is predicted by the logits at t − 1: the prefix's up to t = n, then its own
+    return [torch.cat([prefix_logits, logits[row, :len(o) - 1]]) for row, o in enumerate(own)]
+
+
+def _prefix_cache_reproduces(model, seq: Sequence[int], n: int, pad_id: int,
+                             device: torch.device) -> bool:
+    """Whether `_rows_on_prefix` gives the model's own logits on `seq` (a model may keep no
+    KV cache, or one of another kind)."""
+    try:
+        cached = _rows_on_prefix(model, [seq], [0], n, pad_id, device)[0]
+    except (TypeError, ValueError, AttributeError, NotImplementedError):
+        return False
+    ids = torch.as_tensor(list(seq), device=device)[None]
+    full = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                 position_ids=torch.arange(len(seq), device=device)[None]).logits[0, :-1]
+    return cached.shape == full.shape and torch.allclose(cached, full, rtol=1e-4, atol=1e-4)
+
+
 @torch.no_grad()
 def shared_prefix_stats(model, sequences: Sequence[Sequence[int]], score_from: Sequence[int], *,
                         pad_id: int, batch_size: int = 32,
@@ -245,49 +288,25 @@ def shared_prefix_stats(model, sequences: Sequence[Sequence[int]], score_from: S
     secrets): the prefix runs once and the sequences' own tokens run on its KV cache.
 
     Equal to `token_stats` up to float rounding (the attention over the prefix is summed in
-    another order); falls back to it when the shared prefix is shorter than half the shortest
-    sequence. Batches are shared out among processes as `token_stats`'s are."""
+    another order). Falls back to `token_stats` when the shared prefix is shorter than half
+    the shortest sequence, or when the cached pass does not reproduce the model's own logits
+    on the first sequence. Batches are shared out among processes as `token_stats`'s are."""
     check_scoring_inputs(sequences, score_from)
     n = common_prefix_length(sequences)
-    if n < 1 or 2 * n < min(len(s) for s in sequences):
-        return token_stats(model, sequences, score_from, pad_id=pad_id, batch_size=batch_size,
-                           device=device, dtype=dtype)
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
-    prefix = torch.as_tensor(list(sequences[0][:n]), device=device)[None]
-    keyword = cache_keyword(model)
-
-    def prefix_pass(rows: int):
-        """(the prefix's logits (n, V), a KV cache of it for `rows` sequences)."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix),
-                    position_ids=torch.arange(n, device=device)[None], use_cache=True,
-                    **{keyword: cache})
-        cache.batch_repeat_interleave(rows)
-        return out.logits[0], cache
-
+    if n < 1 or 2 * n < min(len(s) for s in sequences) or \
+            not _prefix_cache_reproduces(model, sequences[0], n, pad_id, device):
+        model.train(was_training)
+        return token_stats(model, sequences, score_from, pad_id=pad_id, batch_size=batch_size,
+                           device=device, dtype=dtype)
     order = np.argsort([len(s) for s in sequences], kind="stable")
     batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
     per_seq: dict[int, tuple[np.ndarray, ...]] = {}
     for _, idx in parallel.my_batches(batches):
-        own = [list(sequences[i][n:]) for i in idx]
-        width = max(len(o) for o in own)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attn = torch.zeros(len(idx), n + width, dtype=torch.long)
-        attn[:, :n] = 1
-        for row, o in enumerate(own):
-            ids[row, :len(o)] = torch.as_tensor(o)
-            attn[row, n:n + len(o)] = 1
-        prefix_logits, cache = prefix_pass(len(idx))
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device),
-                       position_ids=(n + torch.arange(width, device=device))[None].expand(
-                           len(idx), -1), use_cache=True, **{keyword: cache}).logits
-        # token t is predicted by the logits at t − 1: the prefix's up to t = n, then its own
-        rows = [torch.cat([prefix_logits, logits[row, :len(sequences[i]) - n - 1]])
-                [score_from[i] - 1:] for row, i in enumerate(idx)]
+        rows = [r[score_from[i] - 1:]
+                for r, i in zip(_rows_on_prefix(model, sequences, idx, n, pad_id, device), idx)]
         targets = torch.as_tensor([t for i in idx for t in sequences[i][score_from[i]:]],
                                   device=device)
         stats = stats_of_logits(torch.cat(rows), targets, dtype)

@@ -206,12 +206,22 @@ def token_stats(model, sequences: Sequence[Sequence[int]], score_from: Sequence[
         sel = batch.score[:, 1:]
         logits = first if n == 0 else scored_logits(model, batch, split)
         lp, mu, var = stats_of_logits(logits, batch.ids[:, 1:][sel], dtype)
-        counts = sel.sum(1).tolist()
-        for row, (a, b, c) in enumerate(zip(lp.split(counts), mu.split(counts), var.split(counts))):
-            per_seq[int(batch.idx[row])] = (a.double().cpu().numpy(), b.double().cpu().numpy(),
-                                            c.double().cpu().numpy())
+        _keep_per_sequence(per_seq, batch.idx, (lp, mu, var), sel.sum(1).tolist())
     model.train(was_training)
-    rows = parallel.in_order(per_seq, len(sequences))
+    return _merged_stats(per_seq, len(sequences))
+
+
+def _keep_per_sequence(per_seq: dict, idx: Sequence[int], stats: tuple[torch.Tensor, ...],
+                       counts: list[int]) -> None:
+    """File a batch's (log q, μ, σ²) rows, `counts[r]` for its row r, under each row's input
+    index `idx[r]`, as float64 arrays."""
+    for i, *parts in zip(idx, *(v.split(counts) for v in stats)):
+        per_seq[int(i)] = tuple(p.double().cpu().numpy() for p in parts)
+
+
+def _merged_stats(per_seq: dict, n: int) -> TokenStats:
+    """Every process's filed rows for sequences 0..n−1, flat, in sequence order."""
+    rows = parallel.in_order(per_seq, n)
     lengths = np.array([len(t[0]) for t in rows], dtype=np.int64)
     return TokenStats(logprob=np.concatenate([t[0] for t in rows]),
                       mean=np.concatenate([t[1] for t in rows]),
@@ -272,6 +282,8 @@ def _prefix_cache_reproduces(model, seq: Sequence[int], n: int, pad_id: int,
     try:
         cached = _rows_on_prefix(model, [seq], [0], n, pad_id, device)[0]
     except (TypeError, ValueError, AttributeError, NotImplementedError):
+        # what a forward without a cache argument, or one that cannot use a DynamicCache,
+        # raises: such a model is scored in full by `token_stats`, which needs no cache
         return False
     ids = torch.as_tensor(list(seq), device=device)[None]
     full = model(input_ids=ids, attention_mask=torch.ones_like(ids),
@@ -309,14 +321,7 @@ def shared_prefix_stats(model, sequences: Sequence[Sequence[int]], score_from: S
                 for r, i in zip(_rows_on_prefix(model, sequences, idx, n, pad_id, device), idx)]
         targets = torch.as_tensor([t for i in idx for t in sequences[i][score_from[i]:]],
                                   device=device)
-        stats = stats_of_logits(torch.cat(rows), targets, dtype)
-        counts = [len(r) for r in rows]
-        for i, *parts in zip(idx, *(v.split(counts) for v in stats)):
-            per_seq[int(i)] = tuple(p.double().cpu().numpy() for p in parts)
+        _keep_per_sequence(per_seq, idx, stats_of_logits(torch.cat(rows), targets, dtype),
+                           [len(r) for r in rows])
     model.train(was_training)
-    rows = parallel.in_order(per_seq, len(sequences))
-    lengths = np.array([len(r[0]) for r in rows], dtype=np.int64)
-    return TokenStats(logprob=np.concatenate([r[0] for r in rows]),
-                      mean=np.concatenate([r[1] for r in rows]),
-                      var=np.concatenate([r[2] for r in rows]),
-                      offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    return _merged_stats(per_seq, len(sequences))

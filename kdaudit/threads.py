@@ -1,5 +1,5 @@
-"""CPU thread policy: a short OpenMP spin by default, and an opt-in governor that gives cores
-back while another process needs them.
+"""CPU thread policy: a short OpenMP spin, and a governor that gives cores back while another
+process needs them, without changing a bit of what the run computes.
 
 PyTorch's CPU build parallelises each operator over an OpenMP team, and libgomp's workers
 spin after each parallel region, waiting for the next one. Alone on a machine that is what
@@ -9,16 +9,18 @@ take the cores the other process's threads need, and both slow down more than in
 (`GOMP_SPINCOUNT`) keeps the speed alone and cuts the slowdown beside a competitor;
 `OMP_WAIT_POLICY=PASSIVE` (no spin) cuts it further but is slow alone where operators are
 small (measured on `make demo`: the teacher stage 157 s against 97 s, every training stage
-35–60% slower), so it is not the default. OpenMP reads these once, when torch is first
-imported, so kdaudit sets them on import, before torch, unless the user set them or
-`KDAUDIT_THREADS=off`.
+35-60% slower). OpenMP reads these once, when torch is first imported, so kdaudit sets the
+spin on import, before torch, unless the user set a policy or `KDAUDIT_THREADS=off`.
 
-`KDAUDIT_THREADS=adaptive` adds `Governor`: every couple of seconds it reads how long this
-process's threads waited for a CPU (Linux's per-thread schedstat) and drops a thread while
-they wait, so two runs on one machine each get their own cores instead of stalling each
-other's OpenMP teams; it tries one thread more now and then, and keeps it if nothing waits.
-It is opt-in because the thread count changes the order of floating-point sums: a run's
-numbers then depend, in their last bits, on what else ran beside it.
+`Governor` (the default, `KDAUDIT_THREADS` unset or `adaptive`): every couple of seconds it
+reads how long this process's threads waited for a CPU (Linux's per-thread schedstat) and
+drops a thread while they wait, so two runs on one machine each get their own cores instead
+of stalling each other's OpenMP teams; it tries one thread more now and then, and keeps it if
+nothing waits. The thread count would change the last bits of two CPU operators, LayerNorm's
+weight gradients and attention over short queries (generation), so while it governs, those
+are kept at the starting count's bits (`kdaudit.thread_invariance`): a run's numbers do not
+depend on what ran beside it. `KDAUDIT_THREADS=fixed` keeps the short spin and the starting
+thread count; `off` leaves torch's own policy.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SPINCOUNT = "10000"     # libgomp's default is 300,000 (OMP_WAIT_POLICY unset)
-MODES = ("", "off", "adaptive")
+MODES = ("", "adaptive", "fixed", "off")    # "" is "adaptive"
 
 
 def _requested() -> str:
@@ -39,12 +41,12 @@ def _requested() -> str:
 
 
 def mode() -> str:
-    """`KDAUDIT_THREADS`, checked: '' (the default policy), 'off' or 'adaptive'."""
+    """`KDAUDIT_THREADS`, checked: 'adaptive' (also when unset), 'fixed' or 'off'."""
     value = _requested()
     if value not in MODES:
-        raise ValueError(f"KDAUDIT_THREADS={value!r}: expected one of 'off', 'adaptive' or "
-                         f"unset")
-    return value
+        raise ValueError(f"KDAUDIT_THREADS={value!r}: expected one of 'adaptive' (the "
+                         f"default), 'fixed' or 'off'")
+    return value or "adaptive"
 
 
 def configure() -> None:
@@ -138,21 +140,34 @@ _sampler: _Sampler | None = None
 
 
 def govern(interval: float = 2.0) -> Governor | None:
-    """With `KDAUDIT_THREADS=adaptive`, start governing torch's thread count (once per
-    process; call it from the thread that runs the models) and return the governor; else
-    None. It samples on module forward calls, so every stage, training, scoring and
-    generation, is covered without a call of its own."""
+    """Unless `KDAUDIT_THREADS` is `fixed` or `off`, start governing torch's thread count
+    (once per process; call it from the thread that runs the models) and return the governor;
+    None where there is nothing to govern (one thread), no run-queue statistics, or a torch
+    build whose LayerNorm gradients cannot be kept at the starting count's bits. It samples on
+    module forward calls, so every stage, training, scoring and generation, is covered without
+    a call of its own."""
     global _sampler
     if mode() != "adaptive":
         return None
-    if _run_delays() is None:
-        warnings.warn("KDAUDIT_THREADS=adaptive: this system does not report how long threads "
-                      "wait for a CPU (/proc/self/task/*/schedstat), so the thread count stays "
-                      "fixed", RuntimeWarning, stacklevel=2)
-        return None
-    if _sampler is None:
-        import torch
+    if _sampler is not None:
+        return _sampler.governor
+    import torch
 
-        _sampler = _Sampler(Governor(torch.get_num_threads()), interval)
+    from kdaudit import thread_invariance
+
+    count = torch.get_num_threads()
+    if count == 1:
+        return None
+    if _run_delays() is None:
+        why = "this system does not report how long threads wait for a CPU " \
+              "(/proc/self/task/*/schedstat)"
+    elif not thread_invariance.install(count):
+        why = f"this torch build's LayerNorm gradients could not be kept at {count} threads' bits"
+    else:
+        _sampler = _Sampler(Governor(count), interval)
         torch.nn.modules.module.register_module_forward_pre_hook(_sampler)
-    return _sampler.governor
+        return _sampler.governor
+    if _requested() == "adaptive":
+        warnings.warn(f"KDAUDIT_THREADS=adaptive: {why}, so the thread count stays fixed",
+                      RuntimeWarning, stacklevel=2)
+    return None

@@ -1,5 +1,7 @@
-"""`KDAUDIT_THREADS=adaptive`: the governor gives a thread back while this process's threads
-wait for a CPU and takes it again once they stop waiting; off by default."""
+"""The thread governor (the default; `KDAUDIT_THREADS=adaptive`): it gives a thread back while
+this process's threads wait for a CPU and takes it again once they stop waiting; `fixed` and
+`off` keep the thread count. That its changes leave every number as it was is
+`test_thread_invariance.py`'s."""
 from __future__ import annotations
 
 import os
@@ -56,35 +58,61 @@ def test_it_drops_as_many_threads_as_waited_and_climbs_back_one_at_a_time():
         Governor(0)
 
 
-def test_adaptive_mode_sets_torch_s_thread_count_from_the_run_queue_waits():
+@pytest.mark.parametrize("mode", ["", "adaptive"])
+def test_by_default_it_sets_torch_s_thread_count_from_the_run_queue_waits(mode):
     """The wiring, without timing: fake waits of 1 s per sample drive a real forward pass."""
     script = textwrap.dedent("""
         import itertools, torch
-        from kdaudit import threads
+        import torch.nn.functional as F
+        from kdaudit import thread_invariance, threads
         torch.set_num_threads(2)
         clock = itertools.count()
         threads._run_delays = lambda: {1: next(clock) * 10**9}     # 1 s waited per sample
         governor = threads.govern(interval=0.0)
         assert governor is not None and governor.maximum == 2
         torch.nn.Linear(4, 4)(torch.zeros(1, 4))
-        print(torch.get_num_threads())
+        print(torch.get_num_threads(), thread_invariance.layer_norm is F.layer_norm)
     """)
-    env = {**os.environ, "KDAUDIT_THREADS": "adaptive"}
+    env = {**os.environ, "KDAUDIT_THREADS": mode}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.split() == ["1"]
+    assert proc.stdout.split() == ["1", "True"]          # governing, numbers kept
     assert "[threads] 2 → 1:" in proc.stderr              # the change is reported
 
 
-def test_the_governor_is_off_unless_asked_and_a_bad_mode_is_named(monkeypatch, capsys):
+def test_fixed_and_off_keep_the_thread_count_and_a_bad_mode_is_named(monkeypatch, capsys):
     from kdaudit import threads
     from kdaudit.cli import main
 
-    monkeypatch.delenv("KDAUDIT_THREADS", raising=False)
-    assert threads.govern() is None
+    for mode in ("fixed", "off", " Fixed "):
+        monkeypatch.setenv("KDAUDIT_THREADS", mode)
+        assert threads.govern() is None
     monkeypatch.setenv("KDAUDIT_THREADS", "adaptve")
     assert main(["report", "no-such-run"]) == 2
-    assert "KDAUDIT_THREADS='adaptve': expected one of 'off', 'adaptive'" in capsys.readouterr().err
+    assert ("KDAUDIT_THREADS='adaptve': expected one of 'adaptive' (the default), 'fixed' or "
+            "'off'") in capsys.readouterr().err
+
+
+def test_it_stays_fixed_where_the_numbers_could_not_be_kept(monkeypatch):
+    """A torch build whose LayerNorm gradients the emulation does not reproduce: no governor,
+    and a warning when the user asked for one."""
+    import torch
+
+    from kdaudit import thread_invariance, threads
+
+    monkeypatch.setattr(threads, "_sampler", None)
+    monkeypatch.setattr(thread_invariance, "reproduces_native", lambda count: False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setenv("KDAUDIT_THREADS", "adaptive")
+        with pytest.warns(RuntimeWarning, match="could not be kept at 2 threads' bits"):
+            assert threads.govern() is None
+        monkeypatch.delenv("KDAUDIT_THREADS")
+        assert threads.govern() is None
+    finally:
+        torch.set_num_threads(before)
+    assert threads._sampler is None
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="Linux /proc only")

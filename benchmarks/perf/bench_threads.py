@@ -21,7 +21,7 @@ WORKER = r"""
 import json, os, sys, time
 import kdaudit          # sets the thread policy before torch loads OpenMP
 import torch
-kdaudit.threads.govern()   # KDAUDIT_THREADS=adaptive only
+kdaudit.threads.govern()   # the governor, unless KDAUDIT_THREADS is fixed or off
 from kdaudit.data.corpus import generate_records
 from kdaudit.data.template import encode_record, format_text
 from kdaudit.models import build_zoo_model, train_tokenizer
@@ -74,8 +74,8 @@ def main() -> None:
         "OMP_WAIT_POLICY", "KDAUDIT_THREADS", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
     off = {**base, "KDAUDIT_THREADS": "off"}
     policies = {"torch defaults (libgomp spin 300k)": off,
-                "kdaudit default (spin 10k)": base,
-                "KDAUDIT_THREADS=adaptive (spin 10k)": {**base, "KDAUDIT_THREADS": "adaptive"},
+                "kdaudit default (governor, spin 10k)": base,
+                "KDAUDIT_THREADS=fixed (spin 10k)": {**base, "KDAUDIT_THREADS": "fixed"},
                 "OMP_WAIT_POLICY=PASSIVE": {**off, "OMP_WAIT_POLICY": "PASSIVE"},
                 "one thread (OMP_NUM_THREADS=1)": {**off, "OMP_NUM_THREADS": "1"}}
     print(f"tiny teacher SFT step (batch 16 × ≤160 tokens), {os.cpu_count()} CPUs, best of "

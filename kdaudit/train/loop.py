@@ -26,7 +26,7 @@ from kdaudit.store import atomic_write_json, publish_dir
 from kdaudit.train import dp as opacus_dp
 from kdaudit.train.batching import batch_order
 from kdaudit.train.config import KDParams, TrainConfig
-from kdaudit.train.methods import Method, lm_term, method_params
+from kdaudit.train.methods import Method, ResponseRows, lm_term, method_params
 from kdaudit.train.sampling import Lockstep
 from kdaudit.train.sources import BatchSource
 from kdaudit.train.strategies import DPSGD, NoDP
@@ -98,6 +98,9 @@ class _Run:
     projection: torch.nn.Module | None   # DistilDP's hidden-state projection, or None
     batches: list[list[int]]
     teacher_cache: TeacherCache | None = None
+    # with the cache and a loss with a row form: the student's LM head on the response
+    # positions only (`_response_rows`); None until the first step checks it, False when off
+    response_rows: bool | None = False
 
 
 def private_log_path(out_dir: str | Path) -> Path:
@@ -231,9 +234,13 @@ def _prepare(job: TrainJob) -> _Run:
     # off-policy methods see the same examples every epoch: the teacher's answer can be kept
     cache = TeacherCache(params.teacher_cache_topk) if (
         job.method.off_policy and params.teacher_cache_topk and projection is None) else None
+    student = dp.unwrap(model, accelerator)
+    rows = (cache is not None and getattr(job.method.loss, "rows", None) is not None
+            and job.dp is None and accelerator.num_processes == 1
+            and student.base_model is not student and student.get_output_embeddings() is not None)
     return _Run(job, params, accelerator, dp, source, model, optimizer, scheduler, teacher,
-                dp.unwrap(model, accelerator), plain_teacher, projection,
-                dp.batches(order, accelerator), cache)
+                student, plain_teacher, projection, dp.batches(order, accelerator), cache,
+                None if rows else False)
 
 
 def _sharded(accelerator) -> bool:
@@ -325,6 +332,39 @@ def _forward(run: _Run, batch, idx: Sequence[int]) -> tuple[torch.Tensor, torch.
     return out.logits, teacher_logits
 
 
+def _response_rows(run: _Run, batch, idx: Sequence[int]) -> ResponseRows | None:
+    """The student's logits at the positions that predict a response token, through its base
+    model and LM head, and the teacher's rows from the cache. On the first step, checked
+    against the student's own forward at those positions; where they differ (a head that
+    scales or caps its logits), None now and `run.response_rows` off."""
+    student, mask = run.student, batch.target_mask[:, 1:].bool()
+    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+              position_ids=batch.position_ids)
+
+    def head(hidden):
+        return student.get_output_embeddings()(hidden[:, :-1][mask])
+
+    with run.accelerator.autocast():
+        if run.response_rows is None:    # in eval mode: no dropout draw, nothing to undo
+            with torch.no_grad():
+                student.eval()
+                full = student(**kw).logits[:, :-1][mask]
+                rows = head(student.base_model(**kw)[0])
+                student.train()
+            run.response_rows = full.shape == rows.shape and torch.allclose(
+                full.float(), rows.float(), rtol=1e-4, atol=1e-5)
+            if not run.response_rows:
+                return None
+        logits = head(student.base_model(**kw)[0])
+
+        @torch.no_grad()
+        def run_teacher():
+            return run.teacher(**kw).logits
+
+        teacher = run.teacher_cache.rows(batch, idx, run_teacher)
+    return ResponseRows.of(logits, teacher, batch)
+
+
 def _lm_term(run: _Run) -> tuple[torch.Tensor, dict[str, float]]:
     """The pretraining LM term on the next batch of the public corpus."""
     batch = run.source.next_lm_batch().to(run.accelerator.device)
@@ -345,8 +385,12 @@ def _step(run: _Run, step: int, idx: Sequence[int]
     rows came from). The method's loss, plus `lm_coef` times the LM term when it has one."""
     batch, origin = run.source.next_batch(step, idx, run.student, run.plain_teacher)
     batch = batch.to(run.accelerator.device)
-    logits, teacher_logits = _forward(run, batch, idx)
-    loss, parts = run.job.method.loss(logits, teacher_logits, batch, run.params)
+    rows = _response_rows(run, batch, idx) if run.response_rows is not False else None
+    if rows is not None:
+        loss, parts = run.job.method.loss.rows(rows, run.params)
+    else:
+        logits, teacher_logits = _forward(run, batch, idx)
+        loss, parts = run.job.method.loss(logits, teacher_logits, batch, run.params)
     if run.source.lm_examples:
         lm, lm_parts = _lm_term(run)
         loss = loss + run.params.lm_coef * lm

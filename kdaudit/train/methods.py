@@ -71,6 +71,49 @@ def kd_loss(logits, teacher_logits, batch, params):
 kd_loss.reads = ("kd_ratio", "temperature")
 
 
+@dataclass
+class ResponseRows:
+    """A batch's response positions only: the student's logits and the teacher's rows at the
+    positions that predict a response token, in the order `logits[:, :-1][mask]` gathers them,
+    with each row's target and sequence. What a loss with a row form reads when the teacher is
+    cached, so that neither model's logits are built over the prompt positions."""
+    student: torch.Tensor       # (tokens, V) logits
+    teacher: torch.Tensor       # (tokens, V) logits or log-probabilities
+    targets: torch.Tensor       # (tokens,) the token each row predicts
+    sequence: torch.Tensor      # (tokens,) its row in the batch
+    batch_size: int
+
+    @classmethod
+    def of(cls, student: torch.Tensor, teacher: torch.Tensor, batch: Batch) -> "ResponseRows":
+        mask = batch.target_mask[:, 1:].bool()
+        rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)
+        return cls(student, teacher, batch.input_ids[:, 1:][mask], rows[mask], mask.shape[0])
+
+    def mean(self, values: torch.Tensor, per_sequence: bool) -> torch.Tensor:
+        """The mean of per-row `values` over the batch's response tokens, or with
+        `per_sequence` the mean over the batch's sequences of each one's mean (0 for one
+        without response tokens), as `cross_entropy` and the divergences reduce them."""
+        if not per_sequence:
+            return values.sum() / max(values.numel(), 1)
+        sums = values.new_zeros(self.batch_size).index_add(0, self.sequence, values)
+        counts = torch.bincount(self.sequence, minlength=self.batch_size).clamp(min=1)
+        return (sums / counts.to(values.dtype)).mean()
+
+
+def kd_rows_loss(rows: ResponseRows, params):
+    """`kd_loss` on the response rows alone: the same value, up to the order of float sums."""
+    ratio, tau, per_sequence = params.kd_ratio, params.temperature, params.per_sequence
+    nll = F.cross_entropy(rows.student.float(), rows.targets, reduction="none")
+    ce = rows.mean(nll, per_sequence)
+    kl = rows.mean(objectives.divergence_rows("forward_kl", rows.student, rows.teacher,
+                                              temperature=tau), per_sequence)
+    loss = (1 - ratio) * ce + ratio * tau ** 2 * kl
+    return loss, {"ce": ce.item(), "forward_kl": kl.item(), "objective": kl.item()}
+
+
+kd_loss.rows = kd_rows_loss     # the loss's row form (`ResponseRows`), where it has one
+
+
 def distildp_loss(logits, teacher_logits, batch, params):
     """DistilDP's student (Flemings & Annavaram 2024) on the DP teacher's synthetic text:
     (1 − w)·CE + w·τ²·KL(p_teacher ‖ q_student) + hidden_weight·MSE(P h_S, h_T).

@@ -143,7 +143,12 @@ def _log_probs(logits: Tensor, mask: Tensor, temperature: float, dtype: torch.dt
     tensor, and positions outside the mask get an exactly-zero gradient whatever they hold
     (it also skips the prompt tokens' work, at the price of one host sync on GPU).
     """
-    z = logits[mask].to(dtype)
+    return _normalized(logits[mask].to(dtype), temperature, dtype)
+
+
+def _normalized(z: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    """log_softmax(z / temperature) of a (tokens, vocab) tensor the caller no longer needs
+    (it is changed in place)."""
     if temperature != 1.0:
         z.div_(temperature)
     # -inf -> most negative finite: probability still exactly 0, but log-probs stay finite
@@ -151,9 +156,9 @@ def _log_probs(logits: Tensor, mask: Tensor, temperature: float, dtype: torch.dt
     return F.log_softmax(z, dim=-1)
 
 
-def _token_values(name: str, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor,
-                  temperature: float, params: dict[str, float]) -> Tensor:
-    """The divergence at each masked-in token, as a flat (tokens,) tensor."""
+def _kernel(name: str, params: dict[str, float]
+            ) -> tuple[Callable[..., Tensor], dict[str, float]]:
+    """The per-token kernel of divergence `name` and its parameters, checked."""
     if name not in _KERNELS:
         raise ValueError(f"unknown divergence {name!r}; known: {', '.join(_KERNELS)}")
     kernel, accepted = _KERNELS[name]
@@ -165,11 +170,39 @@ def _token_values(name: str, student_logits: Tensor, teacher_logits: Tensor, mas
         params = {**params, "beta": _check_beta(params["beta"])}
     if "alpha" in params:
         params = {**params, "alpha": _check_alpha(params["alpha"])}
+    return kernel, params
+
+
+def _token_values(name: str, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor,
+                  temperature: float, params: dict[str, float]) -> Tensor:
+    """The divergence at each masked-in token, as a flat (tokens,) tensor."""
+    kernel, params = _kernel(name, params)
     _check_inputs(student_logits, teacher_logits, mask, temperature)
     mask = mask.to(torch.bool)
     dtype = _compute_dtype(student_logits, teacher_logits)
     logq = _log_probs(student_logits, mask, temperature, dtype)
     logp = _log_probs(teacher_logits, mask, temperature, dtype)
+    return kernel(logp, logq, **params)
+
+
+def divergence_rows(name: str, student_rows: Tensor, teacher_rows: Tensor, *,
+                    temperature: float = 1.0, **params: float) -> Tensor:
+    """The divergence at each of a (tokens, vocab) pair of logit rows already gathered at the
+    positions that count (unnormalised or log-probabilities: both are renormalised): (tokens,).
+    The same values as `per_token` at those positions."""
+    for label, t in (("student_rows", student_rows), ("teacher_rows", teacher_rows)):
+        if t.dim() != 2 or not t.is_floating_point():
+            raise ValueError(f"{label} must be a floating (tokens, vocab) tensor, got dtype "
+                             f"{t.dtype} and shape {tuple(t.shape)}")
+    if student_rows.shape != teacher_rows.shape:
+        raise ValueError(f"student and teacher rows differ in shape: "
+                         f"{tuple(student_rows.shape)} vs {tuple(teacher_rows.shape)}")
+    kernel, params = _kernel(name, params)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    dtype = _compute_dtype(student_rows, teacher_rows)
+    logq = _normalized(student_rows.to(dtype, copy=True), temperature, dtype)
+    logp = _normalized(teacher_rows.to(dtype, copy=True), temperature, dtype)
     return kernel(logp, logq, **params)
 
 

@@ -9,7 +9,9 @@ other V − k tokens. k ≥ V keeps every log-probability, in vocabulary order, 
 distribution is exact. Memory: (4 + 4) · k bytes per response token (4 · V when k ≥ V), on
 the CPU. Only the positions that predict a response token are filled in the rebuilt logits:
 the losses gather those before any arithmetic (`kdaudit.train.objectives`), so the others are
-left as allocated.
+left as allocated. A loss with a row form (`kd`, `seqkd`) takes the rows as they are kept
+(`rows`), and the training loop then runs the student's LM head on those positions only
+(`kdaudit.train.loop`).
 """
 from __future__ import annotations
 
@@ -42,6 +44,17 @@ class TeacherCache:
         from the cache, after running `teacher_logits()` once for the rows not yet in it.
         Only positions that predict a response token carry the teacher's distribution; the
         others are unset (the losses never read them)."""
+        mask = batch.target_mask[:, 1:].bool()
+        rows = self.rows(batch, idx, teacher_logits)
+        bsz, width = batch.input_ids.shape
+        out = torch.empty(bsz, width, self.vocab, device=rows.device)
+        out[:, :-1][mask] = rows
+        return out
+
+    def rows(self, batch: Batch, idx: Sequence[int],
+             teacher_logits: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """(tokens, V): the teacher's log-probabilities at the positions that predict a
+        response token, in the order `logits[:, :-1][mask]` gathers them (row by row)."""
         mask = batch.target_mask[:, 1:].bool()                          # position t predicts t+1
         missing = [row for row, i in enumerate(idx) if i not in self.entries]
         if missing:
@@ -50,26 +63,18 @@ class TeacherCache:
             logp = torch.log_softmax(full[:, :-1].float(), dim=-1)
             k = min(self.k, self.vocab)
             for row in missing:
-                rows = logp[row][mask[row]]
+                kept = logp[row][mask[row]]
                 if k == self.vocab:
-                    self.entries[idx[row]] = (rows.cpu(), None)
+                    self.entries[idx[row]] = (kept.cpu(), None)
                 else:
-                    values, ids = rows.topk(k, dim=-1)
+                    values, ids = kept.topk(k, dim=-1)
                     self.entries[idx[row]] = (values.cpu(), ids.to(torch.int32).cpu())
-        return self._rebuild(batch, idx, mask)
-
-    def _rebuild(self, batch: Batch, idx: Sequence[int], mask: torch.Tensor) -> torch.Tensor:
-        vocab, device = self.vocab, batch.input_ids.device
-        bsz, width = batch.input_ids.shape
-        out = torch.empty(bsz, width, vocab, device=device)   # only the masked rows are read
+        device = batch.input_ids.device
         values = torch.cat([self.entries[i][0] for i in idx]).to(device)
         k = values.shape[-1]
-        if k == vocab:
-            rows = values
-        else:
-            ids = torch.cat([self.entries[i][1] for i in idx]).to(device, torch.long)
-            tail = (1 - values.exp().sum(-1)).clamp(min=1e-30)
-            rows = (tail.log() - math.log(vocab - k))[:, None].expand(-1, vocab).contiguous()
-            rows.scatter_(1, ids, values)
-        out[:, :-1][mask] = rows
-        return out
+        if k == self.vocab:
+            return values
+        ids = torch.cat([self.entries[i][1] for i in idx]).to(device, torch.long)
+        tail = (1 - values.exp().sum(-1)).clamp(min=1e-30)
+        rows = (tail.log() - math.log(self.vocab - k))[:, None].expand(-1, self.vocab).contiguous()
+        return rows.scatter_(1, ids, values)

@@ -11,6 +11,11 @@ at one thread as at two (`tests/test_thread_invariance.py`). Two operators do no
   generation), gives the work items of threads after the first a scratch buffer whose
   alignment changes the last bits.
 
+A third kind is left as it is: the sum of a whole tensor of more than 32,768 elements, which
+ATen cuts into one share per thread. kdaudit's losses sum one value per token of a batch, so it
+would come in only with batches of more than 32,768 tokens on a CPU (the presets' have at most
+16 × 160 = 2,560); per-row, per-column and norm reductions are not cut that way.
+
 `install(count)` keeps both at `count` threads' bits while torch runs another count: the
 LayerNorm gradients are computed as `count` threads would (the rows cut where
 `at::parallel_for` cuts them, each share summed by the same kernel on one thread, the shares

@@ -34,6 +34,12 @@ class Batch:
         return torch.arange(self.input_ids.shape[1], device=self.input_ids.device).expand_as(
             self.input_ids)
 
+    @property
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """A causal LM's keyword inputs for this batch: ids, attention mask and positions."""
+        return dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
+                    position_ids=self.position_ids)
+
 
 def collate(examples: Sequence[Encoded], pad_id: int,
             extras: dict[str, Sequence[Sequence[float]]] | None = None) -> Batch:

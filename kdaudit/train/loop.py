@@ -312,19 +312,13 @@ def _forward(run: _Run, batch, idx: Sequence[int]) -> tuple[torch.Tensor, torch.
     while some of its examples are not yet cached."""
     hidden = run.projection is not None
     with run.accelerator.autocast():
-        out = run.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids, output_hidden_states=hidden)
+        out = run.model(**batch.inputs, output_hidden_states=hidden)
         teacher_logits = None
-
-        @torch.no_grad()
-        def run_teacher():
-            return run.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               position_ids=batch.position_ids, output_hidden_states=hidden)
-
         if run.job.method.needs_teacher and run.teacher_cache is not None:
-            teacher_logits = run.teacher_cache.logits(batch, idx, lambda: run_teacher().logits)
+            teacher_logits = run.teacher_cache.logits(batch, idx,
+                                                      lambda: _teacher(run, batch).logits)
         elif run.job.method.needs_teacher:
-            t_out = run_teacher()
+            t_out = _teacher(run, batch, hidden)
             teacher_logits = t_out.logits
         if hidden:
             batch.extras["student_hidden"] = run.projection(out.hidden_states[-1])
@@ -337,9 +331,7 @@ def _response_rows(run: _Run, batch, idx: Sequence[int]) -> ResponseRows | None:
     model and LM head, and the teacher's rows from the cache. On the first step, checked
     against the student's own forward at those positions; where they differ (a head that
     scales or caps its logits), None now and `run.response_rows` off."""
-    student, mask = run.student, batch.target_mask[:, 1:].bool()
-    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-              position_ids=batch.position_ids)
+    student, mask, kw = run.student, batch.target_mask[:, 1:].bool(), batch.inputs
 
     def head(hidden):
         return student.get_output_embeddings()(hidden[:, :-1][mask])
@@ -356,20 +348,20 @@ def _response_rows(run: _Run, batch, idx: Sequence[int]) -> ResponseRows | None:
             if not run.response_rows:
                 return None
         logits = head(student.base_model(**kw)[0])
-
-        @torch.no_grad()
-        def run_teacher():
-            return run.teacher(**kw).logits
-
-        teacher = run.teacher_cache.rows(batch, idx, run_teacher)
+        teacher = run.teacher_cache.rows(batch, idx, lambda: _teacher(run, batch).logits)
     return ResponseRows.of(logits, teacher, batch)
+
+
+@torch.no_grad()
+def _teacher(run: _Run, batch, hidden: bool = False):
+    """The teacher's output on the batch (with its hidden states for DistilDP's term)."""
+    return run.teacher(**batch.inputs, output_hidden_states=hidden)
 
 
 def _lm_term(run: _Run) -> tuple[torch.Tensor, dict[str, float]]:
     """The pretraining LM term on the next batch of the public corpus."""
     batch = run.source.next_lm_batch().to(run.accelerator.device)
-    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-              position_ids=batch.position_ids)
+    kw = batch.inputs
     with run.accelerator.autocast():
         logits = run.model(**kw).logits
         teacher_logits = None

@@ -114,21 +114,28 @@ def _check_alpha(alpha: float) -> float:
     return alpha
 
 
+def _check_pair(student: Tensor, teacher: Tensor, kind: str, dims: str,
+                temperature: float) -> None:
+    """Both floating tensors of the same shape with len(dims) axes, and a usable temperature;
+    `kind` names them in the message ("logits", "rows")."""
+    for name, t in ((f"student_{kind}", student), (f"teacher_{kind}", teacher)):
+        if t.dim() != len(dims.split(",")) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating ({dims}) tensor, "
+                             f"got dtype {t.dtype} and shape {tuple(t.shape)}")
+    if student.shape != teacher.shape:
+        raise ValueError(f"student and teacher {kind} differ in shape: "
+                         f"{tuple(student.shape)} vs {tuple(teacher.shape)} "
+                         f"(align the vocabularies before distilling)")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+
+
 def _check_inputs(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor,
                   temperature: float) -> None:
-    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if t.dim() != 3 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating (batch, seq, vocab) tensor, "
-                             f"got dtype {t.dtype} and shape {tuple(t.shape)}")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student and teacher logits differ in shape: "
-                         f"{tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)} "
-                         f"(align the vocabularies before distilling)")
+    _check_pair(student_logits, teacher_logits, "logits", "batch, seq, vocab", temperature)
     if mask.shape != student_logits.shape[:2]:
         raise ValueError(f"mask must have shape (batch, seq) = {tuple(student_logits.shape[:2])}, "
                          f"got {tuple(mask.shape)}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -190,16 +197,8 @@ def divergence_rows(name: str, student_rows: Tensor, teacher_rows: Tensor, *,
     """The divergence at each of a (tokens, vocab) pair of logit rows already gathered at the
     positions that count (unnormalised or log-probabilities: both are renormalised): (tokens,).
     The same values as `per_token` at those positions."""
-    for label, t in (("student_rows", student_rows), ("teacher_rows", teacher_rows)):
-        if t.dim() != 2 or not t.is_floating_point():
-            raise ValueError(f"{label} must be a floating (tokens, vocab) tensor, got dtype "
-                             f"{t.dtype} and shape {tuple(t.shape)}")
-    if student_rows.shape != teacher_rows.shape:
-        raise ValueError(f"student and teacher rows differ in shape: "
-                         f"{tuple(student_rows.shape)} vs {tuple(teacher_rows.shape)}")
     kernel, params = _kernel(name, params)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    _check_pair(student_rows, teacher_rows, "rows", "tokens, vocab", temperature)
     dtype = _compute_dtype(student_rows, teacher_rows)
     logq = _normalized(student_rows.to(dtype, copy=True), temperature, dtype)
     logp = _normalized(teacher_rows.to(dtype, copy=True), temperature, dtype)
